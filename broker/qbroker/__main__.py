@@ -1,0 +1,3 @@
+from qbroker.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,321 @@
+"""The broker's handlers: one async function per route, over the writer and the reader.
+
+Writes go through the group-commit writer (their reply follows the commit); reads run on
+reader connections in worker threads; long-polls park on `Waiters`, woken inside the broker
+by the write that makes them worth retrying. Nothing here touches SQLite on the trio loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+
+import prometheus_client
+import trio
+from qclient.wire import (
+    FINAL_STATES,
+    AckManyRequest,
+    AckRequest,
+    BatchReply,
+    CancelReply,
+    EnqueueManyReply,
+    EnqueueReply,
+    ExtendReply,
+    ExtendRequest,
+    FailManyRequest,
+    FailRequest,
+    Health,
+    LeaseReply,
+    LeaseRequest,
+    QueueList,
+    ReleaseRequest,
+)
+
+from qbroker import __version__, errors, metrics, openapi
+from qbroker.clock import Clock
+from qbroker.config import Config
+from qbroker.protocol import EnqueueBody, Request, Response, decode, encode, query_float
+from qbroker.store import Defaults, Reader
+from qbroker.writer import Writer
+
+MAX_RESULT_WAIT = 300.0  #: seconds a result long-poll may ask for
+BIG_BODY = 64 * 1024  #: bytes past which an enqueue body is decoded in a thread
+_EMPTY = b"{}"
+
+
+class Waiters:
+    """Tasks parked until a key (a queue name or a job id) is notified.
+
+    Not thread-safe: use from the trio thread only.
+    """
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, dict[trio.Event, None]] = {}
+
+    @contextlib.contextmanager
+    def register(self, keys: Iterable[str]) -> Iterator[trio.Event]:
+        """Park an event under `keys` for the block; register before checking state,
+        so a notify between the check and the wait is not lost."""
+        event = trio.Event()
+        keys = list(keys)
+        for k in keys:
+            self._by_key.setdefault(k, {})[event] = None
+        try:
+            yield event
+        finally:
+            for k in keys:
+                waiting = self._by_key.get(k)
+                if waiting is not None:
+                    waiting.pop(event, None)
+                    if not waiting:
+                        del self._by_key[k]
+
+    def notify(self, key: str, n: int | None = None) -> None:
+        """Wake up to `n` waiters of `key` (all when None), oldest first."""
+        waiting = self._by_key.get(key)
+        if not waiting:
+            return
+        for event in waiting:
+            if n is not None and n <= 0:
+                break
+            if not event.is_set():
+                event.set()
+                if n is not None:
+                    n -= 1
+
+    def notify_all(self) -> None:
+        for waiting in self._by_key.values():
+            for event in waiting:
+                event.set()
+
+
+class Broker:
+    """Everything a handler needs. Lives for one `serve()` run."""
+
+    def __init__(
+        self, config: Config, writer: Writer, reader: Reader, clock: Clock
+    ) -> None:
+        self.config = config
+        self.writer = writer
+        self.store = writer.store
+        self.reader = reader
+        self.clock = clock
+        self.queue_waiters = Waiters()
+        self.job_waiters = Waiters()
+        self.closing = False
+        self.reaper_wakeup = trio.Event()
+        self.reaper_due: float = 0.0  #: when the reaper will next sweep (unix seconds)
+        self.defaults = Defaults(
+            max_retries=config.default_max_retries,
+            lease_seconds=config.default_lease_seconds,
+            result_ttl=config.default_result_ttl,
+        )
+        self._token = config.token.encode() if config.token else None
+        self._handlers: dict[str, Callable[[Request], Awaitable[Response]]] = {
+            name[len("on_") :]: getattr(self, name)
+            for name in dir(self)
+            if name.startswith("on_")
+        }
+
+    async def handle(self, req: Request) -> Response:
+        """Answer one routed request. Raises errors.QBrokerError for error replies."""
+        if self._token is not None and req.route != "healthz":
+            given = req.headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self._token):
+                raise errors.Unauthorized(
+                    "a valid 'Authorization: Bearer <token>' is needed"
+                )
+        return await self._handlers[req.route](req)
+
+    def poke_reaper(self, due: float) -> None:
+        """Wake the reaper early when something falls due before its next sweep."""
+        if due < self.reaper_due:
+            self.reaper_wakeup.set()
+
+    def finished(self, job_ids: Iterable[str]) -> None:
+        for job_id in job_ids:
+            self.job_waiters.notify(job_id)
+
+    # ---------------------------------------------------------------- producer
+
+    async def on_enqueue(self, req: Request) -> Response:
+        queue = req.params["queue"]
+        if len(req.body) > BIG_BODY:
+            # a big batch takes long to decode: off the loop, so others are served
+            body = await trio.to_thread.run_sync(decode, req, EnqueueBody)
+        else:
+            body = decode(req, EnqueueBody)
+        specs = body.jobs if body.jobs is not None else [body]
+        now = self.clock.now()
+        ids = await self.writer.call(
+            self.store.enqueue, queue, specs, defaults=self.defaults, now=now
+        )
+        metrics.JOBS_ENQUEUED.labels(queue).inc(len(ids))
+        ready = 0
+        for spec in specs:
+            if spec.delay or (spec.eta is not None and spec.eta > now):
+                self.poke_reaper(
+                    spec.eta if spec.eta is not None else now + (spec.delay or 0)
+                )
+            else:
+                ready += 1
+            if spec.expires is not None:
+                self.poke_reaper(now + spec.expires)
+        if ready:
+            self.queue_waiters.notify(queue, ready)
+        if body.jobs is not None:
+            return encode(req, EnqueueManyReply(ids=ids), 201)
+        return encode(req, EnqueueReply(id=ids[0]), 201)
+
+    async def on_get_job(self, req: Request) -> Response:
+        record = await trio.to_thread.run_sync(self.reader.get_job, req.params["id"])
+        return encode(req, record)
+
+    async def on_job_result(self, req: Request) -> Response:
+        job_id = req.params["id"]
+        wait = query_float(req, "wait", default=0.0, low=0.0, high=MAX_RESULT_WAIT)
+        deadline = trio.current_time() + wait
+        while True:
+            with self.job_waiters.register([job_id]) as event:
+                record = await trio.to_thread.run_sync(self.reader.get_job, job_id)
+                if record.state in FINAL_STATES or self.closing:
+                    return encode(req, record)
+                with trio.move_on_at(deadline):
+                    await event.wait()
+            if trio.current_time() >= deadline:
+                record = await trio.to_thread.run_sync(self.reader.get_job, job_id)
+                return encode(req, record)
+
+    async def on_cancel(self, req: Request) -> Response:
+        job_id = req.params["id"]
+        state = await self.writer.call(self.store.cancel, job_id, now=self.clock.now())
+        self.finished([job_id])
+        return encode(req, CancelReply(id=job_id, state=state))
+
+    # ---------------------------------------------------------------- worker
+
+    async def on_lease(self, req: Request) -> Response:
+        body = decode(req, LeaseRequest)
+        deadline = trio.current_time() + body.wait
+        while True:
+            with self.queue_waiters.register(body.queues) as event:
+                now = self.clock.now()
+                jobs = await self.writer.call(
+                    self.store.lease,
+                    body.queues,
+                    max_jobs=body.max,
+                    lease_seconds=body.timeout,
+                    worker=body.worker,
+                    now=now,
+                )
+                if jobs or self.closing or trio.current_time() >= deadline:
+                    break
+                with trio.move_on_at(deadline):
+                    await event.wait()
+        for job in jobs:
+            metrics.JOBS_LEASED.labels(job.queue).inc()
+        if jobs:
+            self.poke_reaper(min(j.lease_expires_at for j in jobs))
+        return encode(req, LeaseReply(jobs=jobs))
+
+    async def on_ack(self, req: Request) -> Response:
+        body = decode(req, AckRequest)
+        job_id = req.params["id"]
+        queue = await self.writer.call(
+            self.store.ack, job_id, body.lease, body.result, now=self.clock.now()
+        )
+        metrics.JOBS_FINISHED.labels(queue, "succeeded").inc()
+        self.finished([job_id])
+        return Response(200, _EMPTY)
+
+    async def on_fail(self, req: Request) -> Response:
+        body = decode(req, FailRequest)
+        job_id = req.params["id"]
+        now = self.clock.now()
+        queue, state = await self.writer.call(
+            self.store.fail,
+            job_id,
+            body.lease,
+            error=body.error,
+            traceback=body.traceback,
+            retry_in=body.retry_in,
+            now=now,
+        )
+        metrics.JOBS_FINISHED.labels(queue, state).inc()
+        if state in FINAL_STATES:
+            self.finished([job_id])
+        elif body.retry_in is not None:
+            self.poke_reaper(now + body.retry_in)
+        return encode(req, {"state": state})
+
+    async def on_ack_many(self, req: Request) -> Response:
+        body = decode(req, AckManyRequest)
+        results = await self.writer.call(
+            self.store.ack_many, body.acks, now=self.clock.now()
+        )
+        self.finished(r.id for r in results if r.ok)
+        return encode(req, BatchReply(results=results))
+
+    async def on_fail_many(self, req: Request) -> Response:
+        body = decode(req, FailManyRequest)
+        now = self.clock.now()
+        results = await self.writer.call(self.store.fail_many, body.fails, now=now)
+        self.finished(r.id for r in results if r.ok)
+        retries = [f.retry_in for f in body.fails if f.retry_in is not None]
+        if retries:
+            self.poke_reaper(now + min(retries))
+        return encode(req, BatchReply(results=results))
+
+    async def on_extend(self, req: Request) -> Response:
+        body = decode(req, ExtendRequest)
+        expires_at, cancelled = await self.writer.call(
+            self.store.extend,
+            req.params["id"],
+            body.lease,
+            lease_seconds=body.timeout,
+            now=self.clock.now(),
+        )
+        self.poke_reaper(expires_at)
+        return encode(
+            req, ExtendReply(lease_expires_at=expires_at, cancelled=cancelled)
+        )
+
+    async def on_release(self, req: Request) -> Response:
+        body = decode(req, ReleaseRequest)
+        queue = await self.writer.call(
+            self.store.release, req.params["id"], body.lease, now=self.clock.now()
+        )
+        self.queue_waiters.notify(queue, 1)
+        return Response(200, _EMPTY)
+
+    # ---------------------------------------------------------------- admin
+
+    async def on_queues(self, req: Request) -> Response:
+        def read() -> QueueList:
+            now = self.clock.now()
+            names = self.reader.queue_names()
+            return QueueList(
+                queues=[self.reader.queue_stats(n, now=now) for n in names]
+            )
+
+        return encode(req, await trio.to_thread.run_sync(read))
+
+    async def on_queue(self, req: Request) -> Response:
+        stats = await trio.to_thread.run_sync(
+            lambda: self.reader.queue_stats(req.params["queue"], now=self.clock.now())
+        )
+        return encode(req, stats)
+
+    async def on_healthz(self, req: Request) -> Response:
+        if self.closing:
+            raise errors.ShuttingDown("the broker is stopping")
+        await trio.to_thread.run_sync(self.reader.ping)
+        return encode(req, Health(status="ok", version=__version__))
+
+    async def on_metrics(self, req: Request) -> Response:
+        text = prometheus_client.generate_latest(metrics.REGISTRY)
+        return Response(200, text, prometheus_client.CONTENT_TYPE_LATEST.encode())
+
+    async def on_openapi(self, req: Request) -> Response:
+        return Response(200, openapi.document_bytes())

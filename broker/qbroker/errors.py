@@ -1,0 +1,112 @@
+"""The broker's error tree. Each class knows its HTTP status and its wire `reason`.
+
+    QBrokerError
+    ├── BadRequest            400 bad_request
+    ├── MalformedBody         400 malformed_body
+    ├── Unauthorized          401 unauthorized
+    ├── NotFound              404 not_found
+    ├── JobNotFound           404 job_not_found
+    ├── MethodNotAllowed      405 method_not_allowed
+    ├── RequestTimeout        408 request_timeout
+    ├── DuplicateId           409 duplicate_id
+    ├── DuplicateDedupKey     409 duplicate_dedup_key
+    ├── StaleLease            409 stale_lease
+    ├── BodyTooLarge          413 body_too_large
+    ├── UnsupportedMediaType  415 unsupported_media_type
+    ├── InvalidField          422 invalid_field (names the field)
+    ├── TooManyConnections    429 too_many_connections
+    ├── HeadersTooLarge       431 headers_too_large
+    ├── InternalError         500 internal_error
+    ├── ShuttingDown          503 shutting_down
+    └── DiskFull              507 disk_full
+
+Raised by the store and the handlers; turned into a reply in one place (server.py).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class QBrokerError(Exception):
+    """Base class: an error with a reply."""
+
+    status: ClassVar[int] = 500
+    reason: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message or self.reason.replace("_", " "))
+        self.message = message or self.reason.replace("_", " ")
+        self.field = field
+
+
+class BadRequest(QBrokerError):
+    status, reason = 400, "bad_request"
+
+
+class MalformedBody(QBrokerError):
+    status, reason = 400, "malformed_body"
+
+
+class Unauthorized(QBrokerError):
+    status, reason = 401, "unauthorized"
+
+
+class NotFound(QBrokerError):
+    status, reason = 404, "not_found"
+
+
+class JobNotFound(QBrokerError):
+    status, reason = 404, "job_not_found"
+
+
+class MethodNotAllowed(QBrokerError):
+    status, reason = 405, "method_not_allowed"
+
+
+class RequestTimeout(QBrokerError):
+    status, reason = 408, "request_timeout"
+
+
+class DuplicateId(QBrokerError):
+    status, reason = 409, "duplicate_id"
+
+
+class DuplicateDedupKey(QBrokerError):
+    status, reason = 409, "duplicate_dedup_key"
+
+
+class StaleLease(QBrokerError):
+    status, reason = 409, "stale_lease"
+
+
+class BodyTooLarge(QBrokerError):
+    status, reason = 413, "body_too_large"
+
+
+class UnsupportedMediaType(QBrokerError):
+    status, reason = 415, "unsupported_media_type"
+
+
+class InvalidField(QBrokerError):
+    status, reason = 422, "invalid_field"
+
+
+class TooManyConnections(QBrokerError):
+    status, reason = 429, "too_many_connections"
+
+
+class HeadersTooLarge(QBrokerError):
+    status, reason = 431, "headers_too_large"
+
+
+class InternalError(QBrokerError):
+    status, reason = 500, "internal_error"
+
+
+class ShuttingDown(QBrokerError):
+    status, reason = 503, "shutting_down"
+
+
+class DiskFull(QBrokerError):
+    status, reason = 507, "disk_full"

@@ -1,0 +1,69 @@
+"""Every Prometheus metric of the broker (prefix qbroker_, labels queue/state/route)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+JOBS_ENQUEUED = Counter(
+    "qbroker_jobs_enqueued_total",
+    "Jobs stored by enqueue.",
+    ["queue"],
+    registry=REGISTRY,
+)
+JOBS_LEASED = Counter(
+    "qbroker_jobs_leased_total",
+    "Jobs handed out by lease.",
+    ["queue"],
+    registry=REGISTRY,
+)
+JOBS_FINISHED = Counter(
+    "qbroker_jobs_finished_total",
+    "Jobs that reached a final state (or were scheduled for retry).",
+    ["queue", "state"],
+    registry=REGISTRY,
+)
+REQUESTS = Counter(
+    "qbroker_http_requests_total",
+    "HTTP requests answered.",
+    ["route", "status"],
+    registry=REGISTRY,
+)
+REQUEST_SECONDS = Histogram(
+    "qbroker_request_seconds",
+    "Seconds from a request's body to its reply (long-polls included).",
+    ["route"],
+    registry=REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 30),
+)
+COMMIT_BATCH = Histogram(
+    "qbroker_commit_batch_size",
+    "Store calls per group commit.",
+    registry=REGISTRY,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+)
+CONNECTIONS = Gauge(
+    "qbroker_connections", "Open client connections.", registry=REGISTRY
+)
+REAPED = Counter(
+    "qbroker_reaped_total",
+    "Jobs changed by the reaper.",
+    ["outcome"],  # requeued, dead, expired, promoted, purged
+    registry=REGISTRY,
+)
+
+_request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+
+def observe_request(route: str, status: int, seconds: float | None) -> None:
+    """Count one reply; the labelled children are cached (labels() costs ~2 µs each)."""
+    children = _request_children.get((route, status))
+    if children is None:
+        children = (REQUESTS.labels(route, str(status)), REQUEST_SECONDS.labels(route))
+        _request_children[(route, status)] = children
+    children[0].inc()
+    if seconds is not None:
+        children[1].observe(seconds)

@@ -1,0 +1,247 @@
+"""Sans-IO protocol pieces: routes, body decoding, reply encoding. No trio, no sockets.
+
+Charter:
+  Rule 1: this module turns bytes into typed requests and typed replies into bytes; it
+          never touches the store or waits.
+  Rule 2: every decoding failure becomes an errors.py error carrying the field it names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
+from urllib.parse import parse_qsl
+
+import msgspec
+from qclient.wire import MAX_BATCH, NAME_PATTERN, ErrorBody, JobSpec
+
+from qbroker import errors
+
+T = TypeVar("T")
+
+JSON = b"application/json"
+MSGPACK = b"application/msgpack"
+_MSGPACK_TYPES = (
+    b"application/msgpack",
+    b"application/x-msgpack",
+    b"application/vnd.msgpack",
+)
+
+
+@dataclass
+class Request:
+    """One HTTP request as the core sees it."""
+
+    method: str
+    path: str
+    headers: dict[bytes, bytes]  #: lower-cased names; a repeated name keeps the last
+    body: bytes = b""
+    query: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)  #: path parameters
+    route: str = "unmatched"
+
+    @classmethod
+    def from_target(
+        cls, method: str, target: str, headers: dict[bytes, bytes], body: bytes = b""
+    ) -> Request:
+        path, _, qs = target.partition("?")
+        return cls(method, path, headers, body, dict(parse_qsl(qs)) if qs else {})
+
+    @property
+    def body_is_msgpack(self) -> bool:
+        ctype = self.headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        return ctype in _MSGPACK_TYPES
+
+    @property
+    def wants_msgpack(self) -> bool:
+        accept = self.headers.get(b"accept")
+        if accept is None:
+            return self.body_is_msgpack
+        return any(t in accept for t in _MSGPACK_TYPES)
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: bytes = JSON
+    close: bool = False  #: close the connection after this reply
+
+
+class EnqueueBody(JobSpec, frozen=True):
+    """Decodes both enqueue forms: one job object, or `{"jobs": [...]}`."""
+
+    jobs: (
+        Annotated[list[JobSpec], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+        | None
+    ) = None
+
+
+# The route table: (method, path shape, route name). `{queue}`/`{id}` match one name
+# (wire.NAME_PATTERN); the name labels metrics and picks the handler in app.py.
+ROUTES: list[tuple[str, str, str]] = [
+    ("POST", "/v1/queues/{queue}/jobs", "enqueue"),
+    ("POST", "/v1/lease", "lease"),
+    ("POST", "/v1/jobs/{id}/ack", "ack"),
+    ("POST", "/v1/jobs/{id}/fail", "fail"),
+    ("POST", "/v1/jobs/{id}/extend", "extend"),
+    ("POST", "/v1/jobs/{id}/release", "release"),
+    ("POST", "/v1/jobs/{id}/cancel", "cancel"),
+    ("POST", "/v1/ack", "ack_many"),
+    ("POST", "/v1/fail", "fail_many"),
+    ("GET", "/v1/jobs/{id}", "get_job"),
+    ("GET", "/v1/jobs/{id}/result", "job_result"),
+    ("GET", "/v1/queues", "queues"),
+    ("GET", "/v1/queues/{queue}", "queue"),
+    ("GET", "/healthz", "healthz"),
+    ("GET", "/metrics", "metrics"),
+    ("GET", "/v1/openapi.json", "openapi"),
+]
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def _shape(path: str) -> tuple[str, str | None, str | None]:
+    """("/v1/jobs/J1/ack") -> ("/v1/jobs/{id}/ack", "id", "J1"): a path's table shape."""
+    parts = path.split("/")
+    if len(parts) >= 4 and parts[1] == "v1" and parts[2] in ("jobs", "queues"):
+        param = "id" if parts[2] == "jobs" else "queue"
+        value = parts[3]
+        parts[3] = "{" + param + "}"
+        return "/".join(parts), param, value
+    return path, None, None
+
+
+# shape -> {method: route}
+_TABLE: dict[str, dict[str, str]] = {}
+for _method, _path, _name in ROUTES:
+    _TABLE.setdefault(_path, {})[_method] = _name
+
+
+def route(req: Request) -> None:
+    """Fill `req.route` and `req.params` from the route table.
+
+    Raises:
+        errors.NotFound: no route has this path.
+        errors.MethodNotAllowed: a route has this path with another method.
+    """
+    shape, param, value = _shape(req.path)
+    methods = _TABLE.get(shape)
+    if methods is None or (value is not None and not _NAME_RE.match(value)):
+        raise errors.NotFound(f"no route for {req.path}")
+    name = methods.get("GET" if req.method == "HEAD" else req.method)
+    if name is None:
+        raise errors.MethodNotAllowed(f"{req.method} is not allowed on {req.path}")
+    req.route = name
+    if param is not None and value is not None:
+        req.params[param] = value
+
+
+_json_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+_msgpack_decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+_FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def _field_of(message: str) -> str | None:
+    """The field a msgspec error names: "... - at `$.jobs[0].priority`" -> "jobs[0].priority"."""
+    found = _FIELD_RE.search(message)
+    if found is not None:
+        return found.group(1) or None
+    found = re.search(r"required field `([^`]+)`", message)
+    return found.group(1) if found else None
+
+
+def decode(req: Request, type_: type[T]) -> T:
+    """Decode the body as `type_`, as JSON or msgpack by its Content-Type.
+
+    Raises:
+        errors.UnsupportedMediaType, errors.MalformedBody, errors.InvalidField
+    """
+    ctype = req.headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    try:
+        if req.body_is_msgpack:
+            dec: Any = _msgpack_decoders.get(type_)
+            if dec is None:
+                dec = _msgpack_decoders[type_] = msgspec.msgpack.Decoder(type_)
+        elif ctype in (b"", JSON, b"application/x-www-form-urlencoded", b"text/plain"):
+            # curl -d sends application/x-www-form-urlencoded unless told otherwise
+            dec = _json_decoders.get(type_)
+            if dec is None:
+                dec = _json_decoders[type_] = msgspec.json.Decoder(type_)
+        else:
+            raise errors.UnsupportedMediaType(
+                f"Content-Type {ctype.decode(errors='replace')!r}: use JSON or msgpack"
+            )
+        result: T = dec.decode(req.body)
+        if req.body_is_msgpack:
+            _check_json_safe(result)
+        return result
+    except msgspec.ValidationError as exc:
+        raise errors.InvalidField(str(exc), field=_field_of(str(exc))) from exc
+    except msgspec.DecodeError as exc:
+        raise errors.MalformedBody(f"the body is not valid: {exc}") from exc
+    except RecursionError as exc:
+        raise errors.MalformedBody("the body nests too deeply") from exc
+
+
+def _check_json_safe(value: Any) -> None:
+    """Refuse msgpack values that a JSON reply could not carry: ext types and map keys
+    that are not strings or numbers. Stored, they would make every JSON read or lease
+    of the job fail (500) long after the enqueue was acknowledged.
+
+    Raises:
+        errors.InvalidField
+    """
+    try:
+        _json_encoder.encode(value)
+    except TypeError as exc:
+        raise errors.InvalidField(
+            f"a value JSON cannot carry ({exc}); use no msgpack ext types, and only"
+            " string or number map keys"
+        ) from exc
+
+
+def query_float(
+    req: Request, name: str, *, default: float, low: float, high: float
+) -> float:
+    """A float query parameter within [low, high].
+
+    Raises:
+        errors.InvalidField: not a number, or out of range.
+    """
+    raw = req.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise errors.InvalidField(f"{name} must be a number", field=name) from None
+    if not low <= value <= high:
+        raise errors.InvalidField(f"{name} must be within [{low}, {high}]", field=name)
+    return value
+
+
+_json_encoder = msgspec.json.Encoder()
+_msgpack_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(req: Request | None, obj: Any, status: int = 200) -> Response:
+    """Encode a reply as msgpack when the request asks for it, else JSON."""
+    if req is not None and req.wants_msgpack:
+        return Response(status, _msgpack_encoder.encode(obj), MSGPACK)
+    return Response(status, _json_encoder.encode(obj), JSON)
+
+
+# errors after which the connection cannot (or should not) carry another request
+_CLOSING_REASONS = frozenset(
+    {"bad_request", "request_timeout", "body_too_large", "too_many_connections",
+     "headers_too_large", "internal_error", "shutting_down"}
+)  # fmt: skip
+
+
+def error_response(req: Request | None, exc: errors.QBrokerError) -> Response:
+    """The reply for an error: its status and an ErrorBody."""
+    body = ErrorBody(error=exc.reason, message=exc.message, field=exc.field)
+    resp = encode(req, body, exc.status)
+    resp.close = exc.reason in _CLOSING_REASONS
+    return resp

@@ -1,0 +1,320 @@
+"""The shell: trio sockets and h11 around the handlers in app.py.
+
+Charter:
+  Rule 1: this module reads, writes and waits; protocol.py and app.py decide.
+  Rule 2: exceptions become replies in exactly one place, `_respond_error`.
+  Rule 3: every task lives in a nursery; a crash of the reaper or writer ends the server.
+
+Per connection: read a request head (h11, 16 KiB limit -> 431) within REQUEST_TIMEOUT of
+its first byte; refuse a declared body over --max-body with 413 before reading it; read the
+body within the same deadline; answer; keep the connection for the next request, closing it
+after IDLE_TIMEOUT of silence. A connection past --max-connections gets 429 and is closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import time
+from typing import Any
+
+import h11
+import structlog
+import trio
+
+from qbroker import errors, metrics, protocol
+from qbroker.app import Broker
+from qbroker.clock import Clock
+from qbroker.config import MAX_HEADER_BYTES, Config
+from qbroker.reaper import run_checkpointer, run_reaper
+from qbroker.store import Reader, Store
+from qbroker.writer import Writer
+
+log = structlog.get_logger("qbroker.server")
+READ_SIZE = 65536  #: bytes per socket read
+_SERVER_HEADER = (b"server", b"qbroker")
+
+
+class _Conn:
+    """One client connection."""
+
+    def __init__(self, stream: trio.SocketStream, conn_id: int) -> None:
+        self.stream = stream
+        self.id = conn_id
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES
+        )
+
+    async def next_event(self) -> Any:
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                data = await self.stream.receive_some(READ_SIZE)
+                self.h11.receive_data(data)
+                continue
+            return event
+
+    async def send(self, resp: protocol.Response, *, head: bool = False) -> None:
+        headers = [
+            (b"content-type", resp.content_type),
+            (b"content-length", str(len(resp.body)).encode()),
+            _SERVER_HEADER,
+        ]
+        if resp.close:
+            headers.append((b"connection", b"close"))
+        out = self.h11.send(h11.Response(status_code=resp.status, headers=headers))
+        assert out is not None
+        if resp.body and not head:
+            data = self.h11.send(h11.Data(data=resp.body))
+            assert data is not None
+            out += data
+        end = self.h11.send(h11.EndOfMessage())
+        assert end is not None
+        await self.stream.send_all(out + end)
+
+
+class Server:
+    def __init__(self, config: Config, broker: Broker) -> None:
+        self.config = config
+        self.broker = broker
+        self.active_requests = 0
+        self.connections = 0
+        self._next_conn_id = 0
+        self.idle = trio.Event()  #: set when no request is in flight during shutdown
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        self._next_conn_id += 1
+        conn = _Conn(stream, self._next_conn_id)
+        self.connections += 1
+        metrics.CONNECTIONS.inc()
+        try:
+            if self.connections > self.config.max_connections:
+                err = errors.TooManyConnections("the broker is at its connection limit")
+                with trio.move_on_after(1):
+                    await conn.send(protocol.error_response(None, err))
+                return
+            await self._serve(conn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            pass
+        finally:
+            self.connections -= 1
+            metrics.CONNECTIONS.dec()
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await stream.aclose()
+
+    async def _serve(self, conn: _Conn) -> None:
+        cfg = self.config
+        first = True
+        while True:
+            # Wait for the first byte of the next request (idle keep-alive), then give
+            # the whole request REQUEST_TIMEOUT seconds to arrive (slowloris).
+            if conn.h11.their_state is h11.IDLE and not conn.h11.trailing_data[0]:
+                wait = cfg.request_timeout if first else cfg.idle_timeout
+                with trio.move_on_after(wait) as idle_scope:
+                    data = await conn.stream.receive_some(READ_SIZE)
+                if idle_scope.cancelled_caught:
+                    if not first:
+                        return  # an idle keep-alive connection: close quietly
+                    await self._respond_error(
+                        conn, None, errors.RequestTimeout("no request arrived in time")
+                    )
+                    return
+                if not data:
+                    return
+                conn.h11.receive_data(data)
+            first = False
+            req: protocol.Request | None = None
+            try:
+                with trio.fail_after(cfg.request_timeout):
+                    req = await self._read_request(conn)
+            except trio.TooSlowError:
+                await self._respond_error(
+                    conn,
+                    req,
+                    errors.RequestTimeout("the request did not arrive in time"),
+                )
+                return
+            except h11.RemoteProtocolError as exc:
+                err: errors.QBrokerError = (
+                    errors.HeadersTooLarge("the request head is over 16 KiB")
+                    if exc.error_status_hint == 431
+                    else errors.BadRequest(str(exc))
+                )
+                await self._respond_error(conn, None, err)
+                return
+            except errors.QBrokerError as exc:
+                await self._respond_error(conn, req, exc)
+                return
+            if req is None:
+                return  # the client closed the connection
+            resp = await self._dispatch(req)
+            await conn.send(resp, head=req.method == "HEAD")
+            if resp.close or conn.h11.our_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.h11.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _read_request(self, conn: _Conn) -> protocol.Request | None:
+        event = await conn.next_event()
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        assert isinstance(event, h11.Request), event
+        # h11 only bounds a head that arrives in pieces; bound one that came whole, too
+        head_size = len(event.target) + sum(
+            len(k) + len(v) + 4 for k, v in event.headers
+        )
+        if head_size > MAX_HEADER_BYTES:
+            raise errors.HeadersTooLarge("the request head is over 16 KiB")
+        headers = {k.lower(): v for k, v in event.headers}
+        req = protocol.Request.from_target(
+            event.method.decode("ascii", "replace"),
+            event.target.decode("ascii", "replace"),
+            headers,
+        )
+        declared = headers.get(b"content-length")
+        if declared is not None and int(declared) > self.config.max_body:
+            raise errors.BodyTooLarge(
+                f"the body is {int(declared)} bytes; the limit is {self.config.max_body}"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await conn.next_event()
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > self.config.max_body:
+                    raise errors.BodyTooLarge(
+                        f"the body is over the limit of {self.config.max_body} bytes"
+                    )
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+        req.body = b"".join(chunks)
+        return req
+
+    async def _dispatch(self, req: protocol.Request) -> protocol.Response:
+        start = time.perf_counter()
+        self.active_requests += 1
+        try:
+            if self.broker.closing and req.route != "healthz":
+                raise errors.ShuttingDown("the broker is stopping")
+            protocol.route(req)
+            resp = await self.broker.handle(req)
+        except errors.QBrokerError as exc:
+            resp = protocol.error_response(req, exc)
+        except Exception:
+            log.exception("request.failed", route=req.route, method=req.method)
+            resp = protocol.error_response(req, errors.InternalError("internal error"))
+        finally:
+            self.active_requests -= 1
+            if self.broker.closing and self.active_requests == 0:
+                self.idle.set()
+        metrics.observe_request(req.route, resp.status, time.perf_counter() - start)
+        return resp
+
+    async def _respond_error(
+        self, conn: _Conn, req: protocol.Request | None, exc: errors.QBrokerError
+    ) -> None:
+        """The one place a transport-level failure becomes a reply; then the caller closes."""
+        resp = protocol.error_response(req, exc)
+        resp.close = True
+        metrics.observe_request("unmatched", resp.status, None)
+        if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        try:
+            with trio.move_on_after(1):
+                await conn.send(resp)
+        except (
+            h11.LocalProtocolError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ):
+            pass
+
+
+def _raise_fd_limit() -> None:
+    """Let the broker hold as many sockets as the hard limit allows."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the broker until SIGTERM/SIGINT; `task_status.started(port)` once bound.
+
+    Raises:
+        errors.InternalError: the database cannot be opened or is not a qbroker database.
+        OSError: the address cannot be bound.
+    """
+    _raise_fd_limit()
+    store = await trio.to_thread.run_sync(
+        lambda: Store(
+            config.db_path,
+            synchronous=config.synchronous,
+            max_db_bytes=config.max_db_bytes,
+        )
+    )
+    reader = Reader(config.db_path)
+    writer = Writer(store)
+    writer.start()
+    broker = Broker(config, writer, reader, Clock())
+    server = Server(config, broker)
+    try:
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    except OSError as exc:
+        await trio.to_thread.run_sync(writer.stop)
+        raise OSError(exc.errno or errno.EADDRINUSE, f"cannot listen: {exc}") from exc
+    port = listeners[0].socket.getsockname()[1]
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_reaper, broker)
+            nursery.start_soon(run_checkpointer, broker)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with trio.open_nursery() as conn_nursery:
+                    accept_scope = trio.CancelScope()
+
+                    async def accept(
+                        task_status: Any = trio.TASK_STATUS_IGNORED,
+                    ) -> None:
+                        with accept_scope:
+                            await trio.serve_listeners(
+                                server.handle_connection,
+                                listeners,
+                                handler_nursery=conn_nursery,
+                                task_status=task_status,
+                            )
+
+                    await conn_nursery.start(accept)
+                    log.info("broker.listening", host=config.host, port=port,
+                             db=str(config.db_path))  # fmt: skip
+                    task_status.started(port)
+                    async for signum in signals:
+                        log.info("broker.stopping", signal=signal.Signals(signum).name)
+                        break
+                    # stop accepting, wake long-polls, let in-flight requests finish
+                    accept_scope.cancel()
+                    for listener in listeners:
+                        await listener.aclose()
+                    broker.closing = True
+                    broker.queue_waiters.notify_all()
+                    broker.job_waiters.notify_all()
+                    if server.active_requests:
+                        with trio.move_on_after(config.shutdown_grace):
+                            await server.idle.wait()
+                    conn_nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(writer.stop)
+            reader.close()
+        log.info("broker.stopped")

@@ -1,0 +1,155 @@
+"""Group commit: one thread owns the write connection and commits many calls at once.
+
+Theory of operation (DESIGN.md, "Performance"): a handler on the trio loop submits a store
+call and parks. The writer thread takes every call pending, runs each in its own SAVEPOINT
+inside one transaction, commits once, then reschedules all the parked tasks through one
+`run_sync_soon`. Under load one fsync covers hundreds of requests, and each reply still
+follows its own commit. A call that raises is rolled back to its savepoint alone; a failed
+COMMIT fails every call of the batch (nothing of it is durable, so nothing is acknowledged).
+
+The trio loop never touches SQLite; the writer thread never touches trio objects except
+through the trio token, which is thread-safe.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import outcome
+import structlog
+import trio
+
+from qbroker import metrics
+from qbroker.config import WRITER_MAX_BATCH
+from qbroker.store import Store, translate_error
+
+T = TypeVar("T")
+log = structlog.get_logger("qbroker.writer")
+
+
+class _Call:
+    __slots__ = ("args", "fn", "kwargs", "result", "task")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        task: Any,
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.task = task
+        self.result: outcome.Outcome[Any] | None = None
+
+
+_STOP = object()
+
+
+class Writer:
+    """The one writer thread. Start with `start()` from the trio thread; `stop()` drains."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._run, name="qbroker-writer", daemon=True
+        )
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    def start(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread.start()
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn(*args, **kwargs)` (a bound Store method) in the next group commit.
+
+        Returns after the commit that made it durable. Not cancellable once submitted:
+        a cancel waits for the commit, so a write is never half-reported.
+
+        Raises:
+            whatever `fn` raised (its savepoint rolled back), or errors.DiskFull /
+            errors.InternalError when the commit itself failed.
+        """
+        item = _Call(fn, args, kwargs, trio.lowlevel.current_task())
+        self._queue.put(item)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            return trio.lowlevel.Abort.FAILED
+
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        return result
+
+    def stop(self) -> None:
+        """Commit what is pending and end the thread (blocking; call off the loop)."""
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        conn = self.store.conn
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch: list[_Call] = [first]
+            while len(batch) < WRITER_MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            self._commit(conn, batch)
+            metrics.COMMIT_BATCH.observe(len(batch))
+            assert self._token is not None
+            self._token.run_sync_soon(_wake_all, batch)
+        self.store.close()
+
+    @staticmethod
+    def _commit(conn: sqlite3.Connection, batch: list[_Call]) -> None:
+        begun = 0  # index of the first call in the open transaction
+        for i, c in enumerate(batch):
+            try:
+                if not conn.in_transaction:
+                    conn.execute("BEGIN IMMEDIATE")
+                    begun = i
+                conn.execute("SAVEPOINT call")
+                c.result = outcome.Value(c.fn(*c.args, **c.kwargs))
+                conn.execute("RELEASE call")
+            except BaseException as exc:  # the call's own failure: undo it alone
+                c.result = outcome.Error(
+                    translate_error(exc) if isinstance(exc, sqlite3.Error) else exc
+                )
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK TO call")
+                    conn.execute("RELEASE call")
+                else:
+                    # SQLite rolled back the whole transaction (e.g. SQLITE_FULL):
+                    # the calls before this one in it are lost too.
+                    err = c.result.error if isinstance(c.result, outcome.Error) else exc
+                    for prev in batch[begun:i]:
+                        prev.result = outcome.Error(err)
+        try:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.error("writer.commit_failed", error=str(exc), calls=len(batch))
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            err = translate_error(exc)
+            for c in batch[begun:]:
+                c.result = outcome.Error(err)
+
+
+def _wake_all(batch: list[_Call]) -> None:
+    for c in batch:
+        assert c.result is not None
+        trio.lowlevel.reschedule(c.task, c.result)

@@ -1,0 +1,91 @@
+"""qclient: the producer and worker client of qbroker, blocking and async.
+
+    import qclient
+
+    job = qclient.send("send_email", {"to": "a@b.c"})   # kwargs of tasks.send_email
+    print(job.result(timeout=10))
+
+    with qclient.Client("http://broker:7733") as client:
+        jobs = client.send_many("resize", [{"args": [path]} for path in paths])
+
+    async with qclient.AsyncClient() as client:           # under trio or asyncio
+        job = await client.send("send_email", {"to": "a@b.c"})
+        print(await job.result(timeout=10))
+
+The wire shapes (JobRecord, LeasedJob, ...) live in `qclient.wire`; the common ones are
+re-exported here. Importing qclient loads neither trio, asyncio nor sqlite3.
+"""
+
+from qclient._api import (
+    configure as configure,
+    default_client as default_client,
+    get_job as get_job,
+    job as job,
+    send as send,
+    send_many as send_many,
+)
+from qclient._async import AsyncClient as AsyncClient
+from qclient._errors import (
+    BrokerError as BrokerError,
+    DuplicateJob as DuplicateJob,
+    InvalidRequest as InvalidRequest,
+    JobCancelled as JobCancelled,
+    JobExpired as JobExpired,
+    JobNotFound as JobNotFound,
+    JobNotSucceeded as JobNotSucceeded,
+    ProtocolError as ProtocolError,
+    QClientError as QClientError,
+    StaleLease as StaleLease,
+    TaskFailed as TaskFailed,
+)
+from qclient._job import AsyncJob as AsyncJob, Job as Job, new_job_id as new_job_id
+from qclient._sync import Client as Client
+from qclient.wire import (
+    AckItem as AckItem,
+    BatchResult as BatchResult,
+    ExtendReply as ExtendReply,
+    FailItem as FailItem,
+    Health as Health,
+    JobRecord as JobRecord,
+    JobSpec as JobSpec,
+    JobState as JobState,
+    LeasedJob as LeasedJob,
+    QueueStats as QueueStats,
+)
+
+__all__ = [
+    "AckItem",
+    "AsyncClient",
+    "AsyncJob",
+    "BatchResult",
+    "BrokerError",
+    "Client",
+    "DuplicateJob",
+    "ExtendReply",
+    "FailItem",
+    "Health",
+    "InvalidRequest",
+    "Job",
+    "JobCancelled",
+    "JobExpired",
+    "JobNotFound",
+    "JobNotSucceeded",
+    "JobRecord",
+    "JobSpec",
+    "JobState",
+    "LeasedJob",
+    "ProtocolError",
+    "QClientError",
+    "QueueStats",
+    "StaleLease",
+    "TaskFailed",
+    "configure",
+    "default_client",
+    "get_job",
+    "job",
+    "new_job_id",
+    "send",
+    "send_many",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,122 @@
+"""Module-level shortcuts (`qclient.send(...)`) over one lazily made default Client."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from qclient._http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, Encoding
+from qclient._job import Job
+from qclient._sync import Client
+from qclient.wire import JobRecord, JobSpec
+
+__all__ = ["configure", "default_client", "get_job", "job", "send", "send_many"]
+
+_lock = threading.Lock()
+_default: Client | None = None
+
+
+def default_client() -> Client:
+    """The shared `Client` behind the module-level functions.
+
+    Made on first use from QBROKER_URL / QBROKER_TOKEN (or `configure()`'s values).
+    """
+    global _default
+    client = _default
+    if client is None:
+        with _lock:
+            if _default is None:
+                _default = Client()
+            client = _default
+    return client
+
+
+def configure(
+    url: str | None = None,
+    token: str | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    retries: int = DEFAULT_RETRIES,
+    encoding: Encoding = "msgpack",
+) -> Client:
+    """Replace the default client with one made from these settings.
+
+    The previous default client is closed: `Job` handles made through it stop
+    working, so call this at start-up.
+
+    Args:
+        url: the broker's base URL; default: env QBROKER_URL, else
+            http://127.0.0.1:7733.
+        token: a bearer token; default: env QBROKER_TOKEN.
+        timeout: as for `Client`.
+        retries: as for `Client`.
+        encoding: as for `Client`.
+
+    Returns:
+        The new default client.
+    """
+    global _default
+    client = Client(url, token, timeout=timeout, retries=retries, encoding=encoding)
+    with _lock:
+        old, _default = _default, client
+    if old is not None:
+        old.close()
+    return client
+
+
+def send(
+    queue: str,
+    payload: Any = None,
+    *,
+    task: str | None = None,
+    args: Sequence[Any] | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    delay: float | None = None,
+    eta: float | None = None,
+    expires: float | None = None,
+    priority: int = 0,
+    job_id: str | None = None,
+    max_retries: int | None = None,
+    timeout: float | None = None,
+    result_ttl: float | None = None,
+    headers: Mapping[str, Any] | None = None,
+    dedup_key: str | None = None,
+) -> Job:
+    """Enqueue one job through the default client; see `Client.send()`."""
+    return default_client().send(
+        queue,
+        payload,
+        task=task,
+        args=args,
+        kwargs=kwargs,
+        delay=delay,
+        eta=eta,
+        expires=expires,
+        priority=priority,
+        job_id=job_id,
+        max_retries=max_retries,
+        timeout=timeout,
+        result_ttl=result_ttl,
+        headers=headers,
+        dedup_key=dedup_key,
+    )
+
+
+def send_many(queue: str, items: Iterable[JobSpec | Mapping[str, Any]]) -> list[Job]:
+    """Enqueue many jobs through the default client; see `Client.send_many()`."""
+    return default_client().send_many(queue, items)
+
+
+def get_job(job_id: str) -> JobRecord:
+    """A job's record through the default client; see `Client.get_job()`.
+
+    Raises:
+        JobNotFound: no such job.
+    """
+    return default_client().get_job(job_id)
+
+
+def job(job_id: str) -> Job:
+    """A `Job` handle on the default client for an id (no request is made)."""
+    return default_client().job(job_id)

@@ -1,0 +1,443 @@
+"""The async client, for trio and asyncio alike.
+
+Theory of operation: the same sans-IO core as the blocking client (`_http`), with a
+small backend per event loop (`_backends`) that only opens streams, moves bytes,
+sleeps and enforces timeouts. Each call asks sniffio which loop runs it, so one
+`AsyncClient` works under `trio.run()` and `asyncio.run()`; a pooled connection
+remembers the loop that opened it and is never reused by another one.
+
+Retries, backoff and the "409 duplicate_id after a resend is success" rule are those
+of `_sync.Client`; see its module docstring.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from qclient._backends import TRANSPORT_ERRORS, Backend, Stream, current_backend
+from qclient._errors import DuplicateJob, JobNotFound, ProtocolError
+from qclient._http import (
+    BATCH_REPLY,
+    CANCEL_REPLY,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    DEFAULT_URL,
+    ENQUEUE_MANY_REPLY,
+    ENQUEUE_REPLY,
+    EXTEND_REPLY,
+    HEALTH,
+    JOB_RECORD,
+    LEASE_REPLY,
+    MAX_IDLE_CONNECTIONS,
+    QUEUE_LIST,
+    QUEUE_STATS,
+    SEND_MANY_CHUNK,
+    STATE_REPLY,
+    Codec,
+    Encoding,
+    HTTPConnection,
+    Response,
+    backoff,
+    format_wait,
+    path_name,
+    should_retry,
+)
+from qclient._job import AsyncJob, make_spec, spec_from_item
+from qclient.wire import (
+    AckItem,
+    AckManyRequest,
+    AckRequest,
+    BatchResult,
+    EnqueueManyRequest,
+    ExtendReply,
+    ExtendRequest,
+    FailItem,
+    FailManyRequest,
+    FailRequest,
+    Health,
+    JobRecord,
+    JobSpec,
+    JobState,
+    LeasedJob,
+    LeaseRequest,
+    QueueStats,
+    ReleaseRequest,
+)
+
+__all__ = ["AsyncClient"]
+
+_EMPTY = b""
+
+
+class _AsyncConn:
+    __slots__ = ("http", "owner", "reused", "stream")
+
+    def __init__(self, stream: Stream, owner: object) -> None:
+        self.stream = stream
+        self.http = HTTPConnection()
+        self.owner = owner  #: the event loop (asyncio) or trio token that opened it
+        self.reused = False
+
+
+# ---------------------------------------------------------------- the client
+
+
+class AsyncClient:
+    """The async qbroker client: `Client`'s methods as coroutines, for trio or asyncio.
+
+    Task-safe: concurrent tasks each get their own pooled connection. Close it with
+    `await client.aclose()` (or `async with`) inside the event loop that used it.
+
+    Args:
+        url: the broker's base URL; default: env QBROKER_URL, else
+            http://127.0.0.1:7733.
+        token: a bearer token for `Authorization`; default: env QBROKER_TOKEN.
+        timeout: seconds allowed to connect and, beyond any long-poll wait, for a
+            reply to arrive.
+        retries: how many times to resend after a connection error, 408, 429 or 503.
+        encoding: "msgpack" (default) or "json" on the wire.
+
+    Raises:
+        ValueError: the URL is not `http://...` or the encoding is unknown.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        encoding: Encoding = "msgpack",
+    ) -> None:
+        self.url: str = url or os.environ.get("QBROKER_URL") or DEFAULT_URL
+        if token is None:
+            token = os.environ.get("QBROKER_TOKEN")
+        self.timeout = timeout
+        self.retries = retries
+        self.encoding: Encoding = encoding
+        self._codec = Codec(self.url, token, encoding)
+        self._idle: list[_AsyncConn] = []
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<qclient.AsyncClient {self.url} {self.encoding}>"
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def aclose(self) -> None:
+        """Close the idle connections; later calls raise RuntimeError."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        try:
+            owner: object = current_backend().owner()
+        except RuntimeError:
+            owner = None
+        for conn in idle:
+            if conn.owner is owner:
+                await conn.stream.aclose()
+            else:
+                conn.stream.abort()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------ transport
+
+    async def _checkout(self, backend: Backend, owner: object) -> _AsyncConn:
+        if self._closed:
+            raise RuntimeError("this qclient.AsyncClient is closed")
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.owner is not owner or conn.stream.idle_dead():
+                conn.stream.abort()
+                continue
+            conn.reused = True
+            return conn
+        codec = self._codec
+        stream = await backend.connect(codec.host, codec.port, self.timeout)
+        return _AsyncConn(stream, owner)
+
+    def _checkin(self, conn: _AsyncConn) -> None:
+        if (
+            conn.http.reusable
+            and not self._closed
+            and len(self._idle) < MAX_IDLE_CONNECTIONS
+        ):
+            self._idle.append(conn)
+        else:
+            conn.stream.abort()
+
+    def _drop_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.stream.abort()
+
+    async def _request(
+        self, method: bytes, path: str, body: bytes = _EMPTY, wait: float = 0.0
+    ) -> Response:
+        """Send one request, retrying per the policy; see `Client._request`."""
+        backend = current_backend()
+        owner = backend.owner()
+        codec = self._codec
+        target = codec.target(path)
+        headers = codec.headers(method, body)
+        reply_timeout = self.timeout + wait
+        attempt = 0
+        maybe_applied = False
+        free_retry = True
+        while True:
+            error: BaseException | None = None
+            response: Response | None = None
+            try:
+                conn = await self._checkout(backend, owner)
+            except OSError as exc:  # refused, unreachable, connect timeout
+                error = exc
+            else:
+                try:
+                    data = conn.http.request(method, target, headers, body)
+                    response = await backend.exchange(
+                        conn.stream, conn.http, data, reply_timeout
+                    )
+                except TimeoutError as exc:
+                    conn.stream.abort()
+                    raise ProtocolError(
+                        f"no reply from {self.url} within {reply_timeout:g} s"
+                    ) from exc
+                except TRANSPORT_ERRORS as exc:
+                    conn.stream.abort()
+                    self._drop_idle()
+                    maybe_applied = True
+                    if conn.reused and not conn.http.got_bytes and free_retry:
+                        free_retry = False
+                        continue
+                    error = exc
+                except BaseException:
+                    # Cancelled mid-request: the socket's state is unknown.
+                    conn.stream.abort()
+                    raise
+                else:
+                    self._checkin(conn)
+                    if not should_retry(response.status):
+                        response.retried = maybe_applied
+                        return response
+            if attempt >= self.retries:
+                if response is not None:
+                    raise codec.error(response)
+                raise ProtocolError(
+                    f"{method.decode()} {path} to {self.url} failed after "
+                    f"{attempt} retries: {error!r}"
+                ) from error
+            await backend.sleep(backoff(attempt))
+            attempt += 1
+
+    # ------------------------------------------------------------ producer
+
+    async def send(
+        self,
+        queue: str,
+        payload: Any = None,
+        *,
+        task: str | None = None,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        delay: float | None = None,
+        eta: float | None = None,
+        expires: float | None = None,
+        priority: int = 0,
+        job_id: str | None = None,
+        max_retries: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the job's lease length
+        result_ttl: float | None = None,
+        headers: Mapping[str, Any] | None = None,
+        dedup_key: str | None = None,
+    ) -> AsyncJob:
+        """Enqueue one job; see `Client.send()` for the arguments and errors.
+
+        Returns:
+            An `AsyncJob` handle; the job is durably stored when this returns.
+        """
+        spec = make_spec(
+            payload,
+            task=task,
+            args=args,
+            kwargs=kwargs,
+            delay=delay,
+            eta=eta,
+            expires=expires,
+            priority=priority,
+            job_id=job_id,
+            max_retries=max_retries,
+            timeout=timeout,
+            result_ttl=result_ttl,
+            headers=headers,
+            dedup_key=dedup_key,
+        )
+        path = f"/v1/queues/{path_name(queue)}/jobs"
+        response = await self._request(b"POST", path, self._codec.encode(spec))
+        if response.status == 409 and response.retried:
+            await self._accept_duplicate(response, spec)
+            return AsyncJob(spec.id or "", queue, self)
+        return AsyncJob(self._codec.decode(response, ENQUEUE_REPLY).id, queue, self)
+
+    async def _accept_duplicate(self, response: Response, spec: JobSpec) -> None:
+        error = self._codec.error(response)
+        if error.reason == "duplicate_id":
+            return
+        if isinstance(error, DuplicateJob) and spec.id is not None:
+            try:
+                await self.get_job(spec.id)
+            except JobNotFound:
+                raise error from None
+            return
+        raise error
+
+    async def send_many(
+        self, queue: str, items: Iterable[JobSpec | Mapping[str, Any]]
+    ) -> list[AsyncJob]:
+        """Enqueue many jobs, up to 1,000 per request; see `Client.send_many()`."""
+        specs = [spec_from_item(item) for item in items]
+        path = f"/v1/queues/{path_name(queue)}/jobs"
+        jobs: list[AsyncJob] = []
+        for start in range(0, len(specs), SEND_MANY_CHUNK):
+            ids = await self._enqueue_batch(
+                path, specs[start : start + SEND_MANY_CHUNK]
+            )
+            jobs.extend(AsyncJob(job_id, queue, self) for job_id in ids)
+        return jobs
+
+    async def _enqueue_batch(self, path: str, specs: list[JobSpec]) -> list[str]:
+        body = self._codec.encode(EnqueueManyRequest(jobs=specs))
+        response = await self._request(b"POST", path, body)
+        if response.status == 413 and len(specs) > 1:
+            half = len(specs) // 2
+            first = await self._enqueue_batch(path, specs[:half])
+            return first + await self._enqueue_batch(path, specs[half:])
+        if response.status == 409 and response.retried:
+            await self._accept_duplicate(response, specs[0])
+            return [spec.id or "" for spec in specs]
+        return self._codec.decode(response, ENQUEUE_MANY_REPLY).ids
+
+    def job(self, job_id: str) -> AsyncJob:
+        """An `AsyncJob` handle for an id (no request is made)."""
+        return AsyncJob(job_id, None, self)
+
+    # ------------------------------------------------------------ reading
+
+    async def get_job(self, job_id: str) -> JobRecord:
+        """A job's whole record. Raises `JobNotFound` for an unknown id."""
+        response = await self._request(b"GET", f"/v1/jobs/{path_name(job_id)}")
+        return self._codec.decode(response, JOB_RECORD)
+
+    async def wait_job(self, job_id: str, wait: float) -> JobRecord:
+        """A job's record once final, or after `wait` seconds (0 .. 300)."""
+        path = f"/v1/jobs/{path_name(job_id)}/result?wait={format_wait(wait)}"
+        response = await self._request(b"GET", path, wait=wait)
+        return self._codec.decode(response, JOB_RECORD)
+
+    async def cancel(self, job_id: str) -> JobState:
+        """Cancel an unfinished job; returns its state after the call."""
+        response = await self._request(b"POST", f"/v1/jobs/{path_name(job_id)}/cancel")
+        return self._codec.decode(response, CANCEL_REPLY).state
+
+    async def queues(self) -> list[QueueStats]:
+        """Counts by state for every known queue."""
+        response = await self._request(b"GET", "/v1/queues")
+        return self._codec.decode(response, QUEUE_LIST).queues
+
+    async def queue(self, name: str) -> QueueStats:
+        """Counts by state for one queue (all zero for an unknown one)."""
+        response = await self._request(b"GET", f"/v1/queues/{path_name(name)}")
+        return self._codec.decode(response, QUEUE_STATS)
+
+    async def health(self) -> Health:
+        """The broker's `/healthz` reply."""
+        return self._codec.decode(await self._request(b"GET", "/healthz"), HEALTH)
+
+    # ------------------------------------------------------------ worker
+
+    async def lease(
+        self,
+        queues: Sequence[str],
+        *,
+        max: int = 1,
+        wait: float = 0.0,
+        timeout: float | None = None,  # noqa: ASYNC109 - the lease length
+        worker: str = "",
+    ) -> list[LeasedJob]:
+        """Lease up to `max` ready jobs from `queues`; see `Client.lease()`."""
+        request = LeaseRequest(
+            queues=list(queues), max=max, wait=wait, timeout=timeout, worker=worker
+        )
+        body = self._codec.encode(request)
+        response = await self._request(b"POST", "/v1/lease", body, wait)
+        return self._codec.decode(response, LEASE_REPLY).jobs
+
+    async def ack(self, job_id: str, lease: str, result: Any = None) -> None:
+        """Report success; raises `StaleLease` if the lease moved on."""
+        body = self._codec.encode(AckRequest(lease=lease, result=result))
+        path = f"/v1/jobs/{path_name(job_id)}/ack"
+        self._expect_ok(await self._request(b"POST", path, body))
+
+    async def fail(
+        self,
+        job_id: str,
+        lease: str,
+        error: str = "",
+        traceback: str | None = None,
+        retry_in: float | None = None,
+    ) -> str:
+        """Report a failure; returns the new state ("scheduled" or "failed")."""
+        request = FailRequest(
+            lease=lease, error=error, traceback=traceback, retry_in=retry_in
+        )
+        path = f"/v1/jobs/{path_name(job_id)}/fail"
+        response = await self._request(b"POST", path, self._codec.encode(request))
+        return str(self._codec.decode(response, STATE_REPLY)["state"])
+
+    async def extend(
+        self,
+        job_id: str,
+        lease: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - the new lease length
+    ) -> ExtendReply:
+        """Renew a lease; `.cancelled` in the reply means: stop the task."""
+        body = self._codec.encode(ExtendRequest(lease=lease, timeout=timeout))
+        path = f"/v1/jobs/{path_name(job_id)}/extend"
+        return self._codec.decode(
+            await self._request(b"POST", path, body), EXTEND_REPLY
+        )
+
+    async def release(self, job_id: str, lease: str) -> None:
+        """Hand back a leased job not started; the attempt is not counted."""
+        body = self._codec.encode(ReleaseRequest(lease=lease))
+        path = f"/v1/jobs/{path_name(job_id)}/release"
+        self._expect_ok(await self._request(b"POST", path, body))
+
+    async def ack_many(self, items: Sequence[AckItem]) -> list[BatchResult]:
+        """Ack many jobs in one request; one result per item, in order."""
+        body = self._codec.encode(AckManyRequest(acks=list(items)))
+        response = await self._request(b"POST", "/v1/ack", body)
+        return self._codec.decode(response, BATCH_REPLY).results
+
+    async def fail_many(self, items: Sequence[FailItem]) -> list[BatchResult]:
+        """Fail many jobs in one request; one result per item, in order."""
+        body = self._codec.encode(FailManyRequest(fails=list(items)))
+        response = await self._request(b"POST", "/v1/fail", body)
+        return self._codec.decode(response, BATCH_REPLY).results
+
+    def _expect_ok(self, response: Response) -> None:
+        if not 200 <= response.status < 300:
+            raise self._codec.error(response)

@@ -1,0 +1,633 @@
+"""The blocking client: plain sockets, a keep-alive pool, h11 through `_http`.
+
+Theory of operation: each call takes an idle socket from the pool (or connects),
+writes the request `_http.HTTPConnection` built, reads until a whole reply is parsed,
+and puts the socket back if keep-alive allows. A socket serves one call at a time,
+so one `Client` can be shared by any number of threads.
+
+Failures before a reply (refused, reset, EOF mid-reply) and replies 408/429/503 are
+retried with exponential backoff (`_http.backoff`). A reply timeout is not retried:
+the broker may be busy applying the request, and waiting again would double the
+caller's deadline. Every job id is chosen here, so a resent enqueue that meets
+409 `duplicate_id` is the first attempt's success, not an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import h11
+
+from qclient._errors import DuplicateJob, JobNotFound, ProtocolError
+from qclient._http import (
+    BATCH_REPLY,
+    CANCEL_REPLY,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    DEFAULT_URL,
+    ENQUEUE_MANY_REPLY,
+    ENQUEUE_REPLY,
+    EXTEND_REPLY,
+    HEALTH,
+    JOB_RECORD,
+    LEASE_REPLY,
+    MAX_IDLE_CONNECTIONS,
+    QUEUE_LIST,
+    QUEUE_STATS,
+    RECV_SIZE,
+    SEND_MANY_CHUNK,
+    STATE_REPLY,
+    Codec,
+    ConnectionLost,
+    Encoding,
+    HTTPConnection,
+    Response,
+    backoff,
+    format_wait,
+    path_name,
+    readable_now,
+    should_retry,
+)
+from qclient._job import Job, make_spec, spec_from_item
+from qclient.wire import (
+    AckItem,
+    AckManyRequest,
+    AckRequest,
+    BatchResult,
+    EnqueueManyRequest,
+    ExtendReply,
+    ExtendRequest,
+    FailItem,
+    FailManyRequest,
+    FailRequest,
+    Health,
+    JobRecord,
+    JobSpec,
+    JobState,
+    LeasedJob,
+    LeaseRequest,
+    QueueStats,
+    ReleaseRequest,
+)
+
+__all__ = ["Client"]
+
+_TRANSPORT_ERRORS = (OSError, ConnectionLost, h11.ProtocolError)
+_EMPTY = b""
+
+
+class _Conn:
+    """One pooled socket and its h11 state."""
+
+    __slots__ = ("http", "reused", "sock", "timeout")
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self.sock = sock
+        self.http = HTTPConnection()
+        self.timeout = timeout  #: the socket's current timeout, to skip needless calls
+        self.reused = False  #: it served a request before this one
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # close() of a dead socket
+            self.sock.close()
+
+
+class Client:
+    """A blocking qbroker client for producers and workers.
+
+    Thread-safe: it keeps a pool of keep-alive connections and gives each call its
+    own. Make one per process and share it; after a fork the child drops the
+    inherited connections and opens its own.
+
+    Args:
+        url: the broker's base URL; default: env QBROKER_URL, else
+            http://127.0.0.1:7733.
+        token: a bearer token for `Authorization`; default: env QBROKER_TOKEN.
+        timeout: seconds allowed to connect and, beyond any long-poll wait, for a
+            reply to arrive.
+        retries: how many times to resend after a connection error, 408, 429 or 503
+            (exponential backoff from 0.05 s, capped at 2 s, with jitter).
+        encoding: "msgpack" (default, faster) or "json" on the wire.
+
+    Raises:
+        ValueError: the URL is not `http://...` or the encoding is unknown.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        encoding: Encoding = "msgpack",
+    ) -> None:
+        self.url: str = url or os.environ.get("QBROKER_URL") or DEFAULT_URL
+        if token is None:
+            token = os.environ.get("QBROKER_TOKEN")
+        self.timeout = timeout
+        self.retries = retries
+        self.encoding: Encoding = encoding
+        self._codec = Codec(self.url, token, encoding)
+        self._address = (self._codec.host, self._codec.port)
+        self._idle: list[_Conn] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return f"<qclient.Client {self.url} {self.encoding}>"
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close the idle connections; later calls raise RuntimeError.
+
+        Calls in flight in other threads finish, and close their sockets after.
+        """
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ transport
+
+    def _checkout(self) -> _Conn:
+        if self._pid != os.getpid():
+            self._after_fork()
+        lock = self._lock
+        while True:
+            with lock:
+                if self._closed:
+                    raise RuntimeError("this qclient.Client is closed")
+                if not self._idle:
+                    break
+                conn = self._idle.pop()
+            if readable_now(conn.sock.fileno()):
+                conn.close()  # the broker closed it while it sat idle
+                continue
+            conn.reused = True
+            return conn
+        sock = socket.create_connection(self._address, timeout=self.timeout)
+        with contextlib.suppress(OSError):  # not a TCP socket
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _Conn(sock, self.timeout)
+
+    def _after_fork(self) -> None:
+        # A forked child shares the parent's sockets: two processes reading one
+        # socket would steal each other's replies. Forget them (closing our copy of
+        # the fd leaves the parent's open) and the lock another thread may hold.
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _checkin(self, conn: _Conn) -> None:
+        if conn.http.reusable:
+            with self._lock:
+                if not self._closed and len(self._idle) < MAX_IDLE_CONNECTIONS:
+                    self._idle.append(conn)
+                    return
+        conn.close()
+
+    def _drop_idle(self) -> None:
+        # One dead socket usually means the broker restarted: all idle ones are dead.
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _request(
+        self, method: bytes, path: str, body: bytes = _EMPTY, wait: float = 0.0
+    ) -> Response:
+        """Send one request, retrying per the policy; return the final reply.
+
+        The reply may be any status except the retried ones (while retries last).
+
+        Raises:
+            ProtocolError: the broker could not be reached or the reply timed out.
+            BrokerError: 408/429/503 still came back after the last retry.
+        """
+        codec = self._codec
+        target = codec.target(path)
+        headers = codec.headers(method, body)
+        reply_timeout = self.timeout + wait
+        attempt = 0
+        maybe_applied = False
+        free_retry = True  # one immediate retry for a pooled socket found dead
+        while True:
+            error: BaseException | None = None
+            response: Response | None = None
+            try:
+                conn = self._checkout()
+            except OSError as exc:  # refused, unreachable, connect timeout: not sent
+                error = exc
+            else:
+                try:
+                    response = self._roundtrip(
+                        conn, method, target, headers, body, reply_timeout
+                    )
+                except TimeoutError as exc:
+                    conn.close()
+                    raise ProtocolError(
+                        f"no reply from {self.url} within {reply_timeout:g} s"
+                    ) from exc
+                except _TRANSPORT_ERRORS as exc:
+                    conn.close()
+                    self._drop_idle()
+                    maybe_applied = True
+                    if conn.reused and not conn.http.got_bytes and free_retry:
+                        free_retry = False  # a keep-alive race: resend at once
+                        continue
+                    error = exc
+                except BaseException:
+                    conn.close()  # interrupted mid-request: the socket state is unknown
+                    raise
+                else:
+                    self._checkin(conn)
+                    if not should_retry(response.status):
+                        response.retried = maybe_applied
+                        return response
+            if attempt >= self.retries:
+                if response is not None:
+                    raise codec.error(response)
+                raise ProtocolError(
+                    f"{method.decode()} {path} to {self.url} failed after "
+                    f"{attempt} retries: {error!r}"
+                ) from error
+            time.sleep(backoff(attempt))
+            attempt += 1
+
+    @staticmethod
+    def _roundtrip(
+        conn: _Conn,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        timeout: float,
+    ) -> Response:
+        http = conn.http
+        data = http.request(method, target, headers, body)
+        sock = conn.sock
+        if conn.timeout != timeout:
+            sock.settimeout(timeout)
+            conn.timeout = timeout
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            # The broker may refuse a body early (413 before reading it) and close;
+            # its reply is then the answer, not the reset our write ran into.
+            try:
+                while (response := http.next_response()) is None:
+                    http.receive(sock.recv(RECV_SIZE))
+            except (*_TRANSPORT_ERRORS, TimeoutError):
+                raise exc from None
+            http.reusable = False  # part of the request never left
+            return response
+        while (response := http.next_response()) is None:
+            http.receive(sock.recv(RECV_SIZE))
+        return response
+
+    # ------------------------------------------------------------ producer
+
+    def send(
+        self,
+        queue: str,
+        payload: Any = None,
+        *,
+        task: str | None = None,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        delay: float | None = None,
+        eta: float | None = None,
+        expires: float | None = None,
+        priority: int = 0,
+        job_id: str | None = None,
+        max_retries: int | None = None,
+        timeout: float | None = None,
+        result_ttl: float | None = None,
+        headers: Mapping[str, Any] | None = None,
+        dedup_key: str | None = None,
+    ) -> Job:
+        """Enqueue one job.
+
+        Args:
+            queue: the queue's name.
+            payload: a dict becomes kwargs, a list/tuple args, anything else the one
+                positional argument; use either payload or args/kwargs.
+            task: the function to run; default: the queue's name.
+            args: positional arguments.
+            kwargs: keyword arguments.
+            delay: seconds from now before it may run (not with eta).
+            eta: unix seconds when it may run (not with delay).
+            expires: seconds from now after which it is never leased.
+            priority: -1,000,000 .. 1,000,000; higher runs first.
+            job_id: your own id (a repeat of a stored one raises DuplicateJob);
+                default: a new time-sortable id chosen here.
+            max_retries: leases allowed beyond the first; default: the broker's.
+            timeout: lease seconds; default: the broker's.
+            result_ttl: seconds to keep the finished job; default: the broker's.
+            headers: free-form metadata passed to the worker.
+            dedup_key: at most one unfinished job per queue and key.
+
+        Returns:
+            A `Job` handle; the job is durably stored when this returns.
+
+        Raises:
+            DuplicateJob: the id, or an unfinished job's dedup_key, already exists.
+            InvalidRequest: a value was out of range (`.field` names it).
+            ProtocolError: the broker could not be reached; the job may or may not
+                be stored, and sending again with the same `job_id` is safe.
+        """
+        spec = make_spec(
+            payload,
+            task=task,
+            args=args,
+            kwargs=kwargs,
+            delay=delay,
+            eta=eta,
+            expires=expires,
+            priority=priority,
+            job_id=job_id,
+            max_retries=max_retries,
+            timeout=timeout,
+            result_ttl=result_ttl,
+            headers=headers,
+            dedup_key=dedup_key,
+        )
+        path = f"/v1/queues/{path_name(queue)}/jobs"
+        response = self._request(b"POST", path, self._codec.encode(spec))
+        if response.status == 409 and response.retried:
+            self._accept_duplicate(response, spec)
+            return Job(spec.id or "", queue, self)
+        return Job(self._codec.decode(response, ENQUEUE_REPLY).id, queue, self)
+
+    def _accept_duplicate(self, response: Response, spec: JobSpec) -> None:
+        """Accept a 409 after a resend as our first attempt's success, or raise."""
+        error = self._codec.error(response)
+        if error.reason == "duplicate_id":
+            return  # the id was stored by the attempt whose reply we lost
+        if isinstance(error, DuplicateJob) and spec.id is not None:
+            try:
+                self.get_job(spec.id)  # dedup_key clash with ourselves?
+            except JobNotFound:
+                raise error from None
+            return
+        raise error
+
+    def send_many(
+        self, queue: str, items: Iterable[JobSpec | Mapping[str, Any]]
+    ) -> list[Job]:
+        """Enqueue many jobs, up to 1,000 per request.
+
+        Each request is all-or-nothing; with more than one request, an error leaves
+        the earlier ones stored. A batch over the broker's body limit is split.
+
+        Args:
+            queue: the queue's name.
+            items: `JobSpec`s, or mappings of JobSpec fields (`{"args": [1]}`); an
+                item without an id gets one here.
+
+        Returns:
+            One `Job` per item, in order.
+
+        Raises:
+            DuplicateJob, InvalidRequest, ProtocolError: as for `send()`.
+            TypeError: a mapping has a key that is not a JobSpec field.
+        """
+        specs = [spec_from_item(item) for item in items]
+        path = f"/v1/queues/{path_name(queue)}/jobs"
+        jobs: list[Job] = []
+        for start in range(0, len(specs), SEND_MANY_CHUNK):
+            chunk = specs[start : start + SEND_MANY_CHUNK]
+            ids = self._enqueue_batch(path, chunk)
+            jobs.extend(Job(job_id, queue, self) for job_id in ids)
+        return jobs
+
+    def _enqueue_batch(self, path: str, specs: list[JobSpec]) -> list[str]:
+        body = self._codec.encode(EnqueueManyRequest(jobs=specs))
+        response = self._request(b"POST", path, body)
+        if response.status == 413 and len(specs) > 1:  # nothing stored: halve it
+            half = len(specs) // 2
+            return self._enqueue_batch(path, specs[:half]) + self._enqueue_batch(
+                path, specs[half:]
+            )
+        if response.status == 409 and response.retried:
+            self._accept_duplicate(response, specs[0])
+            return [spec.id or "" for spec in specs]
+        return self._codec.decode(response, ENQUEUE_MANY_REPLY).ids
+
+    def job(self, job_id: str) -> Job:
+        """A `Job` handle for an id (no request is made)."""
+        return Job(job_id, None, self)
+
+    # ------------------------------------------------------------ reading
+
+    def get_job(self, job_id: str) -> JobRecord:
+        """A job's whole record.
+
+        Raises:
+            JobNotFound: no such job (or its result_ttl passed).
+        """
+        response = self._request(b"GET", f"/v1/jobs/{path_name(job_id)}")
+        return self._codec.decode(response, JOB_RECORD)
+
+    def wait_job(self, job_id: str, wait: float) -> JobRecord:
+        """A job's record once it is final, or after `wait` seconds, whichever is first.
+
+        Args:
+            job_id: the job's id.
+            wait: seconds to long-poll, 0 .. 300.
+
+        Raises:
+            JobNotFound: no such job.
+        """
+        path = f"/v1/jobs/{path_name(job_id)}/result?wait={format_wait(wait)}"
+        response = self._request(b"GET", path, wait=wait)
+        return self._codec.decode(response, JOB_RECORD)
+
+    def cancel(self, job_id: str) -> JobState:
+        """Cancel a job that has not finished; returns its state after the call.
+
+        An active job's worker learns of it at its next extend.
+
+        Raises:
+            JobNotFound: no such job.
+        """
+        response = self._request(b"POST", f"/v1/jobs/{path_name(job_id)}/cancel")
+        return self._codec.decode(response, CANCEL_REPLY).state
+
+    def queues(self) -> list[QueueStats]:
+        """Counts by state for every known queue."""
+        return self._codec.decode(
+            self._request(b"GET", "/v1/queues"), QUEUE_LIST
+        ).queues
+
+    def queue(self, name: str) -> QueueStats:
+        """Counts by state for one queue (all zero for an unknown one)."""
+        response = self._request(b"GET", f"/v1/queues/{path_name(name)}")
+        return self._codec.decode(response, QUEUE_STATS)
+
+    def health(self) -> Health:
+        """The broker's `/healthz` reply.
+
+        Raises:
+            ProtocolError: the broker is not reachable.
+        """
+        return self._codec.decode(self._request(b"GET", "/healthz"), HEALTH)
+
+    # ------------------------------------------------------------ worker
+
+    def lease(
+        self,
+        queues: Sequence[str],
+        *,
+        max: int = 1,
+        wait: float = 0.0,
+        timeout: float | None = None,
+        worker: str = "",
+    ) -> list[LeasedJob]:
+        """Lease up to `max` ready jobs from `queues` (tried in order).
+
+        Args:
+            queues: 1 to 100 queue names.
+            max: 1 .. 1000 jobs at most.
+            wait: seconds to long-poll when nothing is ready (0 .. 300).
+            timeout: lease seconds, overriding each job's own.
+            worker: this worker's name, for records and logs.
+
+        Returns:
+            The leased jobs, possibly none after `wait`. Each must be acked, failed
+            or released with its `lease` token before `lease_expires_at`, or
+            extended; otherwise the broker gives it to another worker.
+        """
+        request = LeaseRequest(
+            queues=list(queues), max=max, wait=wait, timeout=timeout, worker=worker
+        )
+        response = self._request(
+            b"POST", "/v1/lease", self._codec.encode(request), wait
+        )
+        return self._codec.decode(response, LEASE_REPLY).jobs
+
+    def ack(self, job_id: str, lease: str, result: Any = None) -> None:
+        """Report success; the job becomes `succeeded` with `result`.
+
+        Raises:
+            StaleLease: the lease expired or moved on (also when a resend after a
+                lost reply finds the first ack applied); stop, do not retry.
+            JobNotFound: no such job.
+        """
+        body = self._codec.encode(AckRequest(lease=lease, result=result))
+        response = self._request(b"POST", f"/v1/jobs/{path_name(job_id)}/ack", body)
+        self._expect_ok(response)
+
+    def fail(
+        self,
+        job_id: str,
+        lease: str,
+        error: str = "",
+        traceback: str | None = None,
+        retry_in: float | None = None,
+    ) -> str:
+        """Report a failure.
+
+        Args:
+            job_id: the job's id.
+            lease: its lease token.
+            error: "ExceptionType: message".
+            traceback: the formatted traceback.
+            retry_in: seconds until a retry (if attempts are left); None: no retry.
+
+        Returns:
+            The job's new state: "scheduled" (will retry) or "failed".
+
+        Raises:
+            StaleLease: the lease expired or moved on.
+            JobNotFound: no such job.
+        """
+        request = FailRequest(
+            lease=lease, error=error, traceback=traceback, retry_in=retry_in
+        )
+        path = f"/v1/jobs/{path_name(job_id)}/fail"
+        response = self._request(b"POST", path, self._codec.encode(request))
+        return str(self._codec.decode(response, STATE_REPLY)["state"])
+
+    def extend(
+        self, job_id: str, lease: str, timeout: float | None = None
+    ) -> ExtendReply:
+        """Renew a lease (heartbeat).
+
+        Args:
+            job_id: the job's id.
+            lease: its lease token.
+            timeout: new lease seconds from now; default: the lease's own length.
+
+        Returns:
+            The new expiry; `.cancelled` True means the job was cancelled: stop it.
+
+        Raises:
+            StaleLease: the lease expired or moved on.
+            JobNotFound: no such job.
+        """
+        body = self._codec.encode(ExtendRequest(lease=lease, timeout=timeout))
+        response = self._request(b"POST", f"/v1/jobs/{path_name(job_id)}/extend", body)
+        return self._codec.decode(response, EXTEND_REPLY)
+
+    def release(self, job_id: str, lease: str) -> None:
+        """Hand back a leased job not started; the attempt is not counted.
+
+        Raises:
+            StaleLease: the lease expired or moved on.
+            JobNotFound: no such job.
+        """
+        body = self._codec.encode(ReleaseRequest(lease=lease))
+        response = self._request(b"POST", f"/v1/jobs/{path_name(job_id)}/release", body)
+        self._expect_ok(response)
+
+    def ack_many(self, items: Sequence[AckItem]) -> list[BatchResult]:
+        """Ack many jobs in one request; each item succeeds or fails on its own.
+
+        Returns:
+            One result per item, in order; `ok` False carries the reason in `error`
+            ("stale_lease", "job_not_found").
+        """
+        body = self._codec.encode(AckManyRequest(acks=list(items)))
+        return self._codec.decode(
+            self._request(b"POST", "/v1/ack", body), BATCH_REPLY
+        ).results
+
+    def fail_many(self, items: Sequence[FailItem]) -> list[BatchResult]:
+        """Fail many jobs in one request; each item succeeds or fails on its own.
+
+        Returns:
+            One result per item, in order, as for `ack_many()`.
+        """
+        body = self._codec.encode(FailManyRequest(fails=list(items)))
+        return self._codec.decode(
+            self._request(b"POST", "/v1/fail", body), BATCH_REPLY
+        ).results
+
+    def _expect_ok(self, response: Response) -> None:
+        if not 200 <= response.status < 300:
+            raise self._codec.error(response)

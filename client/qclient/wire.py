@@ -1,0 +1,300 @@
+"""The protocol's one vocabulary: every request, reply and error body of qbroker v1.
+
+The broker, the client and the worker all import their shapes from here, so the wire
+has exactly one definition. This module needs msgspec only (no trio, no sqlite3).
+
+Schema evolution rules (msgspec docs, "schema evolution"): new fields get defaults and
+go last; a field never changes type; decoders never forbid unknown fields, so an old
+client keeps working against a newer broker.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import os
+import time
+from typing import Annotated, Any
+
+import msgspec
+
+__all__ = [
+    "FINAL_STATES",
+    "MAX_BATCH",
+    "NAME_PATTERN",
+    "AckItem",
+    "AckManyRequest",
+    "AckRequest",
+    "BatchReply",
+    "BatchResult",
+    "CancelReply",
+    "EnqueueManyReply",
+    "EnqueueManyRequest",
+    "EnqueueReply",
+    "ErrorBody",
+    "ExtendReply",
+    "ExtendRequest",
+    "FailItem",
+    "FailManyRequest",
+    "FailRequest",
+    "Health",
+    "JobRecord",
+    "JobSpec",
+    "JobState",
+    "LeaseReply",
+    "LeaseRequest",
+    "LeasedJob",
+    "QueueList",
+    "QueueStats",
+    "ReleaseRequest",
+    "new_job_id",
+]
+
+
+class JobState(enum.StrEnum):
+    """A job's state. The same words appear in SQL, JSON, metric labels and logs."""
+
+    SCHEDULED = "scheduled"  #: waiting for its delay/eta or a retry backoff
+    QUEUED = "queued"  #: ready to be leased
+    ACTIVE = "active"  #: leased to one worker
+    SUCCEEDED = "succeeded"  #: acked with a result
+    FAILED = "failed"  #: failed with no retry asked for, or retries used up
+    DEAD = "dead"  #: its leases expired more often than its attempts allow
+    CANCELLED = "cancelled"  #: cancelled before it finished
+    EXPIRED = "expired"  #: its `expires` time passed before a worker leased it
+
+
+#: States a job never leaves.
+FINAL_STATES = frozenset(
+    {
+        JobState.SUCCEEDED,
+        JobState.FAILED,
+        JobState.DEAD,
+        JobState.CANCELLED,
+        JobState.EXPIRED,
+    }
+)
+
+#: Queue names, task names, job ids and worker names: 1-200 characters of this set.
+NAME_PATTERN = r"^[A-Za-z0-9_.:@\-]{1,200}$"
+
+#: Items one batch request (enqueue, ack, fail) may carry.
+MAX_BATCH = 10_000
+
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=10 * 365 * 86400.0)]
+UnixTime = Annotated[float, msgspec.Meta(ge=0, le=32503680000.0)]  # up to year 3000
+LeaseSeconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 86400.0)]
+Priority = Annotated[int, msgspec.Meta(ge=-1_000_000, le=1_000_000)]
+Retries = Annotated[int, msgspec.Meta(ge=0, le=1000)]
+Text = Annotated[str, msgspec.Meta(max_length=65536)]
+
+
+class _Struct(msgspec.Struct, kw_only=True, frozen=True):
+    pass
+
+
+# ---------------------------------------------------------------- producer side
+
+
+class JobSpec(_Struct, frozen=True):
+    """One job as a producer submits it (`POST /v1/queues/{queue}/jobs`)."""
+
+    id: Name | None = None  #: client-chosen id; a repeat of a stored id is 409
+    task: Name | None = None  #: function name; defaults to the queue name
+    args: list[Any] = msgspec.field(default_factory=list)
+    kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+    headers: dict[str, Any] = msgspec.field(default_factory=dict)
+    priority: Priority = 0  #: higher first; FIFO within one priority
+    delay: Seconds | None = None  #: seconds from now until it may run
+    eta: UnixTime | None = None  #: unix seconds when it may run (not with delay)
+    expires: Seconds | None = None  #: seconds from now after which it is never leased
+    max_retries: Retries | None = None  #: default: the broker's (3)
+    timeout: LeaseSeconds | None = None  #: lease seconds; default: the broker's (30)
+    result_ttl: Seconds | None = None  #: seconds a finished job is kept; default 7 days
+    dedup_key: Name | None = None  #: at most one unfinished job per (queue, dedup_key)
+
+
+class EnqueueManyRequest(_Struct, frozen=True):
+    jobs: Annotated[list[JobSpec], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+class EnqueueReply(_Struct, frozen=True):
+    id: str
+
+
+class EnqueueManyReply(_Struct, frozen=True):
+    ids: list[str]
+
+
+# ---------------------------------------------------------------- worker side
+
+
+class LeaseRequest(_Struct, frozen=True):
+    """`POST /v1/lease`: ask for up to `max` ready jobs from `queues`, in order."""
+
+    queues: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=100)]
+    max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    wait: Annotated[float, msgspec.Meta(ge=0, le=300)] = 0.0  #: long-poll seconds
+    timeout: LeaseSeconds | None = None  #: lease seconds; default: the job's own
+    worker: Annotated[str, msgspec.Meta(max_length=200)] = ""
+
+
+class LeasedJob(_Struct, frozen=True):
+    id: str
+    queue: str
+    task: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    headers: dict[str, Any]
+    lease: str  #: the token that ack/fail/extend/release must present
+    attempt: int  #: 1 for the first delivery
+    max_retries: int
+    timeout: float  #: lease seconds granted
+    lease_expires_at: float  #: unix seconds
+
+
+class LeaseReply(_Struct, frozen=True):
+    jobs: list[LeasedJob]
+
+
+class AckRequest(_Struct, frozen=True):
+    lease: Annotated[str, msgspec.Meta(max_length=200)]
+    result: Any = None
+
+
+class AckItem(_Struct, frozen=True):
+    id: Name
+    lease: Annotated[str, msgspec.Meta(max_length=200)]
+    result: Any = None
+
+
+class AckManyRequest(_Struct, frozen=True):
+    acks: Annotated[list[AckItem], msgspec.Meta(max_length=MAX_BATCH)]
+
+
+class FailRequest(_Struct, frozen=True):
+    lease: Annotated[str, msgspec.Meta(max_length=200)]
+    error: Text = ""  #: "ExceptionType: message"
+    traceback: Annotated[str, msgspec.Meta(max_length=262144)] | None = None
+    retry_in: Seconds | None = None  #: seconds; null means no retry
+
+
+class FailItem(_Struct, frozen=True):
+    id: Name
+    lease: Annotated[str, msgspec.Meta(max_length=200)]
+    error: Text = ""
+    traceback: Annotated[str, msgspec.Meta(max_length=262144)] | None = None
+    retry_in: Seconds | None = None
+
+
+class FailManyRequest(_Struct, frozen=True):
+    fails: Annotated[list[FailItem], msgspec.Meta(max_length=MAX_BATCH)]
+
+
+class ExtendRequest(_Struct, frozen=True):
+    lease: Annotated[str, msgspec.Meta(max_length=200)]
+    timeout: LeaseSeconds | None = None  #: new lease seconds from now
+
+
+class ExtendReply(_Struct, frozen=True):
+    lease_expires_at: float
+    cancelled: bool = False  #: the job was cancelled: stop working on it
+
+
+class ReleaseRequest(_Struct, frozen=True):
+    """Hand a leased job back unstarted; its attempt is not counted."""
+
+    lease: Annotated[str, msgspec.Meta(max_length=200)]
+
+
+class BatchResult(_Struct, frozen=True):
+    id: str
+    ok: bool
+    error: str | None = None  #: the reason, as in ErrorBody.error
+
+
+class BatchReply(_Struct, frozen=True):
+    results: list[BatchResult]
+
+
+class CancelReply(_Struct, frozen=True):
+    id: str
+    state: JobState
+
+
+# ---------------------------------------------------------------- reading
+
+
+class JobRecord(_Struct, frozen=True):
+    """`GET /v1/jobs/{id}`: a job's whole record."""
+
+    id: str
+    queue: str
+    task: str
+    state: JobState
+    attempts: int
+    max_retries: int
+    priority: int
+    args: list[Any]
+    kwargs: dict[str, Any]
+    headers: dict[str, Any]
+    result: Any
+    error: str | None
+    traceback: str | None
+    timeout: float
+    created_at: float
+    available_at: float
+    started_at: float | None
+    finished_at: float | None
+    expires_at: float | None
+    worker: str | None
+    dedup_key: str | None = None
+
+
+class QueueStats(_Struct, frozen=True):
+    queue: str
+    counts: dict[str, int]  #: every state's count, zero included
+    oldest_age: float | None  #: seconds since the oldest queued job became ready
+
+
+class QueueList(_Struct, frozen=True):
+    queues: list[QueueStats]
+
+
+class Health(_Struct, frozen=True):
+    status: str
+    version: str
+
+
+class ErrorBody(_Struct, frozen=True):
+    """Every 4xx/5xx body."""
+
+    error: str  #: machine-readable reason, e.g. "invalid_field"
+    message: str
+    field: str | None = None
+
+
+# RFC 4648 base32 letters -> Crockford's (the ULID alphabet): same 5-bit values, and
+# Crockford's order is ASCII order, so ids sort as their bits do.
+_CROCKFORD = bytes.maketrans(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+)
+
+
+def new_job_id(now: float | None = None) -> str:
+    """A new 26-character, time-sortable job id (ULID layout).
+
+    48 bits of unix milliseconds then 80 random bits, in Crockford base32, so ids sort
+    by creation time and two makers never pick the same one. Choosing the id in the
+    client, not the broker, is what makes an enqueue safe to retry.
+
+    Args:
+        now: unix seconds to stamp; default: the wall clock.
+    """
+    ms = time.time_ns() // 1_000_000 if now is None else int(now * 1000)
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10))
+    # 128 bits -> 130 bits with two leading zeros: shift left 6 to fill 17 bytes,
+    # whose first 26 base32 characters are exactly the 26 ULID characters.
+    raw = base64.b32encode((value << 6).to_bytes(17, "big"))
+    return raw[:26].translate(_CROCKFORD).decode("ascii")

@@ -1,0 +1,364 @@
+"""The broker through the wire: every endpoint, leases, retries, priorities, delays."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+import pytest
+
+from tests.conftest import BrokerProcess
+from tests.wirehttp import Wire, wait_for
+
+
+@pytest.fixture
+def wire(broker: BrokerProcess) -> Any:
+    w = Wire(broker.url)
+    yield w
+    w.close()
+
+
+def test_enqueue_one_then_read_its_record(wire: Wire) -> None:
+    status, reply = wire.call(
+        "POST", "/v1/queues/send_email/jobs", {"kwargs": {"to": "a@b.c"}}
+    )
+    assert status == 201
+    job = wire.job(reply["id"])
+    assert job["queue"] == "send_email"
+    assert job["task"] == "send_email"  # defaults to the queue name
+    assert job["state"] == "queued"
+    assert job["kwargs"] == {"to": "a@b.c"}
+    assert job["attempts"] == 0
+    assert job["result"] is None and job["error"] is None
+
+
+def test_enqueue_many_returns_ids_in_order(wire: Wire) -> None:
+    status, reply = wire.call(
+        "POST",
+        "/v1/queues/q/jobs",
+        {"jobs": [{"args": [i], "task": "t"} for i in range(5)]},
+    )
+    assert status == 201
+    assert [wire.job(i)["args"] for i in reply["ids"]] == [[i] for i in range(5)]
+
+
+def test_lease_ack_and_result(wire: Wire) -> None:
+    job_id = wire.enqueue("q", args=[1, 2])
+    [job] = wire.lease("q", max=5)
+    assert job["id"] == job_id and job["attempt"] == 1 and job["args"] == [1, 2]
+    assert wire.job(job_id)["state"] == "active"
+    assert (
+        wire.ok("POST", f"/v1/jobs/{job_id}/ack", {"lease": job["lease"], "result": 3})
+        == {}
+    )
+    record = wire.ok("GET", f"/v1/jobs/{job_id}/result?wait=1")
+    assert record["state"] == "succeeded" and record["result"] == 3
+    assert record["finished_at"] >= record["started_at"] >= record["created_at"]
+
+
+def test_stale_lease_gets_409_and_changes_nothing(wire: Wire) -> None:
+    job_id = wire.enqueue("q")
+    [job] = wire.lease("q")
+    status, reply = wire.call("POST", f"/v1/jobs/{job_id}/ack", {"lease": "nope.1"})
+    assert status == 409 and reply["error"] == "stale_lease"
+    assert wire.job(job_id)["state"] == "active"
+    wire.ok(
+        "POST", f"/v1/jobs/{job_id}/ack", {"lease": job["lease"], "result": "first"}
+    )
+    for path in ("ack", "fail", "extend", "release"):
+        status, reply = wire.call(
+            "POST", f"/v1/jobs/{job_id}/{path}", {"lease": job["lease"]}
+        )
+        assert status == 409 and reply["error"] == "stale_lease", path
+    assert wire.job(job_id)["result"] == "first"
+
+
+def test_unknown_job_is_404_not_pending(wire: Wire) -> None:
+    status, reply = wire.call("GET", "/v1/jobs/no-such-job")
+    assert status == 404 and reply["error"] == "job_not_found"
+    status, reply = wire.call("POST", "/v1/jobs/no-such-job/ack", {"lease": "x"})
+    assert status == 404 and reply["error"] == "job_not_found"
+
+
+def test_expired_lease_requeues_job_then_makes_it_dead(wire: Wire) -> None:
+    job_id = wire.enqueue("q", timeout=0.3, max_retries=1)
+    [first] = wire.lease("q")
+    assert first["attempt"] == 1
+    second = wait_for(lambda: wire.lease("q"), timeout=5)[0]
+    assert second["id"] == job_id and second["attempt"] == 2
+    assert second["lease"] != first["lease"]
+    status, _ = wire.call("POST", f"/v1/jobs/{job_id}/ack", {"lease": first["lease"]})
+    assert status == 409  # the first delivery can no longer complete it
+    record = wait_for(
+        lambda: (j := wire.job(job_id))["state"] == "dead" and j, timeout=5
+    )
+    assert record["attempts"] == 2
+    assert "LeaseExpired" in record["error"]
+
+
+def test_extend_keeps_a_lease_alive(wire: Wire) -> None:
+    job_id = wire.enqueue("q", timeout=0.5)
+    [job] = wire.lease("q")
+    for _ in range(4):
+        time.sleep(0.25)
+        reply = wire.ok("POST", f"/v1/jobs/{job_id}/extend", {"lease": job["lease"]})
+        assert reply["cancelled"] is False
+        assert reply["lease_expires_at"] > time.time()
+    wire.ok("POST", f"/v1/jobs/{job_id}/ack", {"lease": job["lease"]})
+    assert wire.job(job_id)["attempts"] == 1
+
+
+def test_fail_with_retry_schedules_then_requeues(wire: Wire) -> None:
+    job_id = wire.enqueue("q", max_retries=1)
+    [job] = wire.lease("q")
+    reply = wire.ok(
+        "POST", f"/v1/jobs/{job_id}/fail",
+        {"lease": job["lease"], "error": "ValueError: bad", "traceback": "tb", "retry_in": 0.3},
+    )  # fmt: skip
+    assert reply == {"state": "scheduled"}
+    assert wire.job(job_id)["state"] == "scheduled"
+    assert wire.lease("q") == []
+    [again] = wire.lease("q", wait=5)  # woken when the retry falls due
+    assert again["attempt"] == 2
+    reply = wire.ok(
+        "POST", f"/v1/jobs/{job_id}/fail",
+        {"lease": again["lease"], "error": "ValueError: bad", "retry_in": 0.1},
+    )  # fmt: skip
+    assert reply == {"state": "failed"}  # no attempts left
+    record = wire.ok("GET", f"/v1/jobs/{job_id}/result")
+    assert record["state"] == "failed" and record["error"] == "ValueError: bad"
+
+
+def test_fail_without_retry_is_final(wire: Wire) -> None:
+    job_id = wire.enqueue("q")
+    [job] = wire.lease("q")
+    assert wire.ok("POST", f"/v1/jobs/{job_id}/fail", {"lease": job["lease"]}) == {
+        "state": "failed"
+    }
+
+
+def test_release_does_not_count_the_attempt(wire: Wire) -> None:
+    job_id = wire.enqueue("q")
+    [job] = wire.lease("q")
+    wire.ok("POST", f"/v1/jobs/{job_id}/release", {"lease": job["lease"]})
+    record = wire.job(job_id)
+    assert record["state"] == "queued" and record["attempts"] == 0
+    [again] = wire.lease("q")
+    assert again["attempt"] == 1
+
+
+def test_batch_ack_and_fail_apply_each_item_alone(wire: Wire) -> None:
+    ids = wire.ok("POST", "/v1/queues/q/jobs", {"jobs": [{}, {}, {}, {}]})["ids"]
+    jobs = wire.lease("q", max=4)
+    assert [j["id"] for j in jobs] == ids
+    reply = wire.ok("POST", "/v1/ack", {"acks": [
+        {"id": jobs[0]["id"], "lease": jobs[0]["lease"], "result": 0},
+        {"id": jobs[1]["id"], "lease": "stale.1"},
+        {"id": "missing", "lease": "x"},
+    ]})  # fmt: skip
+    assert reply["results"] == [
+        {"id": jobs[0]["id"], "ok": True, "error": None},
+        {"id": jobs[1]["id"], "ok": False, "error": "stale_lease"},
+        {"id": "missing", "ok": False, "error": "job_not_found"},
+    ]
+    reply = wire.ok("POST", "/v1/fail", {"fails": [
+        {"id": j["id"], "lease": j["lease"], "error": "E: x", "retry_in": None} for j in jobs[1:]
+    ]})  # fmt: skip
+    assert all(r["ok"] for r in reply["results"])
+    states = [wire.job(i)["state"] for i in ids]
+    assert states == ["succeeded", "failed", "failed", "failed"]
+
+
+def test_priority_first_then_fifo(wire: Wire) -> None:
+    low = [wire.enqueue("q", priority=0, args=[i]) for i in range(3)]
+    high = [wire.enqueue("q", priority=5, args=[i]) for i in range(3)]
+    neg = wire.enqueue("q", priority=-1)
+    leased = [j["id"] for j in wire.lease("q", max=10)]
+    assert leased == [*high, *low, neg]
+
+
+def test_lease_tries_queues_in_order(wire: Wire) -> None:
+    b = wire.enqueue("b")
+    a = wire.enqueue("a")
+    assert [j["id"] for j in wire.lease("a", "b", max=2)] == [a, b]
+
+
+def test_delayed_job_is_scheduled_until_its_time(wire: Wire) -> None:
+    job_id = wire.enqueue("q", delay=0.5)
+    assert wire.job(job_id)["state"] == "scheduled"
+    assert wire.lease("q") == []
+    start = time.monotonic()
+    [job] = wire.lease("q", wait=5)
+    waited = time.monotonic() - start
+    assert job["id"] == job_id
+    assert 0.2 < waited < 3.0
+
+
+def test_eta_in_the_past_is_ready_now(wire: Wire) -> None:
+    job_id = wire.enqueue("q", eta=time.time() - 10)
+    assert wire.job(job_id)["state"] == "queued"
+
+
+def test_delay_and_eta_together_are_invalid(wire: Wire) -> None:
+    status, reply = wire.call(
+        "POST", "/v1/queues/q/jobs", {"delay": 1, "eta": time.time()}
+    )
+    assert status == 422 and reply["field"] == "delay"
+
+
+def test_long_poll_lease_is_woken_by_enqueue(broker: BrokerProcess, wire: Wire) -> None:
+    import threading
+
+    got: list[Any] = []
+    waiter = Wire(broker.url)
+    t = threading.Thread(target=lambda: got.append(waiter.lease("lp", wait=20)))
+    start = time.monotonic()
+    t.start()
+    time.sleep(0.3)
+    job_id = wire.enqueue("lp")
+    t.join(10)
+    assert got and got[0][0]["id"] == job_id
+    assert time.monotonic() - start < 5  # well before the 20 s wait
+    waiter.close()
+
+
+def test_lease_wait_runs_out_with_empty_list(wire: Wire) -> None:
+    start = time.monotonic()
+    assert wire.lease("empty", wait=0.5) == []
+    assert 0.4 < time.monotonic() - start < 3
+
+
+def test_result_long_poll_is_woken_by_ack(broker: BrokerProcess, wire: Wire) -> None:
+    import threading
+
+    job_id = wire.enqueue("q")
+    [job] = wire.lease("q")
+    got: list[Any] = []
+    other = Wire(broker.url)
+    t = threading.Thread(
+        target=lambda: got.append(other.ok("GET", f"/v1/jobs/{job_id}/result?wait=20"))
+    )
+    start = time.monotonic()
+    t.start()
+    time.sleep(0.3)
+    wire.ok("POST", f"/v1/jobs/{job_id}/ack", {"lease": job["lease"], "result": "done"})
+    t.join(10)
+    assert got and got[0]["state"] == "succeeded" and got[0]["result"] == "done"
+    assert time.monotonic() - start < 5
+    other.close()
+
+
+def test_result_wait_runs_out_with_current_record(wire: Wire) -> None:
+    job_id = wire.enqueue("q")
+    record = wire.ok("GET", f"/v1/jobs/{job_id}/result?wait=0.3")
+    assert record["state"] == "queued"
+
+
+def test_expired_job_is_never_leased(wire: Wire) -> None:
+    job_id = wire.enqueue("q", expires=0.2)
+    time.sleep(0.3)
+    assert wire.lease("q") == []
+    wait_for(lambda: wire.job(job_id)["state"] == "expired", timeout=5)
+
+
+def test_duplicate_id_is_409_and_keeps_the_first(wire: Wire) -> None:
+    wire.enqueue("q", id="order-42", args=[1])
+    status, reply = wire.call(
+        "POST", "/v1/queues/q/jobs", {"id": "order-42", "args": [2]}
+    )
+    assert status == 409 and reply["error"] == "duplicate_id"
+    assert wire.job("order-42")["args"] == [1]
+    # a batch with one duplicate stores nothing
+    status, _ = wire.call(
+        "POST", "/v1/queues/q/jobs", {"jobs": [{"id": "new-1"}, {"id": "order-42"}]}
+    )
+    assert status == 409
+    assert wire.call("GET", "/v1/jobs/new-1")[0] == 404
+
+
+def test_dedup_key_allows_one_unfinished_job(wire: Wire) -> None:
+    wire.enqueue("q", dedup_key="user-7")
+    status, reply = wire.call("POST", "/v1/queues/q/jobs", {"dedup_key": "user-7"})
+    assert status == 409 and reply["error"] == "duplicate_dedup_key"
+    [job] = wire.lease("q")
+    wire.ok("POST", f"/v1/jobs/{job['id']}/ack", {"lease": job["lease"]})
+    wire.enqueue("q", dedup_key="user-7")  # finished: a new one may be sent
+
+
+def test_cancel_queued_and_active_jobs(wire: Wire) -> None:
+    queued = wire.enqueue("c1")
+    assert wire.ok("POST", f"/v1/jobs/{queued}/cancel") == {
+        "id": queued,
+        "state": "cancelled",
+    }
+    assert wire.lease("c1") == []
+    active = wire.enqueue("c2")
+    [job] = wire.lease("c2")
+    wire.ok("POST", f"/v1/jobs/{active}/cancel")
+    reply = wire.ok("POST", f"/v1/jobs/{active}/extend", {"lease": job["lease"]})
+    assert reply["cancelled"] is True
+    status, _ = wire.call("POST", f"/v1/jobs/{active}/ack", {"lease": job["lease"]})
+    assert status == 409
+    assert wire.job(active)["state"] == "cancelled"
+
+
+def test_queue_stats_count_every_state(wire: Wire) -> None:
+    for _ in range(3):
+        wire.enqueue("stats")
+    wire.enqueue("stats", delay=60)
+    [job] = wire.lease("stats")
+    wire.ok("POST", f"/v1/jobs/{job['id']}/ack", {"lease": job["lease"]})
+    stats = wire.ok("GET", "/v1/queues/stats")
+    assert stats["queue"] == "stats"
+    assert stats["counts"] == {
+        "scheduled": 1, "queued": 2, "active": 0, "succeeded": 1,
+        "failed": 0, "dead": 0, "cancelled": 0, "expired": 0,
+    }  # fmt: skip
+    assert stats["oldest_age"] >= 0
+    all_queues = wire.ok("GET", "/v1/queues")["queues"]
+    assert [q["queue"] for q in all_queues] == ["stats"]
+    empty = wire.ok("GET", "/v1/queues/nothing-here")
+    assert sum(empty["counts"].values()) == 0 and empty["oldest_age"] is None
+
+
+def test_msgpack_in_and_out(wire: Wire) -> None:
+    body = msgspec.msgpack.encode({"args": [b"\x00\x01", 1.5], "kwargs": {"k": "v"}})
+    status, raw, headers = wire.raw(
+        "POST", "/v1/queues/mp/jobs", body, {"Content-Type": "application/msgpack"}
+    )
+    assert status == 201 and headers["content-type"] == "application/msgpack"
+    job_id = msgspec.msgpack.decode(raw)["id"]
+    status, raw, _ = wire.raw(
+        "GET", f"/v1/jobs/{job_id}", None, {"Accept": "application/msgpack"}
+    )
+    record = msgspec.msgpack.decode(raw)
+    assert record["args"] == [b"\x00\x01", 1.5] and record["kwargs"] == {"k": "v"}
+
+
+def test_healthz_metrics_and_openapi(wire: Wire) -> None:
+    assert wire.ok("GET", "/healthz")["status"] == "ok"
+    wire.enqueue("m")
+    status, raw, _ = wire.raw("GET", "/metrics")
+    assert status == 200 and b'qbroker_jobs_enqueued_total{queue="m"} 1.0' in raw
+    doc = wire.ok("GET", "/v1/openapi.json")
+    assert "/v1/lease" in doc["paths"] and "JobRecord" in doc["components"]["schemas"]
+
+
+def test_token_is_required_when_configured(broker_factory: Any) -> None:
+    b = broker_factory(name="auth", args=("--token", "s3cret")).start()
+    w = Wire(b.url)
+    assert w.call("GET", "/v1/queues")[0] == 401
+    status, _, _ = w.raw("GET", "/v1/queues", None, {"Authorization": "Bearer s3cret"})
+    assert status == 200
+    assert w.call("GET", "/healthz")[0] == 200
+    w.close()
+
+
+def test_sigterm_exits_cleanly(broker: BrokerProcess, wire: Wire) -> None:
+    job_id = wire.enqueue("q")
+    assert broker.stop() == 0
+    broker.start()
+    again = Wire(broker.url)
+    assert again.job(job_id)["state"] == "queued"
+    again.close()

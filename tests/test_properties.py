@@ -1,0 +1,966 @@
+"""Property tests (hypothesis): the body decoders, and the job state machine.
+
+Part 1 feeds protocol.decode (sans-IO, no server) random bodies: random bytes, random
+JSON and msgpack values, JobSpec-shaped objects with wrong-typed values, truncated
+bodies, under every content type. Whatever comes in, decode returns the asked-for type
+or raises an errors.py error with status 400, 415 or 422, never anything else; and what
+it accepts, the store can keep and the broker can send back as JSON and msgpack.
+
+Part 2 drives `qbroker.store.Store` directly on a temp SQLite file with a controllable
+`now`, through the writer's group-commit code (Writer._commit: one SAVEPOINT per call),
+against a small Python model of the job state machine. Rules: enqueue, lease, ack,
+ack_many, fail, extend, release, cancel, advance the clock, reaper sweep (tick).
+Invariants after every step: every row matches the model; attempts never exceed
+max_retries + 1; counts by state add up; a stale lease is rejected and changes nothing;
+leases come out by priority, then FIFO.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+from qbroker import errors, protocol
+from qbroker.store import Defaults, Reader, Store
+from qbroker.writer import Writer, _Call
+from qclient.wire import (
+    NAME_PATTERN,
+    AckItem,
+    AckManyRequest,
+    AckRequest,
+    ExtendRequest,
+    FailManyRequest,
+    FailRequest,
+    JobSpec,
+    LeaseRequest,
+    ReleaseRequest,
+)
+
+# ------------------------------------------------------------------ helpers
+
+
+def run_call(store: Store, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run one store call the way the writer thread does: BEGIN IMMEDIATE, SAVEPOINT,
+    the call, RELEASE (or ROLLBACK TO on error), COMMIT. Returns or raises its outcome."""
+    call = _Call(fn, args, kwargs, None)
+    Writer._commit(store.conn, [call])
+    assert call.result is not None
+    return call.result.unwrap()
+
+
+def attempt(
+    fn: Any, *args: Any, **kwargs: Any
+) -> tuple[Any, errors.QBrokerError | None]:
+    """(fn's value, None), or (None, the broker error it raised); others propagate."""
+    try:
+        return fn(*args, **kwargs), None
+    except errors.QBrokerError as exc:
+        return None, exc
+
+
+# ------------------------------------------------------------------ part 1: decoders
+
+BODY_TYPES: list[type[Any]] = [
+    protocol.EnqueueBody,
+    LeaseRequest,
+    AckRequest,
+    FailRequest,
+    ExtendRequest,
+    ReleaseRequest,
+    AckManyRequest,
+    FailManyRequest,
+]
+CONTENT_TYPES: list[bytes | None] = [
+    None,
+    b"application/json",
+    b"application/json; charset=utf-8",
+    b"application/msgpack",
+    b"application/x-msgpack",
+    b"APPLICATION/MSGPACK",
+    b"text/plain",
+    b"application/x-www-form-urlencoded",
+    b"text/xml",
+    b"multipart/form-data; boundary=x",
+]
+JSON_TYPES: set[bytes | None] = {
+    None,
+    b"application/json",
+    b"application/json; charset=utf-8",
+}
+MSGPACK_TYPES: set[bytes | None] = {
+    b"application/msgpack",
+    b"application/x-msgpack",
+    b"APPLICATION/MSGPACK",
+}
+SPEC_FIELDS = [f.name for f in msgspec.structs.fields(JobSpec)]
+ALLOWED_STATUS = {400, 415, 422}
+
+# JSON text can carry any integer; msgpack only 64-bit ones
+_json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    _json_leaf,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=16,
+)
+_msgpack_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=12)
+    | st.binary(max_size=8)
+    | st.builds(msgspec.msgpack.Ext, st.integers(0, 127), st.binary(max_size=4))
+)
+_msgpack_key = (
+    st.text(max_size=8) | st.integers(-5, 5) | st.none() | st.booleans() | st.floats()
+)
+msgpack_values = st.recursive(
+    _msgpack_leaf,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(_msgpack_key, inner, max_size=4)
+    ),
+    max_leaves=16,
+)
+# values near the edges of every JobSpec field, right and wrong
+_plausible = st.one_of(
+    st.sampled_from(
+        [
+            0,
+            -1,
+            1,
+            3,
+            1000,
+            1001,
+            1_000_000,
+            1_000_001,
+            -1_000_001,
+            2**63,
+            0.5,
+            -0.5,
+            1e300,
+            315360000.0,
+            315360001.0,
+            604800.0,
+            604801.0,
+            "",
+            "q",
+            "a b",
+            "x" * 201,
+            "ok.id-1:@_",
+            [],
+            {},
+            [1, "a"],
+            {"k": [1]},
+            None,
+            True,
+        ]
+    ),
+    json_values,
+)
+
+
+@st.composite
+def jobspec_shaped(draw: st.DrawFn, values: st.SearchStrategy[Any]) -> dict[Any, Any]:
+    """A dict with some of JobSpec's keys (and maybe `jobs` or a stray key)."""
+    keys = draw(st.lists(st.sampled_from([*SPEC_FIELDS, "jobs", "zzz"]), max_size=6))
+    out: dict[Any, Any] = {}
+    for k in keys:
+        if k == "jobs":
+            out[k] = draw(st.lists(st.dictionaries(st.sampled_from(SPEC_FIELDS), values,
+                                                   max_size=3), max_size=3))  # fmt: skip
+        else:
+            out[k] = draw(values)
+    return out
+
+
+@st.composite
+def payloads(draw: st.DrawFn, values: st.SearchStrategy[Any]) -> dict[str, Any]:
+    """Well-formed requests whose free-form parts (args, kwargs, headers, result) hold
+    anything the encoding can carry: what the store must keep and send back."""
+    free = {
+        "args": draw(st.lists(values, max_size=3)),
+        "kwargs": draw(st.dictionaries(st.text(max_size=6), values, max_size=3)),
+        "headers": draw(st.dictionaries(st.text(max_size=6), values, max_size=2)),
+        "result": draw(values),
+        "lease": "t",
+        "queues": ["q"],
+    }
+    if draw(st.booleans()):
+        free["acks"] = [{"id": "j", "lease": "t", "result": draw(values)}]
+        free["jobs"] = [{"args": draw(st.lists(values, max_size=3))}]
+    return free
+
+
+def _msgpack_or_skip(value: Any) -> bytes:
+    try:
+        return msgspec.msgpack.encode(value)
+    except (OverflowError, TypeError, ValueError):
+        return b"\xc1"  # never valid msgpack
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> tuple[bytes, bytes | None]:
+    """(body, content type): mostly matching encodings, sometimes not, sometimes cut."""
+    kind = draw(
+        st.sampled_from(
+            [
+                "bytes",
+                "json",
+                "msgpack",
+                "spec-json",
+                "spec-msgpack",
+                "payload-json",
+                "payload-msgpack",
+            ]
+        )
+    )
+    if kind == "bytes":
+        body = draw(st.binary(max_size=64))
+    elif kind == "json":
+        body = json.dumps(draw(json_values)).encode()
+    elif kind == "msgpack":
+        body = _msgpack_or_skip(draw(msgpack_values))
+    elif kind == "spec-json":
+        body = json.dumps(draw(jobspec_shaped(_plausible))).encode()
+    elif kind == "spec-msgpack":
+        body = _msgpack_or_skip(
+            draw(jobspec_shaped(st.one_of(_plausible, msgpack_values)))
+        )
+    elif kind == "payload-json":
+        body = json.dumps(draw(payloads(json_values))).encode()
+    else:
+        body = _msgpack_or_skip(draw(payloads(msgpack_values)))
+    if draw(st.integers(0, 9)) == 0 and body:
+        body = body[: draw(st.integers(0, len(body) - 1))]
+    # mostly the content type that matches the encoding, sometimes any
+    matching = [
+        t
+        for t in CONTENT_TYPES
+        if t in (MSGPACK_TYPES if "msgpack" in kind else JSON_TYPES)
+    ]
+    ctype = draw(
+        st.sampled_from(matching if draw(st.integers(0, 3)) else CONTENT_TYPES)
+    )
+    return body, ctype
+
+
+def _request(body: bytes, ctype: bytes | None, accept: bytes | None = None) -> Any:
+    headers = {} if ctype is None else {b"content-type": ctype}
+    if accept is not None:
+        headers[b"accept"] = accept
+    return protocol.Request("POST", "/v1/x", headers, body)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, Reader]]:
+    """One store for every decoder example (the examples use unique ids)."""
+    path = tmp_path_factory.mktemp("decoders") / "qbroker.db"
+    store = Store(path, synchronous="OFF")
+    reader = Reader(path)
+    yield store, reader
+    reader.close()
+    store.close()
+
+
+DEFAULTS = Defaults(max_retries=3, lease_seconds=30.0, result_ttl=1000.0)
+_counter = iter(range(10**9))
+
+
+def _check_storable(store: Store, reader: Reader, value: Any) -> None:
+    """What decode accepted can be stored and sent back in both encodings."""
+    json_req = _request(b"", None, b"application/json")
+    mp_req = _request(b"", None, b"application/msgpack")
+    if isinstance(value, protocol.EnqueueBody):
+        specs = value.jobs if value.jobs is not None else [value]
+        queue = f"q{next(_counter)}"
+        ids, err = attempt(
+            run_call, store, store.enqueue, queue, specs, defaults=DEFAULTS, now=1e9
+        )
+        if err is not None:
+            assert err.status in {409, 422}, err  # duplicate id/key; delay with eta
+            return
+        for job_id in ids:
+            record = reader.get_job(job_id)
+            protocol.encode(json_req, record)
+            protocol.encode(mp_req, record)
+        leased = run_call(
+            store, store.lease, [queue], max_jobs=1000, lease_seconds=None,
+            worker="w", now=1e9,
+        )  # fmt: skip
+        protocol.encode(json_req, leased)
+        protocol.encode(mp_req, leased)
+    elif isinstance(value, AckRequest | AckManyRequest):
+        results = [value.result] if isinstance(value, AckRequest) else [
+            a.result for a in value.acks
+        ]  # fmt: skip
+        for result in results:
+            queue = f"q{next(_counter)}"
+            [job_id] = run_call(
+                store, store.enqueue, queue, [JobSpec()], defaults=DEFAULTS, now=1e9
+            )
+            [job] = run_call(
+                store, store.lease, [queue], max_jobs=1, lease_seconds=None,
+                worker="w", now=1e9,
+            )  # fmt: skip
+            _, err = attempt(
+                run_call, store, store.ack, job_id, job.lease, result, now=1e9
+            )
+            if err is not None:
+                assert err.status == 422, err
+                continue
+            record = reader.get_job(job_id)
+            protocol.encode(json_req, record)
+            protocol.encode(mp_req, record)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(type_=st.sampled_from(BODY_TYPES), body=bodies())
+def test_decode_raises_only_client_errors_and_what_it_accepts_can_be_stored(
+    scratch: tuple[Store, Reader], type_: type[Any], body: tuple[bytes, bytes | None]
+) -> None:
+    data, ctype = body
+    value, err = attempt(protocol.decode, _request(data, ctype), type_)
+    if err is not None:
+        assert err.status in ALLOWED_STATUS, (err.status, err.message)
+        assert err.message
+        if err.status == 415:
+            assert ctype not in JSON_TYPES | MSGPACK_TYPES
+        return
+    assert isinstance(value, type_)
+    _check_storable(*scratch, value)
+
+
+# valid job specs: every field in range
+names = st.from_regex(NAME_PATTERN, fullmatch=True).filter(lambda s: len(s) <= 40)
+_seconds = st.floats(0, 315360000.0, allow_nan=False)
+valid_specs = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": names,
+        "task": names,
+        "args": st.lists(json_values, max_size=3),
+        "kwargs": st.dictionaries(st.text(max_size=8), json_values, max_size=3),
+        "headers": st.dictionaries(st.text(max_size=8), json_values, max_size=3),
+        "priority": st.integers(-1_000_000, 1_000_000),
+        "delay": _seconds,
+        "expires": _seconds,
+        "max_retries": st.integers(0, 1000),
+        "timeout": st.floats(0, 604800.0, exclude_min=True),
+        "result_ttl": _seconds,
+        "dedup_key": names,
+    },
+)
+
+
+def _msgpack_safe(spec: dict[str, Any]) -> bool:
+    try:
+        msgspec.msgpack.encode(spec)
+    except OverflowError:
+        return False
+    return True
+
+
+@settings(max_examples=150, deadline=None)
+@given(specs=st.lists(valid_specs, min_size=1, max_size=4), batch=st.booleans(),
+       use_msgpack=st.booleans())  # fmt: skip
+def test_valid_specs_round_trip(
+    specs: list[dict[str, Any]], batch: bool, use_msgpack: bool
+) -> None:
+    if use_msgpack and not all(_msgpack_safe(s) for s in specs):
+        use_msgpack = False
+    payload: Any = {"jobs": specs} if batch else specs[0]
+    enc = msgspec.msgpack.encode if use_msgpack else msgspec.json.encode
+    ctype = b"application/msgpack" if use_msgpack else b"application/json"
+    body = protocol.decode(_request(enc(payload), ctype), protocol.EnqueueBody)
+    got = body.jobs if batch else [body]
+    assert got is not None and len(got) == (len(specs) if batch else 1)
+    defaults = msgspec.structs.asdict(JobSpec())
+    for spec, decoded in zip(specs, got, strict=False):
+        as_dict = msgspec.structs.asdict(decoded)
+        as_dict.pop("jobs", None)
+        assert as_dict == {**defaults, **spec}
+        # and back: the decoded spec encodes to the fields it came from
+        again = msgspec.json.decode(msgspec.json.encode(JobSpec(**as_dict)))
+        assert again == msgspec.json.decode(msgspec.json.encode({**defaults, **spec}))
+
+
+# a value of a type the field never accepts
+_WRONG: dict[str, list[Any]] = {
+    "id": [1, [], {}, True],
+    "task": [1, ["t"], {}],
+    "args": [1, "a", {"a": 1}, True],
+    "kwargs": [1, "a", [1], True],
+    "headers": [1, "a", [1]],
+    "priority": ["high", 1.5, [], True, None],
+    "delay": ["soon", [], {}, -1],
+    "eta": ["now", [], -5],
+    "expires": ["never", [], -0.5],
+    "max_retries": ["3", 2.5, [], -1],
+    "timeout": ["30", 0, -1, []],
+    "result_ttl": ["1d", [], -1],
+    "dedup_key": [1, [], "has space"],
+}
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), use_msgpack=st.booleans())
+def test_a_wrong_field_gets_422_naming_it(
+    data: st.DataObject, use_msgpack: bool
+) -> None:
+    name = data.draw(st.sampled_from(sorted(_WRONG)))
+    bad = data.draw(st.sampled_from(_WRONG[name]))
+    good = data.draw(valid_specs)
+    good.pop(name, None)
+    spec = {**good, name: bad}
+    if use_msgpack and not _msgpack_safe(spec):
+        use_msgpack = False
+    enc = msgspec.msgpack.encode if use_msgpack else msgspec.json.encode
+    ctype = b"application/msgpack" if use_msgpack else b"application/json"
+    with pytest.raises(errors.InvalidField) as info:
+        protocol.decode(_request(enc(spec), ctype), protocol.EnqueueBody)
+    assert info.value.status == 422
+    assert info.value.field == name, (spec, info.value.message)
+
+
+# ------------------------------------------------------------------ part 2: state machine
+
+T0 = 1_000_000.0  #: the machine's clock starts here (unix seconds)
+QUEUES = ["a", "b"]
+UNFINISHED = {"scheduled", "queued", "active"}
+# every duration is a multiple of 1/4 s, so sums of them are exact in binary floats and
+# the model's arithmetic equals SQLite's
+DELAYS = [None, None, 0.0, 0.5, 2.0, 5.0]
+LEASES = [None, 0.5, 1.0, 3.0, 10.0]
+#: short leases and result_ttl, so that leases run out and results get swept
+SM_DEFAULTS = Defaults(max_retries=3, lease_seconds=2.0, result_ttl=15.0)
+
+
+SPECS = st.fixed_dictionaries(
+    {
+        "id": st.sampled_from([None, None, None, "j1", "j2", "j3"]),
+        "priority": st.sampled_from([0, 0, 0, 1, -1]),
+        "delay": st.sampled_from(DELAYS),
+        "max_retries": st.integers(0, 2),
+        "expires": st.sampled_from([None, None, 0.0, 3.0, 20.0]),
+        "timeout": st.sampled_from([None, 1.0, 5.0]),
+        "result_ttl": st.sampled_from([None, 2.0, 10.0]),
+        "dedup_key": st.sampled_from([None, None, None, "k"]),
+    }
+)
+
+
+@dataclasses.dataclass
+class MJob:
+    """The model's view of one job row."""
+
+    id: str
+    queue: str
+    priority: int
+    order: int  #: insertion order (the store's seq)
+    max_retries: int
+    timeout: float
+    result_ttl: float
+    available_at: float
+    expires_at: float | None
+    dedup_key: str | None
+    state: str
+    attempts: int = 0
+    lease: str | None = None
+    lease_seconds: float | None = None
+    lease_expires_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def purge_at(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return self.finished_at + self.result_ttl
+
+    def finish(self, state: str, now: float) -> None:
+        self.state = state
+        self.finished_at = now
+        self.lease = None
+        self.lease_expires_at = None
+
+
+_ROW_COLUMNS = (
+    "id, queue, state, attempts, priority, max_retries, available_at, expires_at,"
+    " finished_at, purge_at, lease, lease_expires_at, dedup_key"
+)
+
+
+class JobMachine(RuleBasedStateMachine):
+    """The store against the model, one rule at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="qbroker-sm-"))
+        path = self.dir / "qbroker.db"
+        self.store = Store(path, synchronous="OFF")
+        self.reader = Reader(path)
+        self.now = T0
+        self.model: dict[str, MJob] = {}
+        self.order = 0
+        self.ids: list[str] = []  #: every job id ever stored (some since purged)
+        self.tokens: list[tuple[str, str]] = []  #: every (job id, lease) handed out
+
+    def teardown(self) -> None:
+        self.reader.close()
+        self.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -------------------------------------------------------- helpers
+
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return run_call(self.store, fn, *args, **kwargs)
+
+    def raw_rows(self) -> list[tuple[Any, ...]]:
+        return self.store.conn.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+
+    def lease_valid(self, job_id: str, token: str) -> bool:
+        job = self.model.get(job_id)
+        return (
+            job is not None
+            and job.state == "active"
+            and job.lease == token
+            and job.lease_expires_at is not None
+            and job.lease_expires_at > self.now
+        )
+
+    def pick_lease(self, data: st.DataObject) -> tuple[str, str]:
+        """Mostly a lease that is still valid, sometimes any lease ever handed out."""
+        valid = [t for t in self.tokens if self.lease_valid(*t)]
+        pool = valid if valid and data.draw(st.integers(0, 9)) < 7 else self.tokens
+        pick: tuple[str, str] = data.draw(st.sampled_from(pool))
+        return pick
+
+    def expect_rejected(self, job_id: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """A call with a stale lease raises StaleLease (or JobNotFound) and changes nothing."""
+        before = self.raw_rows()
+        want = errors.StaleLease if job_id in self.model else errors.JobNotFound
+        with pytest.raises(want):
+            self.run(fn, *args, **kwargs)
+        assert self.raw_rows() == before
+        event(f"{fn.__name__}: stale lease rejected")
+
+    # -------------------------------------------------------- rules: producer
+
+    @initialize(
+        queue=st.sampled_from(QUEUES), specs=st.lists(SPECS, min_size=2, max_size=6)
+    )
+    def seed(self, queue: str, specs: list[dict[str, Any]]) -> None:
+        self.enqueue(queue, specs)
+
+    @rule(queue=st.sampled_from(QUEUES), specs=st.lists(SPECS, min_size=1, max_size=4))
+    def enqueue(self, queue: str, specs: list[dict[str, Any]]) -> None:
+        # the first row that clashes decides the error (executemany stops there)
+        ids: set[str] = {j.id for j in self.model.values()}
+        keys: set[str] = {
+            j.dedup_key
+            for j in self.model.values()
+            if j.queue == queue and j.state in UNFINISHED and j.dedup_key is not None
+        }
+        clash: set[type[errors.QBrokerError]] = set()
+        for s in specs:
+            if s["id"] is not None and s["id"] in ids:
+                clash.add(errors.DuplicateId)
+            if s["dedup_key"] is not None and s["dedup_key"] in keys:
+                clash.add(errors.DuplicateDedupKey)
+            if clash:
+                break
+            if s["id"] is not None:
+                ids.add(s["id"])
+            if s["dedup_key"] is not None:
+                keys.add(s["dedup_key"])
+        wire_specs = [JobSpec(**s) for s in specs]
+        if clash:
+            before = self.raw_rows()
+            with pytest.raises(errors.QBrokerError) as info:
+                self.run(
+                    self.store.enqueue,
+                    queue,
+                    wire_specs,
+                    defaults=SM_DEFAULTS,
+                    now=self.now,
+                )
+            assert type(info.value) in clash, (info.value, clash)
+            assert self.raw_rows() == before  # all or nothing
+            return
+        got = self.run(
+            self.store.enqueue, queue, wire_specs, defaults=SM_DEFAULTS, now=self.now
+        )
+        assert len(got) == len(specs)
+        for job_id, s in zip(got, specs, strict=True):
+            if s["id"] is not None:
+                assert job_id == s["id"]
+            available = self.now + (s["delay"] or 0.0)
+            self.order += 1
+            self.model[job_id] = MJob(
+                id=job_id,
+                queue=queue,
+                priority=s["priority"],
+                order=self.order,
+                max_retries=s["max_retries"],
+                timeout=s["timeout"] or SM_DEFAULTS.lease_seconds,
+                result_ttl=SM_DEFAULTS.result_ttl
+                if s["result_ttl"] is None
+                else s["result_ttl"],
+                available_at=available,
+                expires_at=None if s["expires"] is None else self.now + s["expires"],
+                dedup_key=s["dedup_key"],
+                state="scheduled" if available > self.now else "queued",
+            )
+            self.ids.append(job_id)
+
+    @precondition(lambda self: self.ids)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        job_id = data.draw(st.sampled_from(self.ids))
+        job = self.model.get(job_id)
+        if job is None:
+            with pytest.raises(errors.JobNotFound):
+                self.run(self.store.cancel, job_id, now=self.now)
+            return
+        state = self.run(self.store.cancel, job_id, now=self.now)
+        if job.state in UNFINISHED:
+            # an active job keeps its token, so its worker learns of it at extend
+            job.state, job.finished_at = "cancelled", self.now
+        assert state == job.state
+
+    # -------------------------------------------------------- rules: worker
+
+    @rule(
+        queues=st.lists(st.sampled_from(QUEUES), min_size=1, max_size=3),
+        max_jobs=st.integers(1, 4),
+        lease_seconds=st.sampled_from(LEASES),
+    )
+    def lease(
+        self, queues: list[str], max_jobs: int, lease_seconds: float | None
+    ) -> None:
+        want: list[MJob] = []
+        taken: set[str] = set()
+        for q in queues:
+            ready = sorted(
+                (
+                    j
+                    for j in self.model.values()
+                    if j.queue == q
+                    and j.state == "queued"
+                    and (j.expires_at is None or j.expires_at > self.now)
+                    and j.id not in taken
+                ),
+                key=lambda j: (-j.priority, j.available_at, j.order),
+            )
+            cut = ready[: max_jobs - len(want)]
+            if len(ready) > len(cut) and cut:
+                event("lease: more ready than asked for")
+                fifo = sorted(ready, key=lambda j: (-j.priority, j.order))
+                if fifo[: len(cut)] != cut:
+                    event("lease: a later-enqueued job was ready first")
+            want += cut
+            taken.update(j.id for j in want)
+        got = self.run(
+            self.store.lease, queues, max_jobs=max_jobs, lease_seconds=lease_seconds,
+            worker="w", now=self.now,
+        )  # fmt: skip
+        # priority first, then the job ready first, then FIFO; queues in the order asked
+        assert [g.id for g in got] == [j.id for j in want]
+        for a, b in itertools.pairwise(got):
+            if a.queue == b.queue:
+                ja, jb = self.model[a.id], self.model[b.id]
+                assert (-ja.priority, ja.available_at, ja.order) < (
+                    -jb.priority, jb.available_at, jb.order
+                )  # fmt: skip
+        for g in got:
+            j = self.model[g.id]
+            j.state, j.attempts, j.lease = "active", j.attempts + 1, g.lease
+            j.lease_seconds = lease_seconds or j.timeout
+            j.lease_expires_at = self.now + j.lease_seconds
+            assert g.attempt == j.attempts
+            assert g.lease_expires_at == j.lease_expires_at
+            assert j.attempts <= j.max_retries + 1
+            self.tokens.append((g.id, g.lease))
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def ack(self, data: st.DataObject) -> None:
+        job_id, token = self.pick_lease(data)
+        if not self.lease_valid(job_id, token):
+            self.expect_rejected(job_id, self.store.ack, job_id, token, 1, now=self.now)
+            return
+        queue = self.run(self.store.ack, job_id, token, {"r": 1}, now=self.now)
+        job = self.model[job_id]
+        assert queue == job.queue
+        job.finish("succeeded", self.now)
+        assert self.reader.get_job(job_id).result == {"r": 1}
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), n=st.integers(1, 4))
+    def ack_many(self, data: st.DataObject, n: int) -> None:
+        leases_ = [self.pick_lease(data) for _ in range(n)]
+        items = [AckItem(id=i, lease=t, result=n) for n, (i, t) in enumerate(leases_)]
+        want: list[str | None] = []
+        acked: set[str] = set()
+        for i, t in leases_:
+            ok = self.lease_valid(i, t) and i not in acked
+            if ok:
+                acked.add(i)
+                want.append(None)
+            else:
+                want.append("stale_lease" if i in self.model else "job_not_found")
+        results = self.run(self.store.ack_many, items, now=self.now)
+        assert [(r.id, r.ok, r.error) for r in results] == [
+            (i, e is None, e) for (i, _), e in zip(leases_, want, strict=True)
+        ]
+        for i in acked:
+            self.model[i].finish("succeeded", self.now)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), retry_in=st.sampled_from([None, 0.0, 0.5, 2.0]))
+    def fail(self, data: st.DataObject, retry_in: float | None) -> None:
+        job_id, token = self.pick_lease(data)
+        if not self.lease_valid(job_id, token):
+            self.expect_rejected(
+                job_id, self.store.fail, job_id, token, error="E: x", traceback=None,
+                retry_in=retry_in, now=self.now,
+            )  # fmt: skip
+            return
+        _, state = self.run(
+            self.store.fail, job_id, token, error="E: x", traceback=None,
+            retry_in=retry_in, now=self.now,
+        )  # fmt: skip
+        job = self.model[job_id]
+        if retry_in is not None:
+            job.available_at = self.now + retry_in
+        if retry_in is not None and job.attempts <= job.max_retries:
+            job.state, job.lease, job.lease_expires_at = "scheduled", None, None
+        else:
+            job.finish("failed", self.now)
+        assert state == job.state
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), lease_seconds=st.sampled_from(LEASES))
+    def extend(self, data: st.DataObject, lease_seconds: float | None) -> None:
+        job_id, token = self.pick_lease(data)
+        job = self.model.get(job_id)
+        if self.lease_valid(job_id, token):
+            assert job is not None
+            expires, cancelled = self.run(
+                self.store.extend, job_id, token, lease_seconds=lease_seconds,
+                now=self.now,
+            )  # fmt: skip
+            job.lease_seconds = lease_seconds or job.lease_seconds
+            assert job.lease_seconds is not None
+            job.lease_expires_at = self.now + job.lease_seconds
+            assert (expires, cancelled) == (job.lease_expires_at, False)
+        elif job is not None and job.state == "cancelled" and job.lease == token:
+            before = self.raw_rows()
+            got = self.run(
+                self.store.extend, job_id, token, lease_seconds=lease_seconds,
+                now=self.now,
+            )  # fmt: skip
+            assert got == (self.now, True)
+            assert self.raw_rows() == before
+        else:
+            self.expect_rejected(
+                job_id, self.store.extend, job_id, token, lease_seconds=lease_seconds,
+                now=self.now,
+            )  # fmt: skip
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        job_id, token = self.pick_lease(data)
+        if not self.lease_valid(job_id, token):
+            self.expect_rejected(
+                job_id, self.store.release, job_id, token, now=self.now
+            )
+            return
+        queue = self.run(self.store.release, job_id, token, now=self.now)
+        job = self.model[job_id]
+        assert queue == job.queue
+        job.state, job.attempts = "queued", max(job.attempts - 1, 0)
+        job.lease = job.lease_expires_at = None
+
+    @precondition(lambda self: self.ids)
+    @rule(data=st.data(), token=st.sampled_from(["", "nope", "0123456789abcdef.1"]))
+    def ack_with_a_made_up_token(self, data: st.DataObject, token: str) -> None:
+        job_id = data.draw(st.sampled_from(self.ids))
+        self.expect_rejected(job_id, self.store.ack, job_id, token, None, now=self.now)
+
+    # -------------------------------------------------------- rules: time
+
+    @rule(dt=st.sampled_from([0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0]))
+    def advance_clock(self, dt: float) -> None:
+        self.now += dt
+
+    @rule(dt=st.sampled_from([0.5, 1.0, 2.0, 3.0, 5.0, 10.0]))
+    def advance_clock_then_tick(self, dt: float) -> None:
+        self.now += dt
+        self.tick()
+
+    @precondition(lambda self: self.model)
+    @rule()
+    def tick(self) -> None:
+        now = self.now
+        got = self.run(self.store.tick, now=now)
+        promoted: set[str] = set()
+        requeued = dead = expired = purged = 0
+        for j in self.model.values():
+            if j.state == "scheduled" and j.available_at <= now:
+                j.state = "queued"
+                promoted.add(j.queue)
+        for j in self.model.values():
+            if (
+                j.state == "active"
+                and j.lease_expires_at is not None
+                and (j.lease_expires_at <= now)
+            ):
+                if j.attempts > j.max_retries:
+                    j.finish("dead", now)
+                    dead += 1
+                else:
+                    j.state, j.lease, j.lease_expires_at = "queued", None, None
+                    requeued += 1
+                    promoted.add(j.queue)
+        for j in self.model.values():
+            if (
+                j.state in ("queued", "scheduled")
+                and j.expires_at is not None
+                and (j.expires_at <= now)
+            ):
+                j.finish("expired", now)
+                expired += 1
+        for job_id in [
+            i
+            for i, j in self.model.items()
+            if j.purge_at is not None and j.purge_at <= now
+        ]:
+            del self.model[job_id]
+            purged += 1
+        for name, n in (("requeued", requeued), ("dead", dead), ("expired", expired),
+                        ("purged", purged)):  # fmt: skip
+            if n:
+                event(f"tick: {name}")
+        assert (got.requeued, got.dead, got.expired, got.purged) == (
+            requeued, dead, expired, purged
+        )  # fmt: skip
+        assert got.promoted_queues == promoted
+        due = [
+            t
+            for j in self.model.values()
+            for t in (
+                j.available_at if j.state == "scheduled" else None,
+                j.lease_expires_at if j.state == "active" else None,
+                j.expires_at if j.state in ("queued", "scheduled") else None,
+                j.purge_at,
+            )
+            if t is not None
+        ]
+        assert got.next_due == (min(due) if due else None)
+
+    # -------------------------------------------------------- invariants
+
+    @invariant()
+    def rows_match_the_model(self) -> None:
+        rows = self.store.conn.execute(
+            f"SELECT {_ROW_COLUMNS} FROM jobs ORDER BY seq"
+        ).fetchall()
+        want = [
+            (
+                j.id, j.queue, j.state, j.attempts, j.priority, j.max_retries,
+                j.available_at, j.expires_at, j.finished_at, j.purge_at,
+                j.lease, j.lease_expires_at,
+                j.dedup_key,
+            )
+            for j in sorted(self.model.values(), key=lambda j: j.order)
+        ]  # fmt: skip
+        assert rows == want
+
+    @invariant()
+    def attempts_stay_within_max_retries_plus_one(self) -> None:
+        over = self.store.conn.execute(
+            "SELECT count(*) FROM jobs WHERE attempts > max_retries + 1"
+        ).fetchone()[0]
+        assert over == 0
+
+    @invariant()
+    def counts_by_state_add_up(self) -> None:
+        for q in QUEUES:
+            stats = self.reader.queue_stats(q, now=self.now)
+            in_queue = [j for j in self.model.values() if j.queue == q]
+            assert sum(stats.counts.values()) == len(in_queue)
+            for state, n in stats.counts.items():
+                assert n == sum(1 for j in in_queue if j.state == state), state
+            ready = [j.available_at for j in in_queue if j.state == "queued"]
+            assert stats.oldest_age == (
+                max(0.0, self.now - min(ready)) if ready else None
+            )
+
+
+JobMachine.TestCase.settings = settings(
+    max_examples=200,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestJobStateMachine = JobMachine.TestCase
+
+
+def test_lease_order_is_priority_then_ready_time_then_fifo(tmp_path: Path) -> None:
+    """The state machine checks this too, but only finds the retry/delay cases by luck."""
+    store = Store(tmp_path / "qbroker.db", synchronous="OFF")
+    now = T0
+
+    def enqueue(**spec: Any) -> str:
+        [job_id] = run_call(
+            store, store.enqueue, "q", [JobSpec(**spec)], defaults=SM_DEFAULTS, now=now
+        )
+        return str(job_id)
+
+    def lease(n: int) -> list[Any]:
+        got = run_call(
+            store, store.lease, ["q"], max_jobs=n, lease_seconds=None, worker="w",
+            now=now,
+        )  # fmt: skip
+        return list(got)
+
+    late = enqueue(delay=2.0)  # enqueued first, ready at T0 + 2
+    retried = enqueue()  # ready at T0, fails, ready again at T0 + 1
+    [job] = lease(1)
+    assert job.id == retried
+    run_call(store, store.fail, retried, job.lease, error="E", traceback=None,
+             retry_in=1.0, now=now)  # fmt: skip
+    now += 0.5
+    plain = enqueue()  # ready at T0 + 0.5
+    urgent = enqueue(priority=5)  # ready last, but a higher priority
+    now += 3.0
+    run_call(store, store.tick, now=now)
+    # one at a time, so the SQL's ORDER BY decides, not a sort of the reply
+    assert [lease(1)[0].id for _ in range(4)] == [urgent, plain, retried, late]
+    store.close()

@@ -1,0 +1,405 @@
+"""qworker end to end: a real broker, real `python -m qworker` subprocesses.
+
+Workers run with `cwd=tests/` so `--module tasks_worker` imports tests/tasks_worker.py.
+Every wait is a condition with a deadline; tasks that must run a known number of times
+append a line to a file we count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import qclient
+from qworker import Worker
+
+from tests import tasks_worker
+from tests.conftest import BrokerProcess, child_env
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def lines(path: Path, word: str) -> list[str]:
+    if not path.exists():
+        return []
+    return [ln for ln in path.read_text().splitlines() if ln.split()[0] == word]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class WorkerProc:
+    """One `python -m qworker` subprocess logging JSON lines to a file."""
+
+    def __init__(self, url: str, log_path: Path, args: tuple[str, ...]) -> None:
+        self.log_path = log_path
+        cmd = [
+            sys.executable, "-m", "qworker", "--url", url, "--module", "tasks_worker",
+            "--log-format", "json", *args,
+        ]  # fmt: skip
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=TESTS_DIR, env=child_env(), stdout=log, stderr=log
+            )
+
+    def events(self, event: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                if event is None or record.get("event") == event:
+                    found.append(record)
+        return found
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"worker still running after {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def start_worker(
+    tmp_path: Path, broker: BrokerProcess
+) -> Iterator[Callable[..., WorkerProc]]:
+    made: list[WorkerProc] = []
+
+    def start(*args: str) -> WorkerProc:
+        w = WorkerProc(broker.url, tmp_path / f"worker{len(made)}.log", args)
+        made.append(w)
+        return w
+
+    yield start
+    for w in made:  # the broker and its data are thrown away: no need to be graceful
+        w.kill()
+
+
+@pytest.fixture
+def client(broker: BrokerProcess) -> Iterator[qclient.Client]:
+    with qclient.Client(broker.url, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture
+def default_client(broker: BrokerProcess) -> Iterator[None]:
+    """Point qclient's module-level client (what `.delay()` uses) at the test broker."""
+    qclient.configure(broker.url)
+    yield
+    qclient.configure()  # back to the environment's default for other tests
+
+
+@pytest.mark.usefixtures("default_client")
+def test_send_email_example_runs_end_to_end(
+    start_worker: Callable[..., WorkerProc],
+) -> None:
+    job = tasks_worker.send_email.delay(name="x")
+    worker = start_worker("--queue", "send_email", "--concurrency", "8", "--burst")
+    assert worker.wait(30) == 0
+    assert job.result(timeout=10) == "success"
+    record = job.info()
+    assert (record.queue, record.task, record.attempts) == (
+        "send_email",
+        "send_email",
+        1,
+    )
+    assert (record.max_retries, record.timeout) == (3, 60)  # from @task(...)
+    [finished] = worker.events("job.finished")
+    assert finished["outcome"] == "succeeded"
+    assert finished["job_id"] == job.id
+    assert {"task", "queue", "attempt", "duration"} <= finished.keys()
+    assert "name" not in finished  # never the job's arguments
+
+
+def test_failing_task_retries_with_backoff_then_fails(
+    tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    runs = tmp_path / "runs"
+    job = tasks_worker.wt_flaky.send(args=[str(runs)], client=client)
+    worker = start_worker("--queue", "wt_flaky")
+    with pytest.raises(qclient.TaskFailed) as info:
+        job.result(timeout=30)
+    assert info.value.state == "failed"
+    assert info.value.exc_type == "ValueError"
+    assert info.value.message == "flaky failed"
+    assert job.info().attempts == 3  # max_retries=2: three runs in all
+    times = [float(line.split()[1]) for line in lines(runs, "run")]
+    assert len(times) == 3
+    # retry_backoff=0.2 without jitter: 0.2 s, then 0.4 s
+    assert times[1] - times[0] >= 0.2 * 0.9
+    assert times[2] - times[1] >= 0.4 * 0.9
+    outcomes = wait_for(
+        lambda: (
+            len(worker.events("job.finished")) == 3 and worker.events("job.finished")
+        ),
+        10,
+        "three job.finished lines",
+    )
+    assert [e["outcome"] for e in outcomes] == ["retry", "retry", "failed"]
+    assert [e["retry_in"] for e in outcomes[:2]] == [0.2, 0.4]
+
+
+def test_failed_task_traceback_reaches_job_result(
+    client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    job = tasks_worker.wt_boom.send(args=["the-key"], client=client)
+    assert start_worker("--queue", "wt_boom", "--burst").wait(30) == 0
+    with pytest.raises(qclient.TaskFailed) as info:
+        job.result(timeout=10)
+    failed = info.value
+    assert failed.exc_type == "KeyError"
+    assert "the-key" in failed.message
+    assert failed.traceback is not None
+    assert "in wt_boom" in failed.traceback
+    assert "raise KeyError(key)" in failed.traceback
+
+
+def test_killed_worker_job_is_redelivered_and_completes(
+    tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    marks = tmp_path / "marks"
+    job = tasks_worker.wt_slow.send(args=[str(marks), 1.0], timeout=2, client=client)
+    first = start_worker("--queue", "wt_slow", "--concurrency", "1")
+    wait_for(lambda: lines(marks, "start"), 20, "the task to start")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(5)
+    # The dead worker's lease (2 s) runs out and the broker puts the job back.
+    wait_for(
+        lambda: client.get_job(job.id).state == "queued", 15, "the job to come back"
+    )
+    assert start_worker("--queue", "wt_slow", "--burst").wait(30) == 0
+    assert job.result(timeout=10) == "slept"
+    assert job.info().attempts == 2
+    assert len(lines(marks, "start")) == 2
+    assert len(lines(marks, "end")) == 1
+
+
+def test_task_longer_than_its_lease_runs_exactly_once(
+    tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    marks = tmp_path / "marks"
+    job = tasks_worker.wt_slow.send(args=[str(marks), 4.5], timeout=1.5, client=client)
+    # Two slots and --burst: were the lease to lapse, this worker would lease it again.
+    worker = start_worker("--queue", "wt_slow", "--concurrency", "2", "--burst")
+    assert worker.wait(30) == 0
+    assert job.result(timeout=5) == "slept"
+    assert job.info().attempts == 1
+    assert len(lines(marks, "start")) == 1
+    assert not worker.events("job.lease_lost")
+
+
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+def test_task_over_its_time_limit_fails_with_time_limit_exceeded(
+    pool: str, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    job = tasks_worker.wt_limited.send(args=[60], client=client)
+    ok = tasks_worker.wt_async.send(args=[1], client=client)  # the pool goes on working
+    started = time.monotonic()
+    worker = start_worker(
+        "--queue", "wt_limited", "--queue", "wt_async", "--pool", pool, "--burst"
+    )
+    assert worker.wait(30) == 0
+    assert time.monotonic() - started < 30  # not the task's 60 s
+    with pytest.raises(qclient.TaskFailed) as info:
+        job.result(timeout=5)
+    assert info.value.exc_type == "TimeLimitExceeded"
+    assert ok.result(timeout=5) == 2
+
+
+def test_sigterm_lets_the_running_task_finish_and_exits_0(
+    tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    marks = tmp_path / "marks"
+    job = tasks_worker.wt_slow.send(args=[str(marks), 1.5], client=client)
+    worker = start_worker("--queue", "wt_slow", "--concurrency", "1")
+    wait_for(lambda: lines(marks, "start"), 20, "the task to start")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait(20) == 0
+    assert len(lines(marks, "end")) == 1
+    record = client.get_job(job.id)
+    assert record.state == "succeeded"
+    assert record.result == "slept"
+    assert worker.events("worker.stopping")
+
+
+def test_worker_keeps_consuming_after_broker_restart(
+    broker: BrokerProcess,
+    client: qclient.Client,
+    start_worker: Callable[..., WorkerProc],
+) -> None:
+    worker = start_worker("--queue", "send_email")
+    first = tasks_worker.send_email.send(kwargs={"name": "a"}, client=client)
+    assert first.result(timeout=20) == "success"
+    broker.kill()
+    wait_for(lambda: worker.events("broker.unreachable"), 20, "broker.unreachable")
+    broker.start()
+    second = tasks_worker.send_email.send(kwargs={"name": "b"}, client=client)
+    assert second.result(timeout=30) == "success"
+    assert worker.events("broker.reconnected")
+    assert worker.proc.poll() is None
+
+
+def test_unregistered_task_fails_clearly_without_retry(
+    client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    job = client.send("wt_orphans", task="wt_missing", max_retries=3)
+    assert start_worker("--queue", "wt_orphans", "--burst").wait(30) == 0
+    record = client.get_job(job.id)
+    assert record.state == "failed"
+    assert record.attempts == 1
+    assert record.error == (
+        "NotRegistered: no task named 'wt_missing' in modules ['tasks_worker']"
+    )
+
+
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+def test_async_task_runs_on_an_event_loop(
+    pool: str, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    jobs = [tasks_worker.wt_async.send(args=[i], client=client) for i in range(5)]
+    worker = start_worker("--queue", "wt_async", "--pool", pool, "-c", "2", "--burst")
+    assert worker.wait(30) == 0
+    assert [j.result(timeout=5) for j in jobs] == [0, 2, 4, 6, 8]
+
+
+def test_burst_exits_at_once_on_an_empty_queue(
+    start_worker: Callable[..., WorkerProc],
+) -> None:
+    worker = start_worker("--queue", "send_email", "--burst")
+    assert worker.wait(20) == 0
+    assert worker.events("worker.drained")
+
+
+def test_worker_runs_in_process_with_run_burst(
+    broker: BrokerProcess, client: qclient.Client
+) -> None:
+    jobs = [
+        tasks_worker.send_email.send(kwargs={"name": str(i)}, client=client)
+        for i in range(3)
+    ]
+    worker = Worker(["send_email"], url=broker.url, concurrency=2)
+    assert worker.run(burst=True, handle_signals=False) == 0
+    assert [j.result(timeout=5) for j in jobs] == ["success"] * 3
+
+
+def test_worker_stop_from_another_thread_and_retry_on_purpose(
+    tmp_path: Path, broker: BrokerProcess, client: qclient.Client
+) -> None:
+    runs = tmp_path / "runs"
+    again = tasks_worker.wt_retry_on_purpose.send(args=[str(runs)], client=client)
+    bad = tasks_worker.wt_unserializable.send(client=client)
+    worker = Worker(
+        ["wt_retry_on_purpose", "wt_unserializable"], url=broker.url, lease_wait=1.0
+    )
+    codes: list[int] = []
+    thread = threading.Thread(
+        target=lambda: codes.append(worker.run(handle_signals=False))
+    )
+    thread.start()
+    try:
+        assert again.result(timeout=20) == 3  # two Retry(delay=0.05), then success
+        with pytest.raises(qclient.TaskFailed) as info:
+            bad.result(timeout=10)
+        assert info.value.exc_type == "UnserializableResult"
+    finally:
+        worker.stop()
+        thread.join(15)
+    assert codes == [0]
+
+
+def test_max_tasks_per_child_replaces_children(
+    client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    jobs = [tasks_worker.wt_pid.send(client=client) for _ in range(6)]
+    worker = start_worker(
+        "--queue", "wt_pid", "--pool", "processes", "-c", "1",
+        "--max-tasks-per-child", "2", "--burst",
+    )  # fmt: skip
+    assert worker.wait(30) == 0
+    pids = [j.result(timeout=5) for j in jobs]
+    assert len(set(pids)) == 3
+    assert worker.proc.pid not in pids
+
+
+def test_grace_expiry_releases_the_running_job_uncounted(
+    tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    marks = tmp_path / "marks"
+    job = tasks_worker.wt_slow.send(args=[str(marks), 60], client=client)
+    worker = start_worker("--queue", "wt_slow", "--grace", "0.5", "-c", "1")
+    wait_for(lambda: lines(marks, "start"), 20, "the task to start")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait(20) == 0
+    record = client.get_job(job.id)
+    assert (record.state, record.attempts) == ("queued", 0)  # back, attempt not counted
+    [released] = worker.events("job.released")
+    assert (released["job_id"], released["reason"]) == (job.id, "grace_expired")
+
+
+def test_cancel_kills_the_running_child(
+    tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    marks = tmp_path / "marks"
+    job = tasks_worker.wt_slow.send(args=[str(marks), 60], timeout=1.5, client=client)
+    worker = start_worker("--queue", "wt_slow", "--pool", "processes", "-c", "1")
+    [start] = wait_for(lambda: lines(marks, "start"), 20, "the task to start")
+    child = int(start.split()[2])
+    client.cancel(job.id)
+    # The next heartbeat (a third of the 1.5 s lease) learns it; the child is killed.
+    [finished] = wait_for(lambda: worker.events("job.finished"), 10, "job.finished")
+    assert (finished["job_id"], finished["outcome"]) == (job.id, "cancelled")
+    wait_for(lambda: not alive(child), 10, "the child to be killed (and reaped)")
+    assert client.get_job(job.id).state == "cancelled"
+    assert not lines(marks, "end")
+
+
+def test_result_too_large_for_the_broker_fails_the_job_alone(
+    tmp_path: Path, broker_factory: Callable[..., BrokerProcess]
+) -> None:
+    small = broker_factory(args=("--max-body", "4096")).start()
+    with qclient.Client(small.url) as c:
+        big = tasks_worker.wt_big.send(args=[10_000], client=c)
+        fine = tasks_worker.wt_big.send(args=[10], client=c)
+        worker = WorkerProc(small.url, tmp_path / "w.log", ("-q", "wt_big", "--burst"))
+        try:
+            assert worker.wait(30) == 0
+        finally:
+            worker.kill()
+        assert fine.result(timeout=5) == "x" * 10
+        with pytest.raises(qclient.TaskFailed) as info:
+            big.result(timeout=5)
+        assert info.value.exc_type == "InvalidResult"  # no retry: it would fail again
+        assert big.info().attempts == 1

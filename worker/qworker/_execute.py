@@ -1,0 +1,145 @@
+"""Running one job once, the same way in a pool thread and in a pool child process.
+
+`execute()` calls the task and turns whatever happens into an `Outcome`: a plain
+msgspec struct that crosses a process boundary as msgpack (no pickle) and tells the runner
+all it needs to ack or fail the job: the result, or the error text, traceback and whether
+the task's policy asks for a retry.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import traceback as tb
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from qworker._task import Retry
+
+if TYPE_CHECKING:
+    from qclient import wire
+
+    from qworker._task import Task
+
+__all__ = ["MAX_ERROR_CHARS", "MAX_TRACEBACK_CHARS", "Execution", "Outcome", "execute"]
+
+MAX_ERROR_CHARS = (
+    4096  #: the wire allows 65,536; an error line longer than this is noise
+)
+MAX_TRACEBACK_CHARS = 200_000  #: the wire allows 262,144 characters; we keep the tail
+
+RunAsync = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What one run of a task came to."""
+
+    ok: bool
+    result: Any = None  #: the return value as JSON-like builtins (ok only)
+    error: str = ""  #: "ExcType: message"
+    traceback: str | None = None
+    retry: bool = False  #: the task's policy asks for a retry (if attempts are left)
+    retry_delay: float | None = (
+        None  #: Retry(delay=...): seconds, overriding the backoff
+    )
+    duration: float = 0.0  #: seconds the function ran
+
+
+def describe(exc: BaseException) -> str:
+    """`"ExcType: message"` (just `"ExcType"` with no message), cut to MAX_ERROR_CHARS."""
+    text = str(exc)
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line[:MAX_ERROR_CHARS]
+
+
+def format_traceback(exc: BaseException) -> str:
+    """The formatted traceback, keeping its tail when it is too long for the wire."""
+    text = "".join(tb.format_exception(exc))
+    if len(text) > MAX_TRACEBACK_CHARS:
+        text = "...(cut)...\n" + text[-(MAX_TRACEBACK_CHARS - 20) :]
+    return text
+
+
+def failure(
+    exc: BaseException,
+    *,
+    retry: bool,
+    duration: float = 0.0,
+    with_traceback: bool = True,
+) -> Outcome:
+    """An `Outcome` for an exception."""
+    return Outcome(
+        ok=False,
+        error=describe(exc),
+        traceback=format_traceback(exc) if with_traceback else None,
+        retry=retry,
+        retry_delay=exc.delay if isinstance(exc, Retry) else None,
+        duration=duration,
+    )
+
+
+def execute(
+    task: Task[..., Any], args: list[Any], kwargs: dict[str, Any], run_async: RunAsync
+) -> Outcome:
+    """Call the task once and report what happened. Never raises.
+
+    Args:
+        task: the task to run.
+        args: positional arguments from the job.
+        kwargs: keyword arguments from the job.
+        run_async: runs a coroutine to completion and returns its value (an `async def`
+            task's call returns one).
+
+    Returns:
+        The outcome; a result that msgspec cannot turn into JSON-like builtins is a
+        failure with no retry (it would fail the same way every time).
+    """
+    start = time.monotonic()
+    try:
+        value = task.fn(*args, **kwargs)
+        if inspect.iscoroutine(value):
+            value = run_async(value)
+    except BaseException as exc:  # the task's failure, whatever it is, is data here
+        return failure(
+            exc, retry=task.should_retry(exc), duration=time.monotonic() - start
+        )
+    duration = time.monotonic() - start
+    try:
+        result = msgspec.to_builtins(value)
+    except (TypeError, ValueError) as exc:
+        return Outcome(
+            ok=False,
+            error=f"UnserializableResult: {describe(exc)}"[:MAX_ERROR_CHARS],
+            duration=duration,
+        )
+    return Outcome(ok=True, result=result, duration=duration)
+
+
+class Execution:
+    """One leased job in this worker, from lease to ack/fail. Owned by the runner.
+
+    The pools read `job` and `task` and set `started_at`; every other field is the
+    runner's, read and written under its lock.
+    """
+
+    __slots__ = (
+        "done",
+        "job",
+        "leased_at",
+        "next_extend",
+        "started_at",
+        "task",
+    )
+
+    def __init__(self, job: wire.LeasedJob, task: Task[..., Any], now: float) -> None:
+        self.job = job
+        self.task = task
+        self.leased_at = now  #: time.monotonic() when the lease came back
+        self.started_at: float | None = None  #: set by the pool when the run begins
+        self.next_extend = now + job.timeout / 3  #: heartbeat at a third of the lease
+        self.done = False  #: an outcome was taken; later ones are ignored
+
+    def __repr__(self) -> str:
+        return f"<Execution {self.task.name} {self.job.id} attempt={self.job.attempt}>"

@@ -1,0 +1,348 @@
+"""The `@task` decorator, the `Task` it makes, and the exceptions tasks raise.
+
+A `Task` is a plain function plus the options the worker and the broker need: its name
+(what jobs carry in `task`), its queue, its retry policy, its lease length and its hard
+time limit. Decorating registers it in the default registry, so importing a module of
+tasks is all a worker needs to find them.
+
+Retry policy (the one rule, also in docs/worker.md):
+
+- An exception whose type is in `retry_for` (default: `(Exception,)`, every ordinary
+  exception) retries the job while attempts are left (`attempt <= max_retries`), after
+  `backoff(attempt)` seconds. Any other exception fails the job at once.
+- `raise Retry(delay=...)` always retries while attempts are left, whatever `retry_for` says,
+  after `delay` seconds (or the backoff when `delay` is None).
+- With no attempts left, the job ends `failed` with the last error and traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+
+from qclient.wire import NAME_PATTERN
+
+if TYPE_CHECKING:
+    import qclient
+
+__all__ = [
+    "DEFAULT_BACKOFF_BASE",
+    "DEFAULT_BACKOFF_MAX",
+    "DEFAULT_MAX_RETRIES",
+    "Retry",
+    "Task",
+    "TimeLimitExceeded",
+    "backoff_delay",
+    "task",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_MAX_RETRIES = 3  #: retries after the first attempt (the broker's default too)
+DEFAULT_BACKOFF_BASE = 1.0  #: seconds before the first retry when retry_backoff=True
+DEFAULT_BACKOFF_MAX = 600.0  #: seconds; no retry waits longer than this
+_MAX_EXPONENT = (
+    60  #: 2**60 already dwarfs any cap; avoids float overflow at attempt 1000
+)
+
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+class Retry(Exception):
+    """Raise inside a task to retry the job on purpose.
+
+    The job is retried while attempts are left, whatever the task's `retry_for` says;
+    with none left it ends `failed`. Chain the cause (`raise Retry(delay=5) from exc`) to
+    keep it in the traceback.
+
+    Args:
+        delay: seconds until the retry; None uses the task's backoff for this attempt.
+        reason: a short text stored as the job's error.
+    """
+
+    def __init__(self, delay: float | None = None, reason: str = "") -> None:
+        if delay is not None and delay < 0:
+            raise ValueError("Retry delay must be >= 0 seconds")
+        self.delay = delay
+        self.reason = reason
+        super().__init__(
+            reason or ("retry requested" if delay is None else f"retry in {delay:g} s")
+        )
+
+
+class TimeLimitExceeded(Exception):
+    """The task ran longer than its `time_limit` and was stopped (or, in a thread, abandoned)."""
+
+
+def backoff_delay(
+    attempt: int,
+    *,
+    base: float,
+    cap: float,
+    jitter: bool,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds to wait before retrying after failed attempt number `attempt` (1-based).
+
+    Exponential, `base * 2**(attempt-1)` capped at `cap`; with `jitter`, a uniform draw
+    from `[0, that]` ("full jitter", AWS architecture blog, "Exponential Backoff And
+    Jitter"), so many jobs failing together do not retry together.
+
+    Args:
+        attempt: the attempt that just failed, 1 for the first delivery.
+        base: seconds for the first retry; 0 or less means retry at once.
+        cap: the largest delay in seconds.
+        jitter: draw uniformly below the exponential delay.
+        rng: the random source (tests pass a seeded one).
+
+    Returns:
+        The delay in seconds, between 0 and `cap`.
+    """
+    if base <= 0:
+        return 0.0
+    exponent = min(max(attempt - 1, 0), _MAX_EXPONENT)
+    delay = min(cap, base * 2.0**exponent)
+    if jitter:
+        delay = (rng or random).uniform(0.0, delay)
+    return delay
+
+
+class Task(Generic[P, R]):
+    """A function the worker can run, with its options. Made by `@task`; do not build by hand.
+
+    Calling the task runs the function here and now; `delay()` and `send()` enqueue a job
+    for a worker instead.
+
+    Attributes:
+        fn: the decorated function (sync or `async def`).
+        name: the task name jobs carry; the registry key.
+        queue: the queue `delay()`/`send()` enqueue to and a worker consumes by default.
+        max_retries: retries after the first attempt, sent with each job.
+        retry_backoff: base seconds of the exponential backoff (0: retry at once).
+        retry_backoff_max: the largest backoff in seconds.
+        retry_jitter: use full jitter on the backoff.
+        retry_for: exception types that retry automatically.
+        timeout: lease seconds sent with each job (None: the broker's default, 30 s).
+        time_limit: hard limit in seconds on one run (None: no limit).
+    """
+
+    __name__: str  # copied from the function, with its __doc__ and __module__
+    __qualname__: str
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        retry_backoff: bool | float = True,
+        retry_backoff_max: float = DEFAULT_BACKOFF_MAX,
+        retry_jitter: bool = True,
+        retry_for: Sequence[type[BaseException]] = (Exception,),
+        timeout: float | None = None,
+        time_limit: float | None = None,
+    ) -> None:
+        self.fn = fn
+        self.name = name if name is not None else fn.__name__
+        self.queue = queue if queue is not None else self.name
+        for what, value in (("name", self.name), ("queue", self.queue)):
+            if not _NAME_RE.match(value):
+                raise ValueError(f"task {what} {value!r} does not match {NAME_PATTERN}")
+        if not 0 <= max_retries <= 1000:
+            raise ValueError("max_retries must be between 0 and 1000")
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout (lease seconds) must be > 0")
+        if time_limit is not None and time_limit <= 0:
+            raise ValueError("time_limit must be > 0 seconds")
+        self.max_retries = max_retries
+        if retry_backoff is True:
+            self.retry_backoff = DEFAULT_BACKOFF_BASE
+        else:
+            self.retry_backoff = float(retry_backoff)  # False -> 0.0: retry at once
+        self.retry_backoff_max = float(retry_backoff_max)
+        self.retry_jitter = retry_jitter
+        self.retry_for: tuple[type[BaseException], ...] = tuple(retry_for)
+        self.timeout = timeout
+        self.time_limit = time_limit
+        self.is_async = inspect.iscoroutinefunction(fn)
+        functools.update_wrapper(self, fn)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.queue}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the function in this process, now (no broker involved)."""
+        return self.fn(*args, **kwargs)
+
+    def should_retry(self, exc: BaseException) -> bool:
+        """True if `exc` asks for a retry: a `Retry`, or an instance of `retry_for`."""
+        return isinstance(exc, Retry) or (
+            isinstance(exc, Exception) and isinstance(exc, self.retry_for)
+        )
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before the retry that follows failed attempt `attempt`."""
+        return backoff_delay(
+            attempt,
+            base=self.retry_backoff,
+            cap=self.retry_backoff_max,
+            jitter=self.retry_jitter,
+        )
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> qclient.Job:
+        """Enqueue a job that calls this task with these arguments (Celery's `delay`).
+
+        Returns:
+            The `qclient.Job` handle; `job.result(timeout)` waits for the outcome.
+
+        Raises:
+            qclient.BrokerError, qclient.ProtocolError: as `qclient.send` does.
+        """
+        return self.send(args=list(args), kwargs=dict(kwargs))
+
+    def send(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        delay: float | None = None,
+        eta: float | None = None,
+        expires: float | None = None,
+        priority: int = 0,
+        job_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        result_ttl: float | None = None,
+        max_retries: int | None = None,
+        timeout: float | None = None,
+        client: qclient.Client | None = None,
+    ) -> qclient.Job:
+        """Enqueue a job for this task with options (Celery's `apply_async`).
+
+        The job goes to `self.queue` with `task=self.name`; `max_retries` and `timeout`
+        default to the task's own options.
+
+        Args:
+            args: positional arguments for the function.
+            kwargs: keyword arguments for the function.
+            delay: seconds from now before it may run (not with `eta`).
+            eta: unix seconds when it may run.
+            expires: seconds from now after which it is never started.
+            priority: higher runs first.
+            job_id: a client-chosen id (a repeat gets `BrokerError` 409 `duplicate_id`).
+            headers: free-form metadata passed to the worker.
+            result_ttl: seconds the broker keeps the finished job.
+            max_retries: override the task's `max_retries`.
+            timeout: override the task's lease seconds.
+            client: the `qclient.Client` to use; default: qclient's module-level one.
+
+        Returns:
+            The `qclient.Job` handle.
+
+        Raises:
+            qclient.BrokerError, qclient.ProtocolError: as `qclient.send` does.
+        """
+        import qclient  # here, so that importing tasks never needs a broker or the client
+
+        send = client.send if client is not None else qclient.send
+        return send(
+            self.queue,
+            task=self.name,
+            args=list(args) if args is not None else None,
+            kwargs=dict(kwargs) if kwargs is not None else None,
+            delay=delay,
+            eta=eta,
+            expires=expires,
+            priority=priority,
+            job_id=job_id,
+            max_retries=self.max_retries if max_retries is None else max_retries,
+            timeout=self.timeout if timeout is None else timeout,
+            result_ttl=result_ttl,
+            headers=dict(headers) if headers is not None else None,
+        )
+
+
+@overload
+def task(fn: Callable[P, R], /) -> Task[P, R]: ...
+
+
+@overload
+def task(
+    *,
+    name: str | None = None,
+    queue: str | None = None,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    retry_backoff: bool | float = True,
+    retry_backoff_max: float = DEFAULT_BACKOFF_MAX,
+    retry_jitter: bool = True,
+    retry_for: Sequence[type[BaseException]] = (Exception,),
+    timeout: float | None = None,
+    time_limit: float | None = None,
+) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+
+def task(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    queue: str | None = None,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    retry_backoff: bool | float = True,
+    retry_backoff_max: float = DEFAULT_BACKOFF_MAX,
+    retry_jitter: bool = True,
+    retry_for: Sequence[type[BaseException]] = (Exception,),
+    timeout: float | None = None,
+    time_limit: float | None = None,
+) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+    """Make a function a task and register it, bare (`@task`) or with options.
+
+    Args:
+        fn: the function, when used bare.
+        name: the task name jobs carry; default: the function's `__name__`.
+        queue: the queue `delay()`/`send()` use; default: the task name.
+        max_retries: retries after the first attempt (0..1000); default 3.
+        retry_backoff: True for exponential backoff from 1 s, a float for another base
+            in seconds, False to retry at once.
+        retry_backoff_max: the largest backoff, seconds; default 600.
+        retry_jitter: full jitter on the backoff; default True.
+        retry_for: exception types that retry automatically; default `(Exception,)`, so
+            every ordinary exception retries while attempts are left. Pass `()` to retry
+            only on `raise Retry(...)`.
+        timeout: lease seconds sent with each job; the worker heartbeats at a third of it,
+            so it bounds how soon a dead worker's job comes back, not how long it may run.
+        time_limit: hard limit on one run, seconds; over it the run is stopped and fails
+            with `TimeLimitExceeded` (retried like any exception in `retry_for`).
+
+    Returns:
+        The `Task` (bare use), or a decorator that makes one.
+
+    Raises:
+        ValueError: an invalid option, or another task already has this name.
+    """
+    from qworker.registry import default_registry
+
+    def decorate(f: Callable[P, R]) -> Task[P, R]:
+        t = Task(
+            f,
+            name=name,
+            queue=queue,
+            max_retries=max_retries,
+            retry_backoff=retry_backoff,
+            retry_backoff_max=retry_backoff_max,
+            retry_jitter=retry_jitter,
+            retry_for=retry_for,
+            timeout=timeout,
+            time_limit=time_limit,
+        )
+        default_registry.register(t)
+        return t
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate

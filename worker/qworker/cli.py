@@ -1,0 +1,141 @@
+"""`qworker --queue Q --module tasks [...]`: parse flags, import the tasks, run a Worker.
+
+Exit status: 0 after a clean stop (SIGTERM/SIGINT, or `--burst` drained); 1 after a
+second signal or an internal error; 2 for bad flags or a task module that fails to import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import traceback
+from collections.abc import Sequence
+
+import structlog
+from qclient.wire import NAME_PATTERN
+
+from qworker import __version__
+from qworker._logs import LOG_FORMATS, configure
+from qworker.pools import POOL_KINDS
+from qworker.runner import DEFAULT_GRACE, Worker, default_concurrency
+
+__all__ = ["build_parser", "main"]
+
+log = structlog.get_logger("qworker.cli")
+
+
+def _name(value: str) -> str:
+    if not re.match(NAME_PATTERN, value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a valid queue name ({NAME_PATTERN})"
+        )
+    return value
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 seconds")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `qworker` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="qworker",
+        description="Run qbroker jobs with the tasks defined in your modules.",
+    )
+    p.add_argument("--version", action="version", version=__version__)
+    p.add_argument(
+        "-q", "--queue", dest="queues", action="append", type=_name, default=[],
+        help="queue to consume; repeat for more, leased in the order given "
+        "(default: every registered task's queue)",
+    )  # fmt: skip
+    p.add_argument(
+        "-m", "--module", dest="modules", action="append", default=[], required=True,
+        help="module defining tasks, imported from the current directory too; repeatable",
+    )  # fmt: skip
+    p.add_argument(
+        "-c", "--concurrency", type=_positive_int, default=None,
+        help=f"jobs run at once (default: CPUs, here {default_concurrency()})",
+    )  # fmt: skip
+    p.add_argument(
+        "--pool", choices=POOL_KINDS, default="threads", help="default: threads"
+    )
+    p.add_argument(
+        "--max-tasks-per-child", type=_positive_int, default=None,
+        help="with --pool processes: replace a child after this many tasks",
+    )  # fmt: skip
+    p.add_argument(
+        "--grace", type=_seconds, default=DEFAULT_GRACE,
+        help=f"seconds running tasks get to finish after SIGTERM (default {DEFAULT_GRACE:g})",
+    )  # fmt: skip
+    p.add_argument(
+        "--burst", action="store_true",
+        help="run the jobs that are ready, then exit 0",
+    )  # fmt: skip
+    p.add_argument(
+        "--url", default=None,
+        help="broker URL (default: env QBROKER_URL, else http://127.0.0.1:7733)",
+    )  # fmt: skip
+    p.add_argument(
+        "--name", default=None, help="worker name in the broker (default: host:pid)"
+    )
+    p.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"],
+        default=os.environ.get("QWORKER_LOG_LEVEL", "info"),
+        help="default: env QWORKER_LOG_LEVEL, else info",
+    )  # fmt: skip
+    p.add_argument(
+        "--log-format", choices=LOG_FORMATS,
+        default=os.environ.get("QWORKER_LOG_FORMAT", "kv"),
+        help="key=value lines (default) or JSON lines; env QWORKER_LOG_FORMAT",
+    )  # fmt: skip
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `qworker` command.
+
+    Returns:
+        The exit status (see the module docstring).
+    """
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.max_tasks_per_child is not None and ns.pool != "processes":
+        parser.error("--max-tasks-per-child needs --pool processes")
+    configure(ns.log_level, ns.log_format)
+    try:
+        worker = Worker(
+            ns.queues,
+            modules=ns.modules,
+            url=ns.url,
+            concurrency=ns.concurrency,
+            pool=ns.pool,
+            max_tasks_per_child=ns.max_tasks_per_child,
+            grace=ns.grace,
+            name=ns.name,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        return worker.run(burst=ns.burst)
+    except ValueError as exc:
+        parser.error(str(exc))
+    except Exception as exc:  # a task module failed to import: say which and why
+        log.error(
+            "worker.import_failed",
+            modules=ns.modules,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        traceback.print_exc(file=sys.stderr)
+        return 2
