@@ -1,7 +1,7 @@
 """The broker's handlers: one async function per route, over the writer and the reader.
 
 Writes go through the group-commit writer (their reply follows the commit); reads run on
-reader connections in worker threads; long-polls park on `Waiters`, woken inside the broker
+reader connections in the reader threads (readers.py); long-polls park on `Waiters`, woken inside the broker
 by the write that makes them worth retrying. Nothing here touches SQLite on the trio loop.
 """
 
@@ -36,6 +36,7 @@ from qbroker import __version__, errors, metrics, openapi
 from qbroker.clock import Clock
 from qbroker.config import Config
 from qbroker.protocol import EnqueueBody, Request, Response, decode, encode, query_float
+from qbroker.readers import ReadThreads
 from qbroker.store import Defaults, Reader
 from qbroker.writer import Writer
 
@@ -94,12 +95,18 @@ class Broker:
     """Everything a handler needs. Lives for one `serve()` run."""
 
     def __init__(
-        self, config: Config, writer: Writer, reader: Reader, clock: Clock
+        self,
+        config: Config,
+        writer: Writer,
+        reader: Reader,
+        reads: ReadThreads,
+        clock: Clock,
     ) -> None:
         self.config = config
         self.writer = writer
         self.store = writer.store
         self.reader = reader
+        self.reads = reads
         self.clock = clock
         self.queue_waiters = Waiters()
         self.job_waiters = Waiters()
@@ -169,7 +176,7 @@ class Broker:
         return encode(req, EnqueueReply(id=ids[0]), 201)
 
     async def on_get_job(self, req: Request) -> Response:
-        record = await trio.to_thread.run_sync(self.reader.get_job, req.params["id"])
+        record = await self.reads.call(self.reader.get_job, req.params["id"])
         return encode(req, record)
 
     async def on_job_result(self, req: Request) -> Response:
@@ -178,13 +185,13 @@ class Broker:
         deadline = trio.current_time() + wait
         while True:
             with self.job_waiters.register([job_id]) as event:
-                record = await trio.to_thread.run_sync(self.reader.get_job, job_id)
+                record = await self.reads.call(self.reader.get_job, job_id)
                 if record.state in FINAL_STATES or self.closing:
                     return encode(req, record)
                 with trio.move_on_at(deadline):
                     await event.wait()
             if trio.current_time() >= deadline:
-                record = await trio.to_thread.run_sync(self.reader.get_job, job_id)
+                record = await self.reads.call(self.reader.get_job, job_id)
                 return encode(req, record)
 
     async def on_cancel(self, req: Request) -> Response:
@@ -299,10 +306,10 @@ class Broker:
                 queues=[self.reader.queue_stats(n, now=now) for n in names]
             )
 
-        return encode(req, await trio.to_thread.run_sync(read))
+        return encode(req, await self.reads.call(read))
 
     async def on_queue(self, req: Request) -> Response:
-        stats = await trio.to_thread.run_sync(
+        stats = await self.reads.call(
             lambda: self.reader.queue_stats(req.params["queue"], now=self.clock.now())
         )
         return encode(req, stats)
@@ -310,7 +317,7 @@ class Broker:
     async def on_healthz(self, req: Request) -> Response:
         if self.closing:
             raise errors.ShuttingDown("the broker is stopping")
-        await trio.to_thread.run_sync(self.reader.ping)
+        await self.reads.call(self.reader.ping)
         return encode(req, Health(status="ok", version=__version__))
 
     async def on_metrics(self, req: Request) -> Response:

@@ -26,6 +26,7 @@ from qbroker import errors, metrics, protocol
 from qbroker.app import Broker
 from qbroker.clock import Clock
 from qbroker.config import MAX_HEADER_BYTES, Config
+from qbroker.readers import ReadThreads
 from qbroker.reaper import run_checkpointer, run_reaper
 from qbroker.store import Reader, Store
 from qbroker.writer import Writer
@@ -267,12 +268,15 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
     reader = Reader(config.db_path)
     writer = Writer(store)
     writer.start()
-    broker = Broker(config, writer, reader, Clock())
+    reads = ReadThreads()
+    reads.start()
+    broker = Broker(config, writer, reader, reads, Clock())
     server = Server(config, broker)
     try:
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     except OSError as exc:
         await trio.to_thread.run_sync(writer.stop)
+        await trio.to_thread.run_sync(reads.stop)
         raise OSError(exc.errno or errno.EADDRINUSE, f"cannot listen: {exc}") from exc
     port = listeners[0].socket.getsockname()[1]
     try:
@@ -316,5 +320,6 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(writer.stop)
+            await trio.to_thread.run_sync(reads.stop)
             reader.close()
         log.info("broker.stopped")

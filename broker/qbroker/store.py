@@ -711,9 +711,8 @@ class Store:
 class Reader:
     """The read side: a pool of connections lent to one reading thread at a time.
 
-    Thread-safe. The pool grows to the most reads ever run at once (bounded by trio's
-    thread limiter) and never shrinks, so no connection is opened per thread: trio
-    retires idle threads, and a per-thread connection would leak with each one.
+    Thread-safe. The pool grows to the most reads ever run at once (bounded by the
+    reader threads, readers.py, and the checkpointer) and never shrinks.
     """
 
     def __init__(self, path: Path) -> None:

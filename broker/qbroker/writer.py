@@ -115,20 +115,27 @@ class Writer:
 
     @staticmethod
     def _commit(conn: sqlite3.Connection, batch: list[_Call]) -> None:
+        # A call alone in its transaction needs no savepoint: ROLLBACK undoes it alone.
+        alone = len(batch) == 1
         begun = 0  # index of the first call in the open transaction
         for i, c in enumerate(batch):
             try:
                 if not conn.in_transaction:
                     conn.execute("BEGIN IMMEDIATE")
                     begun = i
-                conn.execute("SAVEPOINT call")
+                if not alone:
+                    conn.execute("SAVEPOINT call")
                 c.result = outcome.Value(c.fn(*c.args, **c.kwargs))
-                conn.execute("RELEASE call")
+                if not alone:
+                    conn.execute("RELEASE call")
             except BaseException as exc:  # the call's own failure: undo it alone
                 c.result = outcome.Error(
                     translate_error(exc) if isinstance(exc, sqlite3.Error) else exc
                 )
-                if conn.in_transaction:
+                if alone:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                elif conn.in_transaction:
                     conn.execute("ROLLBACK TO call")
                     conn.execute("RELEASE call")
                 else:
