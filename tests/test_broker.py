@@ -249,6 +249,53 @@ def test_result_long_poll_is_woken_by_ack(broker: BrokerProcess, wire: Wire) -> 
     other.close()
 
 
+def test_parked_result_long_polls_get_the_final_records(
+    broker: BrokerProcess, wire: Wire
+) -> None:
+    """Long-polls parked before the outcome are answered with the record the writer
+    read at the commit: result, error and traceback all there, for each way to finish."""
+    import threading
+
+    ids = [wire.enqueue("parked") for _ in range(4)]
+    leases = {j["id"]: j["lease"] for j in wire.lease("parked", max=4)}
+    got: dict[str, Any] = {}
+    waiters = [Wire(broker.url) for _ in ids]
+
+    def wait(w: Wire, job_id: str) -> None:
+        got[job_id] = w.ok("GET", f"/v1/jobs/{job_id}/result?wait=20")
+
+    threads = [
+        threading.Thread(target=wait, args=(w, j))
+        for w, j in zip(waiters, ids, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # all four parked
+    a, b, c, d = ids
+    wire.ok("POST", "/v1/ack", {"acks": [{"id": a, "lease": leases[a], "result": [1]}]})
+    wire.ok("POST", f"/v1/jobs/{b}/ack", {"lease": leases[b], "result": {"k": 2}})
+    wire.ok("POST", "/v1/fail", {"fails": [{"id": c, "lease": leases[c], "error": "E: c", "traceback": "tb c"}]})  # fmt: skip
+    wire.ok("POST", f"/v1/jobs/{d}/fail", {"lease": leases[d], "error": "E: d", "traceback": "tb d"})  # fmt: skip
+    for t in threads:
+        t.join(10)
+    assert (got[a]["state"], got[a]["result"]) == ("succeeded", [1])
+    assert (got[b]["state"], got[b]["result"]) == ("succeeded", {"k": 2})
+    assert (got[c]["state"], got[c]["error"], got[c]["traceback"]) == (
+        "failed",
+        "E: c",
+        "tb c",
+    )
+    assert (got[d]["state"], got[d]["error"], got[d]["traceback"]) == (
+        "failed",
+        "E: d",
+        "tb d",
+    )
+    for job_id in ids:  # the same record a plain read gives
+        assert wire.ok("GET", f"/v1/jobs/{job_id}") == got[job_id]
+    for w in waiters:
+        w.close()
+
+
 def test_result_wait_runs_out_with_current_record(wire: Wire) -> None:
     job_id = wire.enqueue("q")
     record = wire.ok("GET", f"/v1/jobs/{job_id}/result?wait=0.3")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import prometheus_client
 import trio
@@ -26,6 +27,7 @@ from qclient.wire import (
     FailManyRequest,
     FailRequest,
     Health,
+    JobRecord,
     LeaseReply,
     LeaseRequest,
     QueueList,
@@ -37,12 +39,23 @@ from qbroker.clock import Clock
 from qbroker.config import Config
 from qbroker.protocol import EnqueueBody, Request, Response, decode, encode, query_float
 from qbroker.readers import ReadThreads
-from qbroker.store import Defaults, Reader
+from qbroker.store import Defaults, Reader, Store
 from qbroker.writer import Writer
 
 MAX_RESULT_WAIT = 300.0  #: seconds a result long-poll may ask for
 BIG_BODY = 64 * 1024  #: bytes past which an enqueue body is decoded in a thread
 _EMPTY = b"{}"
+T = TypeVar("T")
+
+
+class Slot:
+    """One parked task: its wake-up event, and what the notifier handed over, if any."""
+
+    __slots__ = ("event", "value")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.value: Any = None
 
 
 class Waiters:
@@ -52,43 +65,49 @@ class Waiters:
     """
 
     def __init__(self) -> None:
-        self._by_key: dict[str, dict[trio.Event, None]] = {}
+        self._by_key: dict[str, dict[Slot, None]] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._by_key
 
     @contextlib.contextmanager
-    def register(self, keys: Iterable[str]) -> Iterator[trio.Event]:
-        """Park an event under `keys` for the block; register before checking state,
+    def register(self, keys: Iterable[str]) -> Iterator[Slot]:
+        """Park a slot under `keys` for the block; register before checking state,
         so a notify between the check and the wait is not lost."""
-        event = trio.Event()
+        slot = Slot()
         keys = list(keys)
         for k in keys:
-            self._by_key.setdefault(k, {})[event] = None
+            self._by_key.setdefault(k, {})[slot] = None
         try:
-            yield event
+            yield slot
         finally:
             for k in keys:
                 waiting = self._by_key.get(k)
                 if waiting is not None:
-                    waiting.pop(event, None)
+                    waiting.pop(slot, None)
                     if not waiting:
                         del self._by_key[k]
 
-    def notify(self, key: str, n: int | None = None) -> None:
-        """Wake up to `n` waiters of `key` (all when None), oldest first."""
+    def notify(self, key: str, n: int | None = None, value: Any = None) -> None:
+        """Wake up to `n` waiters of `key` (all when None), oldest first, handing
+        each `value` (when not None)."""
         waiting = self._by_key.get(key)
         if not waiting:
             return
-        for event in waiting:
+        for slot in waiting:
             if n is not None and n <= 0:
                 break
-            if not event.is_set():
-                event.set()
+            if not slot.event.is_set():
+                if value is not None:
+                    slot.value = value
+                slot.event.set()
                 if n is not None:
                     n -= 1
 
     def notify_all(self) -> None:
         for waiting in self._by_key.values():
-            for event in waiting:
-                event.set()
+            for slot in waiting:
+                slot.event.set()
 
 
 class Broker:
@@ -140,9 +159,18 @@ class Broker:
         if due < self.reaper_due:
             self.reaper_wakeup.set()
 
-    def finished(self, job_ids: Iterable[str]) -> None:
+    def finished(
+        self, job_ids: Iterable[str], records: dict[str, JobRecord] | None = None
+    ) -> None:
+        """Wake the result long-polls of these jobs, handing over their final
+        records where the writer read them (`watched`), which saves each a read."""
         for job_id in job_ids:
-            self.job_waiters.notify(job_id)
+            record = records.get(job_id) if records else None
+            self.job_waiters.notify(job_id, value=record)
+
+    def watched(self, job_ids: Iterable[str]) -> list[str]:
+        """The jobs among `job_ids` that a result long-poll waits for."""
+        return [j for j in job_ids if j in self.job_waiters]
 
     # ---------------------------------------------------------------- producer
 
@@ -184,12 +212,14 @@ class Broker:
         wait = query_float(req, "wait", default=0.0, low=0.0, high=MAX_RESULT_WAIT)
         deadline = trio.current_time() + wait
         while True:
-            with self.job_waiters.register([job_id]) as event:
+            with self.job_waiters.register([job_id]) as slot:
                 record = await self.reads.call(self.reader.get_job, job_id)
                 if record.state in FINAL_STATES or self.closing:
                     return encode(req, record)
                 with trio.move_on_at(deadline):
-                    await event.wait()
+                    await slot.event.wait()
+                if slot.value is not None:  # the final record, read by the writer
+                    return encode(req, slot.value)
             if trio.current_time() >= deadline:
                 record = await self.reads.call(self.reader.get_job, job_id)
                 return encode(req, record)
@@ -206,7 +236,7 @@ class Broker:
         body = decode(req, LeaseRequest)
         deadline = trio.current_time() + body.wait
         while True:
-            with self.queue_waiters.register(body.queues) as event:
+            with self.queue_waiters.register(body.queues) as slot:
                 now = self.clock.now()
                 jobs = await self.writer.call(
                     self.store.lease,
@@ -219,7 +249,7 @@ class Broker:
                 if jobs or self.closing or trio.current_time() >= deadline:
                     break
                 with trio.move_on_at(deadline):
-                    await event.wait()
+                    await slot.event.wait()
         for job in jobs:
             metrics.JOBS_LEASED.labels(job.queue).inc()
         if jobs:
@@ -229,19 +259,23 @@ class Broker:
     async def on_ack(self, req: Request) -> Response:
         body = decode(req, AckRequest)
         job_id = req.params["id"]
-        queue = await self.writer.call(
-            self.store.ack, job_id, body.lease, body.result, now=self.clock.now()
+        queue, records = await self.writer.call(
+            _then_records(self.store.ack, self.watched([job_id]), self.store),
+            job_id,
+            body.lease,
+            body.result,
+            now=self.clock.now(),
         )
         metrics.JOBS_FINISHED.labels(queue, "succeeded").inc()
-        self.finished([job_id])
+        self.finished([job_id], records)
         return Response(200, _EMPTY)
 
     async def on_fail(self, req: Request) -> Response:
         body = decode(req, FailRequest)
         job_id = req.params["id"]
         now = self.clock.now()
-        queue, state = await self.writer.call(
-            self.store.fail,
+        (queue, state), records = await self.writer.call(
+            _then_records(self.store.fail, self.watched([job_id]), self.store),
             job_id,
             body.lease,
             error=body.error,
@@ -251,24 +285,34 @@ class Broker:
         )
         metrics.JOBS_FINISHED.labels(queue, state).inc()
         if state in FINAL_STATES:
-            self.finished([job_id])
+            self.finished([job_id], records)
         elif body.retry_in is not None:
             self.poke_reaper(now + body.retry_in)
         return encode(req, {"state": state})
 
     async def on_ack_many(self, req: Request) -> Response:
         body = decode(req, AckManyRequest)
-        results = await self.writer.call(
-            self.store.ack_many, body.acks, now=self.clock.now()
+        results, records = await self.writer.call(
+            _then_records(
+                self.store.ack_many, self.watched(a.id for a in body.acks), self.store
+            ),
+            body.acks,
+            now=self.clock.now(),
         )
-        self.finished(r.id for r in results if r.ok)
+        self.finished((r.id for r in results if r.ok), records)
         return encode(req, BatchReply(results=results))
 
     async def on_fail_many(self, req: Request) -> Response:
         body = decode(req, FailManyRequest)
         now = self.clock.now()
-        results = await self.writer.call(self.store.fail_many, body.fails, now=now)
-        self.finished(r.id for r in results if r.ok)
+        results, records = await self.writer.call(
+            _then_records(
+                self.store.fail_many, self.watched(f.id for f in body.fails), self.store
+            ),
+            body.fails,
+            now=now,
+        )
+        self.finished((r.id for r in results if r.ok), records)
         retries = [f.retry_in for f in body.fails if f.retry_in is not None]
         if retries:
             self.poke_reaper(now + min(retries))
@@ -326,3 +370,17 @@ class Broker:
 
     async def on_openapi(self, req: Request) -> Response:
         return Response(200, openapi.document_bytes())
+
+
+def _then_records(
+    fn: Callable[..., T], job_ids: list[str], store: Store
+) -> Callable[..., tuple[T, dict[str, JobRecord]]]:
+    """`fn` (a store call that may finish jobs), then, in the same writer call, the
+    final records of those of `job_ids` it finished: what their result long-polls
+    answer with. Nothing is read when no one waits."""
+
+    def call(*args: Any, **kwargs: Any) -> tuple[T, dict[str, JobRecord]]:
+        out = fn(*args, **kwargs)
+        return out, store.final_records(job_ids) if job_ids else {}
+
+    return call

@@ -32,6 +32,7 @@ from typing import Any
 
 import msgspec
 from qclient.wire import (
+    FINAL_STATES,
     AckItem,
     BatchResult,
     FailItem,
@@ -94,6 +95,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedup ON jobs(queue, dedup_key)
 """
 
 _STATES = [s.value for s in JobState]
+_FINAL_SQL = ",".join(f"'{s.value}'" for s in sorted(FINAL_STATES))
 PURGE_BATCH = 10_000  #: rows one sweep deletes at most
 WRITER_CACHE_KIB = 8192  #: KiB of page cache for the write connection
 WRITER_AUTOCHECKPOINT_PAGES = 8192  #: WAL pages (32 MiB) before the writer checkpoints
@@ -469,6 +471,17 @@ class Store:
                         )
                     )
         return out
+
+    def final_records(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
+        """The records of those of `job_ids` in a final state, by id."""
+        marks = ",".join("?" * len(job_ids))
+        with translate_errors():
+            rows = self.conn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM jobs WHERE id IN ({marks})"
+                f" AND state IN ({_FINAL_SQL})",
+                list(job_ids),
+            ).fetchall()
+        return {r.id: r for r in map(_record, rows)}
 
     def _stale(self, job_id: str) -> errors.QBrokerError:
         row = self.conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone()
