@@ -223,6 +223,48 @@ def test_long_poll_lease_is_woken_by_enqueue(broker: BrokerProcess, wire: Wire) 
     waiter.close()
 
 
+def test_parked_lease_long_polls_are_handed_jobs_by_the_enqueue(
+    broker: BrokerProcess, wire: Wire
+) -> None:
+    """An enqueue leases its jobs to parked long-polls in its own commit: each gets
+    what its `max` allows, highest priority first, the delivery counted once, and
+    the lease is good for an ack. Jobs beyond what they take stay queued."""
+    import threading
+
+    got: list[list[dict[str, Any]]] = []
+    waiters = [Wire(broker.url) for _ in range(3)]
+    threads = [
+        threading.Thread(
+            target=lambda w=w: got.append(w.lease("handoff", max=2, wait=20))
+        )
+        for w in waiters
+    ]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)  # parked one after another
+    prios = [0, 5, 1, 9, 3, 7, 2, 8]  # 8 jobs for 3 x max=2: two stay queued
+    ids = wire.ok(
+        "POST", "/v1/queues/handoff/jobs", {"jobs": [{"priority": p} for p in prios]}
+    )["ids"]
+    for t in threads:
+        t.join(10)
+    assert sorted(len(jobs) for jobs in got) == [2, 2, 2]
+    leased = [j for jobs in got for j in jobs]
+    by_id = dict(zip(ids, prios, strict=True))
+    assert sorted((by_id[j["id"]] for j in leased), reverse=True) == [9, 8, 7, 5, 3, 2]
+    assert all(j["attempt"] == 1 for j in leased)
+    stats = wire.ok("GET", "/v1/queues/handoff")["counts"]
+    assert (stats["active"], stats["queued"]) == (6, 2)
+    for j in leased:
+        record = wire.ok("GET", f"/v1/jobs/{j['id']}")
+        # leased in the enqueue's own commit: one clock reading stamps both
+        assert record["started_at"] == record["created_at"], record
+        wire.ok("POST", f"/v1/jobs/{j['id']}/ack", {"lease": j["lease"], "result": 1})
+        assert wire.ok("GET", f"/v1/jobs/{j['id']}")["attempts"] == 1
+    for w in waiters:
+        w.close()
+
+
 def test_lease_wait_runs_out_with_empty_list(wire: Wire) -> None:
     start = time.monotonic()
     assert wire.lease("empty", wait=0.5) == []

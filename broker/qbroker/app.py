@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import prometheus_client
@@ -28,6 +28,8 @@ from qclient.wire import (
     FailRequest,
     Health,
     JobRecord,
+    JobSpec,
+    LeasedJob,
     LeaseReply,
     LeaseRequest,
     QueueList,
@@ -49,13 +51,21 @@ T = TypeVar("T")
 
 
 class Slot:
-    """One parked task: its wake-up event, and what the notifier handed over, if any."""
+    """One parked task: its wake-up event, and what the notifier handed over, if any.
 
-    __slots__ = ("event", "value")
+    A lease long-poll also carries its request; while it is `parked` an enqueue may
+    `claim` it and lease jobs for it in the enqueue's own commit (`handoff` is set
+    once that commit is done, `value` then holds the jobs).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("event", "handoff", "parked", "request", "value")
+
+    def __init__(self, request: LeaseRequest | None = None) -> None:
         self.event = trio.Event()
         self.value: Any = None
+        self.request = request
+        self.parked = False
+        self.handoff: trio.Event | None = None
 
 
 class Waiters:
@@ -71,10 +81,12 @@ class Waiters:
         return key in self._by_key
 
     @contextlib.contextmanager
-    def register(self, keys: Iterable[str]) -> Iterator[Slot]:
+    def register(
+        self, keys: Iterable[str], request: LeaseRequest | None = None
+    ) -> Iterator[Slot]:
         """Park a slot under `keys` for the block; register before checking state,
         so a notify between the check and the wait is not lost."""
-        slot = Slot()
+        slot = Slot(request)
         keys = list(keys)
         for k in keys:
             self._by_key.setdefault(k, {})[slot] = None
@@ -103,6 +115,20 @@ class Waiters:
                 slot.event.set()
                 if n is not None:
                     n -= 1
+
+    def claim(self, key: str, jobs: int) -> list[Slot]:
+        """Parked lease long-polls of `key`, oldest first, enough to take `jobs`
+        jobs; each is marked claimed (see Slot) and must be handed its jobs."""
+        taken: list[Slot] = []
+        for slot in self._by_key.get(key, ()):
+            if jobs <= 0:
+                break
+            if slot.parked and slot.handoff is None and not slot.event.is_set():
+                assert slot.request is not None
+                slot.handoff = trio.Event()
+                taken.append(slot)
+                jobs -= slot.request.max
+        return taken
 
     def notify_all(self) -> None:
         for waiting in self._by_key.values():
@@ -183,25 +209,66 @@ class Broker:
             body = decode(req, EnqueueBody)
         specs = body.jobs if body.jobs is not None else [body]
         now = self.clock.now()
-        ids = await self.writer.call(
-            self.store.enqueue, queue, specs, defaults=self.defaults, now=now
+        ready = sum(
+            1
+            for spec in specs
+            if not (spec.delay or (spec.eta is not None and spec.eta > now))
         )
+        takers = self.queue_waiters.claim(queue, ready) if ready else []
+        if takers:
+            ids = await self._enqueue_and_hand_off(queue, specs, takers, now)
+        else:
+            ids = await self.writer.call(
+                self.store.enqueue, queue, specs, defaults=self.defaults, now=now
+            )
         metrics.JOBS_ENQUEUED.labels(queue).inc(len(ids))
-        ready = 0
         for spec in specs:
             if spec.delay or (spec.eta is not None and spec.eta > now):
                 self.poke_reaper(
                     spec.eta if spec.eta is not None else now + (spec.delay or 0)
                 )
-            else:
-                ready += 1
             if spec.expires is not None:
                 self.poke_reaper(now + spec.expires)
-        if ready:
-            self.queue_waiters.notify(queue, ready)
+        handed = sum(len(t.value or ()) for t in takers)
+        if ready > handed:
+            self.queue_waiters.notify(queue, ready - handed)
         if body.jobs is not None:
             return encode(req, EnqueueManyReply(ids=ids), 201)
         return encode(req, EnqueueReply(id=ids[0]), 201)
+
+    async def _enqueue_and_hand_off(
+        self, queue: str, specs: Sequence[JobSpec], takers: list[Slot], now: float
+    ) -> list[str]:
+        """Enqueue, and in the same commit lease jobs for the claimed long-polls
+        `takers` (each as its own request asks): one commit and no second writer
+        round trip between a job's arrival and its delivery to an idle worker."""
+        requests = [t.request for t in takers]
+
+        def call() -> tuple[list[str], list[list[LeasedJob]]]:
+            ids = self.store.enqueue(queue, specs, defaults=self.defaults, now=now)
+            leased = [
+                self.store.lease(
+                    r.queues,
+                    max_jobs=r.max,
+                    lease_seconds=r.timeout,
+                    worker=r.worker,
+                    now=now,
+                )
+                for r in requests
+                if r is not None
+            ]
+            return ids, leased
+
+        leased: list[list[LeasedJob]] = [[] for _ in takers]
+        try:
+            ids, leased = await self.writer.call(call)
+        finally:  # on failure too: the long-polls go back to leasing on their own
+            for slot, jobs in zip(takers, leased, strict=True):
+                slot.value = jobs
+                assert slot.handoff is not None
+                slot.handoff.set()
+                slot.event.set()
+        return ids
 
     async def on_get_job(self, req: Request) -> Response:
         record = await self.reads.call(self.reader.get_job, req.params["id"])
@@ -236,7 +303,7 @@ class Broker:
         body = decode(req, LeaseRequest)
         deadline = trio.current_time() + body.wait
         while True:
-            with self.queue_waiters.register(body.queues) as slot:
+            with self.queue_waiters.register(body.queues, body) as slot:
                 now = self.clock.now()
                 jobs = await self.writer.call(
                     self.store.lease,
@@ -248,8 +315,18 @@ class Broker:
                 )
                 if jobs or self.closing or trio.current_time() >= deadline:
                     break
+                slot.parked = True
                 with trio.move_on_at(deadline):
                     await slot.event.wait()
+                slot.parked = False
+                if slot.handoff is not None:
+                    # An enqueue is leasing jobs for this request in its commit: they
+                    # are ours whatever the deadline says, or they would be orphaned.
+                    with trio.CancelScope(shield=True):
+                        await slot.handoff.wait()
+                    jobs = slot.value
+                    if jobs:
+                        break
         for job in jobs:
             metrics.JOBS_LEASED.labels(job.queue).inc()
         if jobs:
