@@ -1,8 +1,10 @@
 """The broker's handlers: one async function per route, over the writer and the reader.
 
 Writes go through the group-commit writer (their reply follows the commit); reads run on
-reader connections in the reader threads (readers.py); long-polls park on `Waiters`, woken inside the broker
-by the write that makes them worth retrying. Nothing here touches SQLite on the trio loop.
+reader connections in the reader threads (readers.py); long-polls park on `Waiters`, woken
+inside the broker by the write that makes them worth retrying, and an enqueue may lease
+jobs for parked lease long-polls in its own commit. Nothing here touches SQLite on the
+trio loop.
 """
 
 from __future__ import annotations
@@ -242,7 +244,10 @@ class Broker:
         """Enqueue, and in the same commit lease jobs for the claimed long-polls
         `takers` (each as its own request asks): one commit and no second writer
         round trip between a job's arrival and its delivery to an idle worker."""
-        requests = [t.request for t in takers]
+        requests: list[LeaseRequest] = []
+        for t in takers:
+            assert t.request is not None  # claim() takes lease long-polls only
+            requests.append(t.request)
 
         def call() -> tuple[list[str], list[list[LeasedJob]]]:
             ids = self.store.enqueue(queue, specs, defaults=self.defaults, now=now)
@@ -255,7 +260,6 @@ class Broker:
                     now=now,
                 )
                 for r in requests
-                if r is not None
             ]
             return ids, leased
 
