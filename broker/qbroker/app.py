@@ -211,11 +211,17 @@ class Broker:
             body = decode(req, EnqueueBody)
         specs = body.jobs if body.jobs is not None else [body]
         now = self.clock.now()
-        ready = sum(
-            1
-            for spec in specs
-            if not (spec.delay or (spec.eta is not None and spec.eta > now))
-        )
+        ready = 0
+        due: list[float] = []  #: when the reaper must look at these jobs
+        for spec in specs:
+            if spec.delay or (spec.eta is not None and spec.eta > now):
+                due.append(
+                    spec.eta if spec.eta is not None else now + (spec.delay or 0)
+                )
+            else:
+                ready += 1
+            if spec.expires is not None:
+                due.append(now + spec.expires)
         takers = self.queue_waiters.claim(queue, ready) if ready else []
         if takers:
             ids = await self._enqueue_and_hand_off(queue, specs, takers, now)
@@ -224,13 +230,8 @@ class Broker:
                 self.store.enqueue, queue, specs, defaults=self.defaults, now=now
             )
         metrics.JOBS_ENQUEUED.labels(queue).inc(len(ids))
-        for spec in specs:
-            if spec.delay or (spec.eta is not None and spec.eta > now):
-                self.poke_reaper(
-                    spec.eta if spec.eta is not None else now + (spec.delay or 0)
-                )
-            if spec.expires is not None:
-                self.poke_reaper(now + spec.expires)
+        if due:
+            self.poke_reaper(min(due))
         handed = sum(len(t.value or ()) for t in takers)
         if ready > handed:
             self.queue_waiters.notify(queue, ready - handed)
