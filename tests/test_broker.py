@@ -338,6 +338,83 @@ def test_parked_result_long_polls_get_the_final_records(
         w.close()
 
 
+def test_results_waits_for_every_job_and_answers_in_order(
+    broker: BrokerProcess, wire: Wire
+) -> None:
+    """`POST /v1/results` parks until every listed job is final, however each ends
+    (ack, fail, cancel, the reaper), and answers one record per id, in the order
+    asked, null for an unknown id."""
+    import threading
+
+    a, b, c, d, e = (wire.enqueue("many", max_retries=0) for _ in range(5))
+    done = wire.enqueue("many-done")
+    [j] = wire.lease("many-done")
+    wire.ok("POST", f"/v1/jobs/{done}/ack", {"lease": j["lease"], "result": "early"})
+    leases = {x["id"]: x["lease"] for x in wire.lease("many", max=4, timeout=0.5)}
+    assert set(leases) == {a, b, c, d}
+    ids = [e, a, "no-such-job", b, c, d, done, a]
+    got: list[Any] = []
+    other = Wire(broker.url)
+    t = threading.Thread(
+        target=lambda: got.append(
+            other.ok("POST", "/v1/results", {"ids": ids, "wait": 20})
+        )
+    )
+    start = time.monotonic()
+    t.start()
+    time.sleep(0.3)
+    assert not got  # e is still queued: the long-poll waits for all of them
+    wire.ok("POST", "/v1/ack", {"acks": [{"id": a, "lease": leases[a], "result": 1}]})
+    wire.ok("POST", f"/v1/jobs/{b}/fail", {"lease": leases[b], "error": "E: b"})
+    wire.ok("POST", f"/v1/jobs/{c}/cancel")
+    # d's 0.5 s lease runs out and, with no retries left, the reaper makes it dead
+    time.sleep(0.3)
+    assert not got
+    wire.ok("POST", f"/v1/jobs/{e}/cancel")
+    t.join(10)
+    assert time.monotonic() - start < 8
+    jobs = got[0]["jobs"]
+    assert [r and r["id"] for r in jobs] == [e, a, None, b, c, d, done, a]
+    assert [r and r["state"] for r in jobs] == [
+        "cancelled", "succeeded", None, "failed", "cancelled", "dead", "succeeded", "succeeded",
+    ]  # fmt: skip
+    assert (jobs[1]["result"], jobs[3]["error"], jobs[6]["result"]) == (
+        1,
+        "E: b",
+        "early",
+    )
+    for record in jobs:  # the same record a plain read gives
+        if record is not None:
+            assert wire.ok("GET", f"/v1/jobs/{record['id']}") == record
+    other.close()
+
+
+def test_results_wait_runs_out_with_current_records(wire: Wire) -> None:
+    queued = wire.enqueue("many-idle")
+    leased = wire.enqueue("many-busy")
+    wire.lease("many-busy")
+    start = time.monotonic()
+    reply = wire.ok("POST", "/v1/results", {"ids": [queued, leased], "wait": 0.3})
+    assert 0.25 < time.monotonic() - start < 5
+    assert [r["state"] for r in reply["jobs"]] == ["queued", "active"]
+    reply = wire.ok("POST", "/v1/results", {"ids": [queued]})  # wait 0: one look
+    assert reply["jobs"][0]["state"] == "queued"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"ids": []}, "ids"),
+        ({"ids": ["x"] * 1001}, "ids"),
+        ({"ids": ["bad id"]}, "ids[0]"),
+        ({"ids": ["x"], "wait": 301}, "wait"),
+    ],
+)
+def test_results_rejects_bad_requests(wire: Wire, body: Any, field: str) -> None:
+    status, reply = wire.call("POST", "/v1/results", body)
+    assert (status, reply["error"], reply["field"]) == (422, "invalid_field", field)
+
+
 def test_result_wait_runs_out_with_current_record(wire: Wire) -> None:
     job_id = wire.enqueue("q")
     record = wire.ok("GET", f"/v1/jobs/{job_id}/result?wait=0.3")

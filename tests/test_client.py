@@ -180,6 +180,49 @@ def test_result_raises_task_failed_with_traceback(client: qclient.Client) -> Non
     assert isinstance(error, qclient.JobNotSucceeded)
 
 
+def test_results_returns_every_result_in_order(client: qclient.Client) -> None:
+    """`Client.results()` waits for jobs spread over more than one request's 1,000
+    ids while a worker thread finishes them, and raises the first failure."""
+    jobs = client.send_many("gather", [{"args": [i]} for i in range(1200)])
+
+    def work() -> None:
+        left = len(jobs)
+        while left:
+            leased = client.lease(["gather"], max=100, wait=DEADLINE)
+            items = [qclient.AckItem(j.id, j.lease, j.args[0] * 2) for j in leased]
+            failing = [i for i in items if i.result == 2 * 700]
+            if failing:
+                client.fail(failing[0].id, failing[0].lease, "ValueError: 700")
+                items.remove(failing[0])
+            client.ack_many(items)
+            left -= len(leased)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    got = client.results(jobs, timeout=DEADLINE * 3, return_exceptions=True)
+    worker.join(DEADLINE)
+    assert len(got) == 1200
+    assert isinstance(got[700], qclient.TaskFailed) and got[700].message == "700"
+    assert got[:700] + got[701:] == [2 * i for i in range(1200) if i != 700]
+    with pytest.raises(qclient.TaskFailed):
+        client.results([j.id for j in jobs])
+    with qclient.Client(client.url, encoding="msgpack") as other:
+        assert other.results(jobs[:3]) == [0, 2, 4]
+    assert client.results([]) == []
+    missing = client.results(["no-such-job"], return_exceptions=True)
+    assert isinstance(missing[0], qclient.JobNotFound)
+
+
+def test_results_times_out_when_some_job_is_unfinished(client: qclient.Client) -> None:
+    jobs = [client.send("gather-idle") for _ in range(2)]
+    leased = lease_one(client, "gather-idle")
+    client.ack(leased.id, leased.lease, "one")
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="1 of 2 jobs"):
+        client.results(jobs, timeout=0.3)
+    assert 0.25 < time.monotonic() - start < 5.0
+
+
 def test_fail_with_retry_in_schedules_the_job(client: qclient.Client) -> None:
     client.send("retry-q")
     leased = lease_one(client, "retry-q")

@@ -62,6 +62,23 @@ async def test_result_is_woken_by_ack_from_another_task(
     assert results == [5]
 
 
+async def test_results_waits_for_many_jobs(client: qclient.AsyncClient) -> None:
+    jobs = await client.send_many("t-gather", [{"args": [i]} for i in range(5)])
+    got: list[object] = []
+
+    async def gather() -> None:
+        got.extend(await client.results(jobs, timeout=DEADLINE))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gather)
+        leased = await client.lease(["t-gather"], max=5, wait=DEADLINE)
+        await trio.sleep(0.2)
+        assert got == []
+        items = [qclient.AckItem(j.id, j.lease, j.args[0] + 1) for j in leased]
+        await client.ack_many(items)
+    assert got == [1, 2, 3, 4, 5]
+
+
 async def test_failures_surface_as_exceptions(client: qclient.AsyncClient) -> None:
     job = await client.send("t-boom")
     [leased] = await client.lease(["t-boom"], wait=DEADLINE)

@@ -36,6 +36,8 @@ from qclient.wire import (
     LeaseRequest,
     QueueList,
     ReleaseRequest,
+    ResultsReply,
+    ResultsRequest,
 )
 
 from qbroker import __version__, errors, metrics, openapi
@@ -58,13 +60,17 @@ class Slot:
     A lease long-poll also carries its request; while it is `parked` an enqueue may
     `claim` it and lease jobs for it in the enqueue's own commit (`handoff` is set
     once that commit is done, `value` then holds the jobs).
+
+    A slot parked under many keys (`many`) collects what each notify hands over in
+    `values`, by key, instead; its owner drains them and swaps in a fresh `event`.
     """
 
-    __slots__ = ("event", "handoff", "parked", "request", "value")
+    __slots__ = ("event", "handoff", "parked", "request", "value", "values")
 
-    def __init__(self, request: LeaseRequest | None = None) -> None:
+    def __init__(self, request: LeaseRequest | None = None, many: bool = False) -> None:
         self.event = trio.Event()
         self.value: Any = None
+        self.values: dict[str, Any] | None = {} if many else None
         self.request = request
         self.parked = False
         self.handoff: trio.Event | None = None
@@ -84,11 +90,15 @@ class Waiters:
 
     @contextlib.contextmanager
     def register(
-        self, keys: Iterable[str], request: LeaseRequest | None = None
+        self,
+        keys: Iterable[str],
+        request: LeaseRequest | None = None,
+        *,
+        many: bool = False,
     ) -> Iterator[Slot]:
         """Park a slot under `keys` for the block; register before checking state,
         so a notify between the check and the wait is not lost."""
-        slot = Slot(request)
+        slot = Slot(request, many)
         keys = list(keys)
         for k in keys:
             self._by_key.setdefault(k, {})[slot] = None
@@ -111,7 +121,10 @@ class Waiters:
         for slot in waiting:
             if n is not None and n <= 0:
                 break
-            if not slot.event.is_set():
+            if slot.values is not None:
+                slot.values[key] = value
+                slot.event.set()
+            elif not slot.event.is_set():
                 if value is not None:
                     slot.value = value
                 slot.event.set()
@@ -295,6 +308,55 @@ class Broker:
             if trio.current_time() >= deadline:
                 record = await self.reads.call(self.reader.get_job, job_id)
                 return encode(req, record)
+
+    async def on_results(self, req: Request) -> Response:
+        body = decode(req, ResultsRequest)
+        deadline = trio.current_time() + body.wait
+        ids = list(dict.fromkeys(body.ids))
+        with self.job_waiters.register(ids, many=True) as slot:
+            records = await self.reads.call(self.reader.get_jobs, ids)
+            pending = {i for i, r in records.items() if r.state not in FINAL_STATES}
+            values = slot.values
+            assert values is not None
+            while True:
+                # What finished since the read: records the writer read for us, or
+                # (None) ids to read again.
+                again = []
+                for job_id, record in values.items():
+                    if job_id in pending:
+                        if record is None:
+                            again.append(job_id)
+                        else:
+                            records[job_id] = record
+                            pending.discard(job_id)
+                values.clear()
+                slot.event = trio.Event()
+                if again:
+                    pending.difference_update(await self._reread(records, again))
+                    continue  # more may have finished during the read
+                if not pending or self.closing or trio.current_time() >= deadline:
+                    break
+                with trio.move_on_at(deadline):
+                    await slot.event.wait()
+        if pending and body.wait > 0:  # report where the unfinished ones are now
+            await self._reread(records, list(pending))
+        return encode(req, ResultsReply(jobs=[records.get(i) for i in body.ids]))
+
+    async def _reread(self, records: dict[str, JobRecord], ids: list[str]) -> set[str]:
+        """Read `ids` again into `records` (dropping ids gone since); returns the
+        ids now final or gone."""
+        fresh = await self.reads.call(self.reader.get_jobs, ids)
+        done = set()
+        for job_id in ids:
+            record = fresh.get(job_id)
+            if record is None:
+                records.pop(job_id, None)
+                done.add(job_id)
+            else:
+                records[job_id] = record
+                if record.state in FINAL_STATES:
+                    done.add(job_id)
+        return done
 
     async def on_cancel(self, req: Request) -> Response:
         job_id = req.params["id"]

@@ -52,6 +52,9 @@ _OPERATIONS: dict[str, dict[str, tuple[str, list[Any], Any, Any, str]]] = {
     "/v1/jobs/{id}/result": {
         "get": ("job_result", [_ID, _WAIT], None, wire.JobRecord, "200")
     },
+    "/v1/results": {
+        "post": ("results", [], wire.ResultsRequest, wire.ResultsReply, "200")
+    },
     "/v1/queues": {"get": ("queues", [], None, wire.QueueList, "200")},
     "/v1/queues/{queue}": {"get": ("queue", [_QUEUE], None, wire.QueueStats, "200")},
     "/healthz": {"get": ("healthz", [], None, wire.Health, "200")},
@@ -63,6 +66,7 @@ _STRUCTS: list[Any] = [
     wire.ExtendRequest, wire.ExtendReply, wire.ReleaseRequest, wire.CancelReply,
     wire.AckManyRequest, wire.FailManyRequest, wire.BatchReply, wire.JobRecord,
     wire.QueueList, wire.QueueStats, wire.Health, wire.ErrorBody,
+    wire.ResultsRequest, wire.ResultsReply,
 ]  # fmt: skip
 
 

@@ -92,6 +92,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("POST", "/v1/fail", "fail_many"),
     ("GET", "/v1/jobs/{id}", "get_job"),
     ("GET", "/v1/jobs/{id}/result", "job_result"),
+    ("POST", "/v1/results", "results"),
     ("GET", "/v1/queues", "queues"),
     ("GET", "/v1/queues/{queue}", "queue"),
     ("GET", "/healthz", "healthz"),

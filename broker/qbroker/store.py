@@ -96,6 +96,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedup ON jobs(queue, dedup_key)
 
 _STATES = [s.value for s in JobState]
 _FINAL_SQL = ",".join(f"'{s.value}'" for s in sorted(FINAL_STATES))
+_IN_CHUNK = 500  #: ids per `IN (...)` list, well under SQLite's variable limit
 PURGE_BATCH = 10_000  #: rows one sweep deletes at most
 WRITER_CACHE_KIB = 8192  #: KiB of page cache for the write connection
 WRITER_AUTOCHECKPOINT_PAGES = 8192  #: WAL pages (32 MiB) before the writer checkpoints
@@ -769,6 +770,20 @@ class Reader:
         if row is None:
             raise errors.JobNotFound(f"no job {job_id}")
         return _record(row)
+
+    def get_jobs(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
+        """The records of those of `job_ids` that exist, by id."""
+        out: dict[str, JobRecord] = {}
+        ids = list(dict.fromkeys(job_ids))
+        with translate_errors(), self._conn() as conn:
+            for i in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[i : i + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT {_RECORD_COLUMNS} FROM jobs WHERE id IN ({marks})", chunk
+                ).fetchall()
+                out.update((r.id, r) for r in map(_record, rows))
+        return out
 
     def queue_stats(self, queue: str, *, now: float) -> QueueStats:
         """Counts by state (all states, zeros included) and the oldest ready job's age."""

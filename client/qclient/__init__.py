@@ -4,6 +4,7 @@
 
     job = qclient.send("send_email", {"to": "a@b.c"})   # kwargs of tasks.send_email
     print(job.result(timeout=10))
+    print(qclient.results(jobs, timeout=60))             # many at once, in order
 
     with qclient.Client("http://broker:7733") as client:
         jobs = client.send_many("resize", [{"args": [path]} for path in paths])
@@ -21,6 +22,7 @@ from qclient._api import (
     default_client as default_client,
     get_job as get_job,
     job as job,
+    results as results,
     send as send,
     send_many as send_many,
 )
@@ -84,6 +86,7 @@ __all__ = [
     "get_job",
     "job",
     "new_job_id",
+    "results",
     "send",
     "send_many",
 ]

@@ -11,7 +11,15 @@ from qclient._job import Job
 from qclient._sync import Client
 from qclient.wire import JobRecord, JobSpec
 
-__all__ = ["configure", "default_client", "get_job", "job", "send", "send_many"]
+__all__ = [
+    "configure",
+    "default_client",
+    "get_job",
+    "job",
+    "results",
+    "send",
+    "send_many",
+]
 
 _lock = threading.Lock()
 _default: Client | None = None
@@ -106,6 +114,17 @@ def send(
 def send_many(queue: str, items: Iterable[JobSpec | Mapping[str, Any]]) -> list[Job]:
     """Enqueue many jobs through the default client; see `Client.send_many()`."""
     return default_client().send_many(queue, items)
+
+
+def results(
+    jobs: Iterable[Job | str],
+    timeout: float | None = None,
+    *,
+    return_exceptions: bool = False,
+) -> list[Any]:
+    """Wait for many jobs and return their results, in order, through the default
+    client; see `Client.results()`."""
+    return default_client().results(jobs, timeout, return_exceptions=return_exceptions)
 
 
 def get_job(job_id: str) -> JobRecord:

@@ -40,6 +40,7 @@ from qclient.wire import (
     LeaseReply,
     QueueList,
     QueueStats,
+    ResultsReply,
 )
 
 T = TypeVar("T")
@@ -232,6 +233,7 @@ BATCH_REPLY: Final[Decoders[BatchReply]] = Decoders(BatchReply)
 QUEUE_LIST: Final[Decoders[QueueList]] = Decoders(QueueList)
 QUEUE_STATS: Final[Decoders[QueueStats]] = Decoders(QueueStats)
 HEALTH: Final[Decoders[Health]] = Decoders(Health)
+RESULTS_REPLY: Final[Decoders[ResultsReply]] = Decoders(ResultsReply)
 #: `POST /v1/jobs/{id}/fail` replies {"state": ...}; wire.py has no struct for it.
 STATE_REPLY: Final[Decoders[dict[str, Any]]] = Decoders(dict[str, Any])
 _ERROR_BODY: Final[Decoders[ErrorBody]] = Decoders(ErrorBody)

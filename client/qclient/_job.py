@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from qclient._errors import JobCancelled, JobExpired, TaskFailed
+from qclient._errors import JobCancelled, JobExpired, JobNotFound, TaskFailed
 from qclient._http import RESULT_POLL_CHUNK
 from qclient.wire import FINAL_STATES, JobRecord, JobSpec, JobState, new_job_id
 
@@ -16,7 +16,18 @@ if TYPE_CHECKING:
     from qclient._async import AsyncClient
     from qclient._sync import Client
 
-__all__ = ["AsyncJob", "Job", "make_spec", "new_job_id", "outcome", "spec_from_item"]
+__all__ = [
+    "AsyncJob",
+    "Job",
+    "job_ids",
+    "make_spec",
+    "new_job_id",
+    "outcome",
+    "outcomes",
+    "results_timeout",
+    "spec_from_item",
+    "unfinished",
+]
 
 
 def make_spec(
@@ -101,6 +112,48 @@ def outcome(record: JobRecord) -> Any:
     if state is JobState.EXPIRED:
         raise JobExpired(record.id, state)
     raise ValueError(f"job {record.id} is {state}, not finished")
+
+
+def job_ids(jobs: Iterable[str | Job | AsyncJob]) -> list[str]:
+    """The ids of `jobs`, given as handles or as ids."""
+    return [j if isinstance(j, str) else j.id for j in jobs]
+
+
+def outcomes(
+    ids: Sequence[str],
+    records: Sequence[JobRecord | None],
+    *,
+    return_exceptions: bool,
+) -> list[Any]:
+    """`outcome()` of each record, in order (None: no such job, `JobNotFound`).
+
+    Raises the first exception in order, unless `return_exceptions`, which puts
+    each in the list in place of its job's result instead.
+    """
+    out: list[Any] = []
+    for job_id, record in zip(ids, records, strict=True):
+        try:
+            if record is None:
+                raise JobNotFound(404, "job_not_found", f"no job {job_id}")
+            out.append(outcome(record))
+        except (JobNotFound, JobCancelled, JobExpired, TaskFailed) as exc:
+            if not return_exceptions:
+                raise
+            out.append(exc)
+    return out
+
+
+def unfinished(records: Sequence[JobRecord | None]) -> list[int]:
+    """The indexes of `records` not final yet (a missing job counts as final)."""
+    return [
+        k
+        for k, r in enumerate(records)
+        if r is not None and r.state not in FINAL_STATES
+    ]
+
+
+def results_timeout(left: int, total: int, timeout: float | None) -> TimeoutError:
+    return TimeoutError(f"{left} of {total} jobs still unfinished after {timeout} s")
 
 
 def next_wait(deadline: float | None) -> float:

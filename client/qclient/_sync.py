@@ -42,6 +42,7 @@ from qclient._http import (
     QUEUE_LIST,
     QUEUE_STATS,
     RECV_SIZE,
+    RESULTS_REPLY,
     SEND_MANY_CHUNK,
     STATE_REPLY,
     Codec,
@@ -55,8 +56,18 @@ from qclient._http import (
     readable_now,
     should_retry,
 )
-from qclient._job import Job, make_spec, spec_from_item
+from qclient._job import (
+    Job,
+    job_ids,
+    make_spec,
+    next_wait,
+    outcomes,
+    results_timeout,
+    spec_from_item,
+    unfinished,
+)
 from qclient.wire import (
+    MAX_RESULTS,
     AckItem,
     AckManyRequest,
     AckRequest,
@@ -75,6 +86,7 @@ from qclient.wire import (
     LeaseRequest,
     QueueStats,
     ReleaseRequest,
+    ResultsRequest,
 )
 
 __all__ = ["Client"]
@@ -466,6 +478,54 @@ class Client:
         path = f"/v1/jobs/{path_name(job_id)}/result?wait={format_wait(wait)}"
         response = self._request(b"GET", path, wait=wait)
         return self._codec.decode(response, JOB_RECORD)
+
+    def wait_jobs(self, job_ids: Sequence[str], wait: float) -> list[JobRecord | None]:
+        """The records of up to 1,000 jobs once all are final, or after `wait` seconds.
+
+        One long-poll request (`POST /v1/results`); one record per id, in order,
+        None where no job has that id.
+        """
+        body = self._codec.encode(ResultsRequest(ids=list(job_ids), wait=wait))
+        response = self._request(b"POST", "/v1/results", body, wait=wait)
+        return self._codec.decode(response, RESULTS_REPLY).jobs
+
+    def results(
+        self,
+        jobs: Iterable[Job | str],
+        timeout: float | None = None,
+        *,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Wait for many jobs to finish and return their results, in order.
+
+        Celery's `ResultSet.get()`: one long-poll request per 1,000 jobs, however
+        they finish, instead of one `result()` each.
+
+        Args:
+            jobs: job handles or ids.
+            timeout: seconds to wait at most for all of them; None: no limit.
+            return_exceptions: put each failed job's exception in the list in place
+                of its result, instead of raising the first one.
+
+        Raises:
+            TaskFailed, JobCancelled, JobExpired, JobNotFound: for the first job (in
+                order) that did not succeed, unless `return_exceptions`.
+            TimeoutError: some job had not finished after `timeout` seconds.
+        """
+        ids = job_ids(jobs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        records: list[JobRecord | None] = []
+        for start in range(0, len(ids), MAX_RESULTS):
+            chunk = ids[start : start + MAX_RESULTS]
+            got = self.wait_jobs(chunk, next_wait(deadline))
+            while todo := unfinished(got):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise results_timeout(len(todo), len(ids), timeout)
+                again = self.wait_jobs([chunk[k] for k in todo], next_wait(deadline))
+                for k, record in zip(todo, again, strict=True):
+                    got[k] = record
+            records += got
+        return outcomes(ids, records, return_exceptions=return_exceptions)
 
     def cancel(self, job_id: str) -> JobState:
         """Cancel a job that has not finished; returns its state after the call.

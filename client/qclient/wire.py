@@ -21,6 +21,7 @@ import msgspec
 __all__ = [
     "FINAL_STATES",
     "MAX_BATCH",
+    "MAX_RESULTS",
     "NAME_PATTERN",
     "AckItem",
     "AckManyRequest",
@@ -47,6 +48,8 @@ __all__ = [
     "QueueList",
     "QueueStats",
     "ReleaseRequest",
+    "ResultsReply",
+    "ResultsRequest",
     "new_job_id",
 ]
 
@@ -80,6 +83,7 @@ NAME_PATTERN = r"^[A-Za-z0-9_.:@\-]{1,200}$"
 
 #: Items one batch request (enqueue, ack, fail) may carry.
 MAX_BATCH = 10_000
+MAX_RESULTS = 1000  #: job ids one `POST /v1/results` may wait for
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=10 * 365 * 86400.0)]
@@ -250,6 +254,17 @@ class JobRecord(_Struct, frozen=True):
     expires_at: float | None
     worker: str | None
     dedup_key: str | None = None
+
+
+class ResultsRequest(_Struct, frozen=True):
+    """`POST /v1/results`: wait for many jobs at once, until all are finished."""
+
+    ids: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=MAX_RESULTS)]
+    wait: Annotated[float, msgspec.Meta(ge=0, le=300)] = 0.0  #: long-poll seconds
+
+
+class ResultsReply(_Struct, frozen=True):
+    jobs: list[JobRecord | None]  #: one per asked id, in order; null: no such job
 
 
 class QueueStats(_Struct, frozen=True):
