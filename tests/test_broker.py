@@ -338,6 +338,65 @@ def test_parked_result_long_polls_get_the_final_records(
         w.close()
 
 
+def test_lease_settles_its_acks_and_fails_first_in_the_same_commit(
+    broker: BrokerProcess, wire: Wire
+) -> None:
+    """A lease may carry outcomes: each item settles on its own (a stale one fails
+    alone), before the lease; a lease that then waits has committed them already."""
+    import threading
+
+    a, b, c = (wire.enqueue("settle", max_retries=0) for _ in range(3))
+    leases = {j["id"]: j["lease"] for j in wire.lease("settle", max=3)}
+    d = wire.enqueue("settle")
+    reply = wire.ok("POST", "/v1/lease", {
+        "queues": ["settle"], "max": 5,
+        "acks": [{"id": a, "lease": leases[a], "result": "A"}, {"id": b, "lease": "stale"}],
+        "fails": [{"id": c, "lease": leases[c], "error": "E: c"}],
+    })  # fmt: skip
+    assert [j["id"] for j in reply["jobs"]] == [d]
+    assert reply["results"] == [
+        {"id": a, "ok": True, "error": None},
+        {"id": b, "ok": False, "error": "stale_lease"},
+        {"id": c, "ok": True, "error": None},
+    ]
+    assert [wire.job(j)["state"] for j in (a, b, c)] == [
+        "succeeded",
+        "active",
+        "failed",
+    ]
+    assert wire.job(a)["result"] == "A"
+    # Settle b with a lease that finds nothing and waits: b's result long-poll is
+    # answered while that lease is still waiting.
+    results: list[Any] = []
+    waiting: list[Any] = []
+    w1, w2 = Wire(broker.url), Wire(broker.url)
+    t1 = threading.Thread(
+        target=lambda: results.append(w1.ok("GET", f"/v1/jobs/{b}/result?wait=20"))
+    )
+    body = {
+        "queues": ["settle"],
+        "wait": 20,
+        "acks": [{"id": b, "lease": leases[b], "result": "B"}],
+    }
+    t2 = threading.Thread(
+        target=lambda: waiting.append(w2.ok("POST", "/v1/lease", body))
+    )
+    t1.start()
+    time.sleep(0.2)
+    t2.start()
+    t1.join(10)
+    assert (
+        results and results[0]["state"] == "succeeded" and results[0]["result"] == "B"
+    )
+    assert t2.is_alive() and not waiting  # still long-polling for a job
+    e = wire.enqueue("settle")
+    t2.join(10)
+    assert [j["id"] for j in waiting[0]["jobs"]] == [e]
+    assert waiting[0]["results"] == [{"id": b, "ok": True, "error": None}]
+    w1.close()
+    w2.close()
+
+
 def test_results_waits_for_every_job_and_answers_in_order(
     broker: BrokerProcess, wire: Wire
 ) -> None:

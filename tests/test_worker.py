@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -142,6 +144,35 @@ def test_send_email_example_runs_end_to_end(
     assert finished["job_id"] == job.id
     assert {"task", "queue", "attempt", "duration"} <= finished.keys()
     assert "name" not in finished  # never the job's arguments
+
+
+def test_busy_worker_reports_each_outcome_with_its_next_lease(
+    broker: BrokerProcess,
+    client: qclient.Client,
+    start_worker: Callable[..., WorkerProc],
+) -> None:
+    """With a backlog, a slot's outcome rides along with the lease that refills the
+    slot: about one request per job, not a lease and an ack each."""
+    items = [{"task": "send_email", "kwargs": {"name": str(i)}} for i in range(30)]
+    jobs = client.send_many("wt_busy", items)
+    worker = start_worker("--queue", "wt_busy", "--concurrency", "1", "--burst")
+    assert worker.wait(30) == 0
+    assert client.results(jobs, timeout=10) == ["success"] * 30
+    finished = worker.events("job.finished")
+    assert sorted(f["job_id"] for f in finished) == sorted(j.id for j in jobs)
+    assert {f["outcome"] for f in finished} == {"succeeded"}
+    with urllib.request.urlopen(broker.url + "/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    requests = {
+        m[1]: float(m[2])
+        for m in re.finditer(
+            r'^qbroker_http_requests_total\{route="(\w+)",status="200"\} (\S+)',
+            text,
+            re.M,
+        )
+    }
+    assert requests.get("ack_many", 0) + requests.get("fail_many", 0) <= 2, requests
+    assert requests["lease"] <= 34, requests
 
 
 def test_failing_task_retries_with_backoff_then_fails(

@@ -10,6 +10,7 @@ trio loop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -18,14 +19,17 @@ import prometheus_client
 import trio
 from qclient.wire import (
     FINAL_STATES,
+    AckItem,
     AckManyRequest,
     AckRequest,
     BatchReply,
+    BatchResult,
     CancelReply,
     EnqueueManyReply,
     EnqueueReply,
     ExtendReply,
     ExtendRequest,
+    FailItem,
     FailManyRequest,
     FailRequest,
     Health,
@@ -369,10 +373,12 @@ class Broker:
     async def on_lease(self, req: Request) -> Response:
         body = decode(req, LeaseRequest)
         deadline = trio.current_time() + body.wait
+        settle = bool(body.acks or body.fails)
+        results: list[BatchResult] = []
         while True:
             with self.queue_waiters.register(body.queues, body) as slot:
                 now = self.clock.now()
-                jobs = await self.writer.call(
+                lease = functools.partial(
                     self.store.lease,
                     body.queues,
                     max_jobs=body.max,
@@ -380,6 +386,14 @@ class Broker:
                     worker=body.worker,
                     now=now,
                 )
+                if settle:  # the outcomes first, in the first pass's commit
+                    settle = False
+                    results, leased = await self._settle(
+                        body.acks, body.fails, now, lease
+                    )
+                    jobs = leased or []
+                else:
+                    jobs = await self.writer.call(lease)
                 if jobs or self.closing or trio.current_time() >= deadline:
                     break
                 slot.parked = True
@@ -398,7 +412,7 @@ class Broker:
             metrics.JOBS_LEASED.labels(job.queue).inc()
         if jobs:
             self.poke_reaper(min(j.lease_expires_at for j in jobs))
-        return encode(req, LeaseReply(jobs=jobs))
+        return encode(req, LeaseReply(jobs=jobs, results=results))
 
     async def on_ack(self, req: Request) -> Response:
         body = decode(req, AckRequest)
@@ -436,31 +450,39 @@ class Broker:
 
     async def on_ack_many(self, req: Request) -> Response:
         body = decode(req, AckManyRequest)
-        results, records = await self.writer.call(
-            _then_records(
-                self.store.ack_many, self.watched(a.id for a in body.acks), self.store
-            ),
-            body.acks,
-            now=self.clock.now(),
-        )
-        self.finished((r.id for r in results if r.ok), records)
+        results, _ = await self._settle(body.acks, [], self.clock.now())
         return encode(req, BatchReply(results=results))
 
     async def on_fail_many(self, req: Request) -> Response:
         body = decode(req, FailManyRequest)
-        now = self.clock.now()
-        results, records = await self.writer.call(
-            _then_records(
-                self.store.fail_many, self.watched(f.id for f in body.fails), self.store
-            ),
-            body.fails,
-            now=now,
-        )
+        results, _ = await self._settle([], body.fails, self.clock.now())
+        return encode(req, BatchReply(results=results))
+
+    async def _settle(
+        self,
+        acks: Sequence[AckItem],
+        fails: Sequence[FailItem],
+        now: float,
+        then: Callable[[], T] | None = None,
+    ) -> tuple[list[BatchResult], T | None]:
+        """Ack and fail many jobs, each item on its own, then run `then` (a store
+        call), all in one writer call; wake the result long-polls of the jobs that
+        finished. Returns the items' results (acks, then fails) and `then`'s."""
+        watched = self.watched([a.id for a in acks] + [f.id for f in fails])
+
+        def call() -> tuple[list[BatchResult], T | None, dict[str, JobRecord]]:
+            results = self.store.ack_many(acks, now=now) if acks else []
+            if fails:
+                results += self.store.fail_many(fails, now=now)
+            out = then() if then is not None else None
+            return results, out, self.store.final_records(watched) if watched else {}
+
+        results, out, records = await self.writer.call(call)
         self.finished((r.id for r in results if r.ok), records)
-        retries = [f.retry_in for f in body.fails if f.retry_in is not None]
+        retries = [f.retry_in for f in fails if f.retry_in is not None]
         if retries:
             self.poke_reaper(now + min(retries))
-        return encode(req, BatchReply(results=results))
+        return results, out
 
     async def on_extend(self, req: Request) -> Response:
         body = decode(req, ExtendRequest)

@@ -74,6 +74,7 @@ from qclient.wire import (
     JobSpec,
     JobState,
     LeasedJob,
+    LeaseReply,
     LeaseRequest,
     QueueStats,
     ReleaseRequest,
@@ -443,12 +444,36 @@ class AsyncClient:
         worker: str = "",
     ) -> list[LeasedJob]:
         """Lease up to `max` ready jobs from `queues`; see `Client.lease()`."""
+        reply = await self.settle_and_lease(
+            queues, max=max, wait=wait, timeout=timeout, worker=worker
+        )
+        return reply.jobs
+
+    async def settle_and_lease(
+        self,
+        queues: Sequence[str],
+        acks: Sequence[AckItem] = (),
+        fails: Sequence[FailItem] = (),
+        *,
+        max: int = 1,
+        wait: float = 0.0,
+        timeout: float | None = None,  # noqa: ASYNC109 - the lease length
+        worker: str = "",
+    ) -> LeaseReply:
+        """Ack and fail jobs, then lease, in one request and one commit; see
+        `Client.settle_and_lease()`."""
         request = LeaseRequest(
-            queues=list(queues), max=max, wait=wait, timeout=timeout, worker=worker
+            queues=list(queues),
+            max=max,
+            wait=wait,
+            timeout=timeout,
+            worker=worker,
+            acks=list(acks),
+            fails=list(fails),
         )
         body = self._codec.encode(request)
         response = await self._request(b"POST", "/v1/lease", body, wait)
-        return self._codec.decode(response, LEASE_REPLY).jobs
+        return self._codec.decode(response, LEASE_REPLY)
 
     async def ack(self, job_id: str, lease: str, result: Any = None) -> None:
         """Report success; raises `StaleLease` if the lease moved on."""

@@ -83,6 +83,7 @@ from qclient.wire import (
     JobSpec,
     JobState,
     LeasedJob,
+    LeaseReply,
     LeaseRequest,
     QueueStats,
     ReleaseRequest,
@@ -582,13 +583,44 @@ class Client:
             or released with its `lease` token before `lease_expires_at`, or
             extended; otherwise the broker gives it to another worker.
         """
+        return self.settle_and_lease(
+            queues, max=max, wait=wait, timeout=timeout, worker=worker
+        ).jobs
+
+    def settle_and_lease(
+        self,
+        queues: Sequence[str],
+        acks: Sequence[AckItem] = (),
+        fails: Sequence[FailItem] = (),
+        *,
+        max: int = 1,
+        wait: float = 0.0,
+        timeout: float | None = None,
+        worker: str = "",
+    ) -> LeaseReply:
+        """Ack and fail jobs, then lease, in one request and one commit: what a
+        worker does when a slot frees. Arguments as `lease()`, `ack_many()` and
+        `fail_many()`.
+
+        The outcomes are committed before any long-poll wait, so a result long-poll
+        sees them at once; their `results` come with the reply's `jobs`.
+
+        Returns:
+            The leased jobs, and one `BatchResult` per ack, then per fail, in order.
+        """
         request = LeaseRequest(
-            queues=list(queues), max=max, wait=wait, timeout=timeout, worker=worker
+            queues=list(queues),
+            max=max,
+            wait=wait,
+            timeout=timeout,
+            worker=worker,
+            acks=list(acks),
+            fails=list(fails),
         )
         response = self._request(
             b"POST", "/v1/lease", self._codec.encode(request), wait
         )
-        return self._codec.decode(response, LEASE_REPLY).jobs
+        return self._codec.decode(response, LEASE_REPLY)
 
     def ack(self, job_id: str, lease: str, result: Any = None) -> None:
         """Report success; the job becomes `succeeded` with `result`.

@@ -134,16 +134,6 @@ class EnqueueManyReply(_Struct, frozen=True):
 # ---------------------------------------------------------------- worker side
 
 
-class LeaseRequest(_Struct, frozen=True):
-    """`POST /v1/lease`: ask for up to `max` ready jobs from `queues`, in order."""
-
-    queues: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=100)]
-    max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
-    wait: Annotated[float, msgspec.Meta(ge=0, le=300)] = 0.0  #: long-poll seconds
-    timeout: LeaseSeconds | None = None  #: lease seconds; default: the job's own
-    worker: Annotated[str, msgspec.Meta(max_length=200)] = ""
-
-
 class LeasedJob(_Struct, frozen=True):
     id: str
     queue: str
@@ -156,10 +146,6 @@ class LeasedJob(_Struct, frozen=True):
     max_retries: int
     timeout: float  #: lease seconds granted
     lease_expires_at: float  #: unix seconds
-
-
-class LeaseReply(_Struct, frozen=True):
-    jobs: list[LeasedJob]
 
 
 class AckRequest(_Struct, frozen=True):
@@ -228,6 +214,24 @@ class CancelReply(_Struct, frozen=True):
 
 
 # ---------------------------------------------------------------- reading
+
+
+class LeaseRequest(_Struct, frozen=True):
+    """`POST /v1/lease`: ask for up to `max` ready jobs from `queues`, in order,
+    after settling the jobs of `acks` and `fails` in the same commit."""
+
+    queues: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=100)]
+    max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    wait: Annotated[float, msgspec.Meta(ge=0, le=300)] = 0.0  #: long-poll seconds
+    timeout: LeaseSeconds | None = None  #: lease seconds; default: the job's own
+    worker: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    acks: Annotated[list[AckItem], msgspec.Meta(max_length=MAX_BATCH)] = []
+    fails: Annotated[list[FailItem], msgspec.Meta(max_length=MAX_BATCH)] = []
+
+
+class LeaseReply(_Struct, frozen=True):
+    jobs: list[LeasedJob]
+    results: list[BatchResult] = []  #: one per ack, then one per fail, in order
 
 
 class JobRecord(_Struct, frozen=True):

@@ -5,13 +5,17 @@ it: `_running` (job id -> Execution, leased and not settled yet) and `_results` 
 outcomes waiting to be reported).
 
 - The **lease thread** waits until a slot is free, then asks for exactly that many jobs
-  in one long-poll (`wait` = LEASE_WAIT): never a prefetch beyond free slots. A job for
-  an unknown task is settled at once as failed (no retry); the rest go to the pool.
+  in one long-poll (`wait` = LEASE_WAIT): never a prefetch beyond free slots. The
+  outcomes settled meanwhile (the one that freed the slot, usually) ride along in the
+  same request, which the broker commits before it leases or waits: a busy worker makes
+  one request per job, not a lease and an ack. A job for an unknown task is settled at
+  once as failed (no retry); the rest go to the pool.
   Transport trouble is logged once as `broker.unreachable` and retried with capped
   exponential backoff; `broker.reconnected` is logged when a request gets through.
-- The **control thread** reports settled outcomes in batches (`ack_many`/`fail_many`):
-  whatever piled up while the previous request was in flight goes in the next one, so
-  an idle worker reports at once and a busy one in big batches. It also sends each
+- The **control thread** reports the other settled outcomes in batches
+  (`ack_many`/`fail_many`): those settled while the lease thread is in a request or
+  backing off, and any the broker refused (item by item then). Whatever piled up while
+  the previous request was in flight goes in the next one. It also sends each
   running job's heartbeat (`extend`) at a third of its lease, and enforces `time_limit`.
 - **Pool threads** run the tasks and hand outcomes to `_on_done`.
 
@@ -79,6 +83,12 @@ class _Report:
     item: AckItem | FailItem
     outcome: str  #: "succeeded" | "retry" | "failed"
     duration: float  #: seconds the task ran
+
+
+def _split(batch: Sequence[_Report]) -> tuple[list[_Report], list[_Report]]:
+    """The acks of `batch`, then its fails, each in order (as the broker answers)."""
+    acks = [r for r in batch if isinstance(r.item, AckItem)]
+    return acks, [r for r in batch if isinstance(r.item, FailItem)]
 
 
 def _transient(exc: Exception) -> bool:
@@ -157,6 +167,9 @@ class Worker:
         self._running: dict[str, Execution] = {}
         self._results: list[_Report] = []
         self._reporting = False  #: the control thread is sending a batch
+        self._lease_parked = (
+            False  #: the lease thread waits for a slot, to carry reports
+        )
         self._stopping = False  #: no more leases
         self._stop_reporting = False  #: the control thread ends once results are out
         self._broker_ok = True
@@ -351,22 +364,43 @@ class Worker:
 
     def _lease_loop(self) -> None:
         failures = 0
+        carry = True  #: take settled outcomes along with the next lease
         while True:
             with self._cond:
+                self._lease_parked = carry
                 while not self._stopping and len(self._running) >= self.concurrency:
                     self._cond.wait()
+                self._lease_parked = False
                 if self._stopping:
+                    self._cond.notify_all()  # the control thread reports what is left
                     return
                 free = self.concurrency - len(self._running)
                 idle = not (self._running or self._results or self._reporting)
+                batch: list[_Report] = []
+                if carry and self._broker_ok and self._results:
+                    batch = self._results[:MAX_BATCH]
+                    del self._results[:MAX_BATCH]
+                    if self._results:
+                        self._cond.notify_all()  # the rest is the control thread's
+            carry = True
+            acks, fails = _split(batch)
             try:
-                jobs = self.client.lease(
+                reply = self.client.settle_and_lease(
                     self.queues,
+                    [r.item for r in acks if isinstance(r.item, AckItem)],
+                    [r.item for r in fails if isinstance(r.item, FailItem)],
                     max=min(free, MAX_LEASE),
                     wait=0.0 if self._burst else self.lease_wait,
                     worker=self.name,
                 )
             except (ProtocolError, BrokerError) as exc:
+                if batch:  # back to the front, for the control thread to retry
+                    with self._cond:
+                        self._results[:0] = batch
+                        self._cond.notify_all()
+                    if not _transient(exc):
+                        carry = False  # refused with them: lease again without them
+                        continue
                 failures += 1
                 if _transient(exc):
                     self._broker_down(exc)
@@ -380,6 +414,9 @@ class Worker:
                 continue
             failures = 0
             self._broker_up()
+            if batch:
+                self._log_reports(acks + fails, reply.results)
+            jobs = reply.jobs
             self._dispatch(jobs)
             if self._burst and not jobs:
                 if idle:  # nothing ready, nothing ran or waited to be reported
@@ -388,6 +425,16 @@ class Worker:
                     return
                 with self._cond:  # wait for a task to end, then look again
                     self._cond.wait(0.5)
+
+    def _lease_carries_reports(self) -> bool:
+        """Whether the lease thread is about to take the settled outcomes along with
+        its next lease, so the control thread leaves them to it (lock held)."""
+        return (
+            self._lease_parked
+            and self._broker_ok
+            and not self._stopping
+            and len(self._running) < self.concurrency
+        )
 
     def _sleep_unless_stopping(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -494,13 +541,14 @@ class Worker:
                                 self._log.error("worker.reports_lost", jobs=lost)
                             return
                     due = self._next_due(now)
-                    if self._results:
+                    mine = self._results and not self._lease_carries_reports()
+                    if mine:
                         due = min(due, report_after)
                     if due <= now:
                         break
                     self._cond.wait(min(due - now, IDLE_TICK))
                 batch: list[_Report] = []
-                if self._results and now >= report_after:
+                if mine and now >= report_after:
                     batch = self._results[:MAX_BATCH]
                     del self._results[:MAX_BATCH]
                     self._reporting = True
@@ -535,8 +583,7 @@ class Worker:
 
     def _send_reports(self, batch: list[_Report]) -> list[_Report]:
         """Report a batch. Returns the reports the broker could not be reached for."""
-        ack_reports = [r for r in batch if isinstance(r.item, AckItem)]
-        fail_reports = [r for r in batch if isinstance(r.item, FailItem)]
+        ack_reports, fail_reports = _split(batch)
         acks = [r.item for r in ack_reports if isinstance(r.item, AckItem)]
         fails = [r.item for r in fail_reports if isinstance(r.item, FailItem)]
         pending = ack_reports + fail_reports
