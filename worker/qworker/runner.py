@@ -167,9 +167,7 @@ class Worker:
         self._running: dict[str, Execution] = {}
         self._results: list[_Report] = []
         self._reporting = False  #: the control thread is sending a batch
-        self._lease_parked = (
-            False  #: the lease thread waits for a slot, to carry reports
-        )
+        self._lease_parked = False  #: waits for a slot, to carry the reports along
         self._stopping = False  #: no more leases
         self._stop_reporting = False  #: the control thread ends once results are out
         self._broker_ok = True
