@@ -69,6 +69,25 @@ class _Conn:
             return event
 
     async def send(self, resp: protocol.Response, *, head: bool = False) -> None:
+        out = [self.h11.send(_response_event(resp))]
+        if resp.body and not head:
+            out.append(self.h11.send(h11.Data(data=resp.body)))
+        out.append(self.h11.send(_END))
+        await self.stream.send_all(b"".join(out))
+
+
+#: one EndOfMessage for every reply (h11 events are immutable)
+_END = h11.EndOfMessage()
+#: (status, content type, body length, close) -> the h11 Response event, headers
+#: validated once: h11 skips the header checks for a Headers it made itself
+_RESPONSES: dict[tuple[int, bytes, int, bool], h11.Response] = {}
+_MAX_RESPONSES = 4096  #: distinct reply heads cached before the cache starts over
+
+
+def _response_event(resp: protocol.Response) -> h11.Response:
+    key = (resp.status, resp.content_type, len(resp.body), resp.close)
+    event = _RESPONSES.get(key)
+    if event is None:
         headers = [
             (b"content-type", resp.content_type),
             (b"content-length", str(len(resp.body)).encode()),
@@ -76,15 +95,11 @@ class _Conn:
         ]
         if resp.close:
             headers.append((b"connection", b"close"))
-        out = self.h11.send(h11.Response(status_code=resp.status, headers=headers))
-        assert out is not None
-        if resp.body and not head:
-            data = self.h11.send(h11.Data(data=resp.body))
-            assert data is not None
-            out += data
-        end = self.h11.send(h11.EndOfMessage())
-        assert end is not None
-        await self.stream.send_all(out + end)
+        event = h11.Response(status_code=resp.status, headers=headers)
+        if len(_RESPONSES) >= _MAX_RESPONSES:
+            _RESPONSES.clear()
+        _RESPONSES[key] = event
+    return event
 
 
 async def _watch(conn: _Conn, step: float) -> None:
@@ -201,17 +216,19 @@ class Server:
         await self._respond_error(conn, None, errors.RequestTimeout(msg))
 
     async def _read_request(self, conn: _Conn) -> protocol.Request | None:
+        # h11 events are plain final classes: `type(e) is` spares ABCMeta.__instancecheck__
         event = await conn.next_event()
-        if isinstance(event, h11.ConnectionClosed):
+        if type(event) is h11.ConnectionClosed:
             return None
-        assert isinstance(event, h11.Request), event
+        assert type(event) is h11.Request, event
         # h11 only bounds a head that arrives in pieces; bound one that came whole, too
-        head_size = len(event.target) + sum(
-            len(k) + len(v) + 4 for k, v in event.headers
-        )
+        headers: dict[bytes, bytes] = {}
+        head_size = len(event.target)
+        for k, v in event.headers:  # h11 gives the names lower-cased
+            headers[k] = v
+            head_size += len(k) + len(v) + 4
         if head_size > MAX_HEADER_BYTES:
             raise errors.HeadersTooLarge("the request head is over 16 KiB")
-        headers = {k.lower(): v for k, v in event.headers}
         req = protocol.Request.from_target(
             event.method.decode("ascii", "replace"),
             event.target.decode("ascii", "replace"),
@@ -226,16 +243,16 @@ class Server:
         size = 0
         while True:
             event = await conn.next_event()
-            if isinstance(event, h11.Data):
+            if type(event) is h11.Data:
                 size += len(event.data)
                 if size > self.config.max_body:
                     raise errors.BodyTooLarge(
                         f"the body is over the limit of {self.config.max_body} bytes"
                     )
                 chunks.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
+            elif type(event) is h11.EndOfMessage:
                 break
-            elif isinstance(event, h11.ConnectionClosed):
+            elif type(event) is h11.ConnectionClosed:
                 return None
         req.body = b"".join(chunks)
         return req
