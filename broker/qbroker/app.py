@@ -246,7 +246,7 @@ class Broker:
             ids = await self.writer.call(
                 self.store.enqueue, queue, specs, defaults=self.defaults, now=now
             )
-        metrics.JOBS_ENQUEUED.labels(queue).inc(len(ids))
+        metrics.jobs_enqueued(queue).inc(len(ids))
         if due:
             self.poke_reaper(min(due))
         handed = sum(len(t.value or ()) for t in takers)
@@ -408,9 +408,12 @@ class Broker:
                     jobs = slot.value
                     if jobs:
                         break
-        for job in jobs:
-            metrics.JOBS_LEASED.labels(job.queue).inc()
         if jobs:
+            per_queue: dict[str, int] = {}
+            for job in jobs:
+                per_queue[job.queue] = per_queue.get(job.queue, 0) + 1
+            for queue, n in per_queue.items():
+                metrics.jobs_leased(queue).inc(n)
             self.poke_reaper(min(j.lease_expires_at for j in jobs))
         return encode(req, LeaseReply(jobs=jobs, results=results))
 
@@ -424,7 +427,7 @@ class Broker:
             body.result,
             now=self.clock.now(),
         )
-        metrics.JOBS_FINISHED.labels(queue, "succeeded").inc()
+        metrics.jobs_finished(queue, "succeeded").inc()
         self.finished([job_id], records)
         return Response(200, _EMPTY)
 
@@ -441,7 +444,7 @@ class Broker:
             retry_in=body.retry_in,
             now=now,
         )
-        metrics.JOBS_FINISHED.labels(queue, state).inc()
+        metrics.jobs_finished(queue, state).inc()
         if state in FINAL_STATES:
             self.finished([job_id], records)
         elif body.retry_in is not None:
