@@ -29,7 +29,7 @@ _MSGPACK_TYPES = (
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     """One HTTP request as the core sees it."""
 
@@ -49,9 +49,13 @@ class Request:
         return cls(method, path, headers, body, dict(parse_qsl(qs)) if qs else {})
 
     @property
+    def content_type(self) -> bytes:
+        """The body's media type, lower-cased, without parameters (b"" when none)."""
+        return self.headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+
+    @property
     def body_is_msgpack(self) -> bool:
-        ctype = self.headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        return ctype in _MSGPACK_TYPES
+        return self.content_type in _MSGPACK_TYPES
 
     @property
     def wants_msgpack(self) -> bool:
@@ -61,7 +65,7 @@ class Request:
         return any(t in accept for t in _MSGPACK_TYPES)
 
 
-@dataclass
+@dataclass(slots=True)
 class Response:
     status: int
     body: bytes
@@ -158,9 +162,10 @@ def decode(req: Request, type_: type[T]) -> T:
     Raises:
         errors.UnsupportedMediaType, errors.MalformedBody, errors.InvalidField
     """
-    ctype = req.headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    ctype = req.content_type
+    msgpack = ctype in _MSGPACK_TYPES
     try:
-        if req.body_is_msgpack:
+        if msgpack:
             dec: Any = _msgpack_decoders.get(type_)
             if dec is None:
                 dec = _msgpack_decoders[type_] = msgspec.msgpack.Decoder(type_)
@@ -174,7 +179,7 @@ def decode(req: Request, type_: type[T]) -> T:
                 f"Content-Type {ctype.decode(errors='replace')!r}: use JSON or msgpack"
             )
         result: T = dec.decode(req.body)
-        if req.body_is_msgpack:
+        if msgpack:
             _check_json_safe(result)
         return result
     except msgspec.ValidationError as exc:
