@@ -10,16 +10,19 @@ its first byte; refuse a declared body over --max-body with 413 before reading i
 body within the same deadline; answer; keep the connection for the next request, closing it
 after IDLE_TIMEOUT of silence. A connection past --max-connections gets 429 and is closed.
 
-Timeouts cost no cancel scope per request: each connection has one CancelScope, entered
-once, and a float `deadline` it moves with a plain assignment (the end of the current
-wait for request bytes, or inf while it answers). A watchdog task per connection cancels
-the scope once the deadline has passed (see `_watch`). Entering and leaving a trio cancel
-scope per read, twice a request, cost about 14 us of CPU; a float assignment costs nothing.
+Timeouts cost no cancel scope per request: each connection enters one CancelScope once
+and keeps a float deadline (the end of the current wait for request bytes, or inf while
+it answers) that it moves with a plain assignment. One watchdog task for the whole server
+(`Server.watch_timeouts`) cancels a connection's scope once its deadline has passed.
+Entering and leaving a trio cancel scope per read, twice a request, cost about 14 us of
+CPU (and a watchdog task per connection about 50 us a connection).
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import math
 import signal
 import time
@@ -54,10 +57,7 @@ class _Conn:
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES
         )
-        #: trio time by which the awaited request bytes must come; inf while answering
-        self.deadline = math.inf
-        #: the connection's reads run in it; `_watch` cancels it past `deadline`
-        self.scope = trio.CancelScope()
+        self.timer = _Timer()
 
     async def next_event(self) -> Any:
         while True:
@@ -102,20 +102,17 @@ def _response_event(resp: protocol.Response) -> h11.Response:
     return event
 
 
-async def _watch(conn: _Conn, step: float) -> None:
-    """Cancel `conn.scope` once `conn.deadline` has passed; run beside the connection.
+class _Timer:
+    """A connection's read deadline, for `Server.watch_timeouts`."""
 
-    Never late: every deadline the connection sets is `now + t` with t >= `step` (t is
-    the request or idle timeout), so one set while this task sleeps is never before the
-    wake-up, which is at most `step` away and never past the deadline it saw.
-    """
-    while True:
-        now = trio.current_time()
-        deadline = conn.deadline
-        if deadline <= now:
-            conn.scope.cancel()
-            return
-        await trio.sleep_until(min(deadline, now + step))
+    __slots__ = ("deadline", "done", "scope")
+
+    def __init__(self) -> None:
+        #: trio time by which the awaited request bytes must come; inf while answering
+        self.deadline = math.inf
+        #: the connection's loop runs in it; cancelled once `deadline` has passed
+        self.scope = trio.CancelScope()
+        self.done = False  #: the connection has ended: forget the timer
 
 
 class Server:
@@ -126,6 +123,43 @@ class Server:
         self.connections = 0
         self._next_conn_id = 0
         self.idle = trio.Event()  #: set when no request is in flight during shutdown
+        #: (when to look, tie-break, timer): a heap of every open connection's timer
+        self._timers: list[tuple[float, int, _Timer]] = []
+        self._timer_ids = itertools.count()
+        #: the watchdog looks at each timer at least this often (seconds); no deadline
+        #: is ever set closer than this to the moment it is set
+        self._step = max(0.01, min(config.request_timeout, config.idle_timeout))
+
+    def _watch(self, timer: _Timer, now: float) -> None:
+        """Have the watchdog look at `timer` by its deadline, and within `_step`."""
+        heapq.heappush(
+            self._timers,
+            (min(timer.deadline, now + self._step), next(self._timer_ids), timer),
+        )
+
+    async def watch_timeouts(self) -> None:
+        """Cancel each connection's scope once its deadline has passed; runs forever.
+
+        Never late, with no wake-up per deadline move: a connection only ever sets a
+        deadline `now + t` with t >= `_step` (t is the request or idle timeout), and
+        each timer is looked at again within `_step` of the last look, so a deadline
+        set in between is never before that next look.
+        """
+        timers = self._timers
+        while True:
+            now = trio.current_time()
+            while timers and timers[0][0] <= now:
+                timer = heapq.heappop(timers)[2]
+                if timer.done:
+                    continue
+                if timer.deadline <= now:
+                    timer.scope.cancel()
+                else:
+                    self._watch(timer, now)
+            wake = now + self._step
+            if timers and timers[0][0] < wake:
+                wake = timers[0][0]
+            await trio.sleep_until(wake)
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         self._next_conn_id += 1
@@ -138,20 +172,11 @@ class Server:
                 with trio.move_on_after(1):
                     await conn.send(protocol.error_response(None, err))
                 return
-            async with trio.open_nursery() as nursery:
-                step = max(
-                    0.01, min(self.config.request_timeout, self.config.idle_timeout)
-                )
-                nursery.start_soon(_watch, conn, step)
-                try:
-                    await self._serve(conn)
-                except _GONE:
-                    pass
-                finally:
-                    nursery.cancel_scope.cancel()
+            await self._serve(conn)
         except _GONE:
             pass
         finally:
+            conn.timer.done = True
             self.connections -= 1
             metrics.CONNECTIONS.dec()
             with trio.move_on_after(1) as scope:
@@ -163,21 +188,25 @@ class Server:
         cfg = self.config
         first = True  #: no request has begun on this connection yet
         reading = False  #: waiting for the rest of a begun request (else for its start)
-        with conn.scope:
+        timer = conn.timer
+        now = trio.current_time()
+        timer.deadline = now + cfg.request_timeout
+        self._watch(timer, now)
+        with timer.scope:
             while True:
                 # Wait for the first byte of the next request (idle keep-alive), then
                 # give the whole request REQUEST_TIMEOUT seconds to arrive (slowloris).
                 reading = False
                 if conn.h11.their_state is h11.IDLE and not conn.h11.trailing_data[0]:
                     wait = cfg.request_timeout if first else cfg.idle_timeout
-                    conn.deadline = trio.current_time() + wait
+                    timer.deadline = trio.current_time() + wait
                     data = await conn.stream.receive_some(READ_SIZE)
                     if not data:
                         return
                     conn.h11.receive_data(data)
                 first = False
                 reading = True
-                conn.deadline = trio.current_time() + cfg.request_timeout
+                timer.deadline = trio.current_time() + cfg.request_timeout
                 try:
                     req = await self._read_request(conn)
                 except h11.RemoteProtocolError as exc:
@@ -191,8 +220,8 @@ class Server:
                 except errors.QBrokerError as exc:
                     await self._respond_error(conn, None, exc)
                     return
-                conn.deadline = math.inf
-                if conn.scope.cancel_called:
+                timer.deadline = math.inf
+                if timer.scope.cancel_called:
                     # the deadline passed as the last bytes came: a timeout, as if
                     # they had come a moment later (nothing of the request was done)
                     break
@@ -341,6 +370,7 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_reaper, broker)
+            nursery.start_soon(server.watch_timeouts)
             nursery.start_soon(run_checkpointer, broker)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as conn_nursery:
