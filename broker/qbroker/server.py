@@ -127,7 +127,8 @@ class Server:
         self._timers: list[tuple[float, int, _Timer]] = []
         self._timer_ids = itertools.count()
         #: the watchdog looks at each timer at least this often (seconds); no deadline
-        #: is ever set closer than this to the moment it is set
+        #: is ever set closer than this to the moment it is set (with a timeout under
+        #: the 10 ms floor, which keeps the watchdog from spinning, it may be 10 ms late)
         self._step = max(0.01, min(config.request_timeout, config.idle_timeout))
 
     def _watch(self, timer: _Timer, now: float) -> None:
