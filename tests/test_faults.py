@@ -215,6 +215,18 @@ def _assert_refused(data_dir: Path, *words: str) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize("flag", ["--request-timeout", "--idle-timeout"])
+def test_a_timeout_of_zero_is_refused(tmp_path: Path, flag: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "qbroker", "serve", "--port", "0",
+         "--data-dir", str(tmp_path), flag, "0"],
+        env=child_env(), capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert done.stderr.decode().strip().startswith("qbroker: the ")
+    assert b"listening" not in done.stdout
+
+
 @pytest.fixture(scope="module")
 def real_db(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """The bytes of a real qbroker.db holding 300 jobs, closed cleanly."""

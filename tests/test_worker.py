@@ -173,6 +173,7 @@ def test_busy_worker_reports_each_outcome_with_its_next_lease(
     }
     assert requests.get("ack_many", 0) + requests.get("fail_many", 0) <= 2, requests
     assert requests["lease"] <= 34, requests
+    assert 'qbroker_jobs_finished_total{queue="wt_busy",state="succeeded"} 30.0' in text
 
 
 def test_failing_task_retries_with_backoff_then_fails(

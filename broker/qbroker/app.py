@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -486,14 +487,18 @@ class Broker:
         finished. Returns the items' results (acks, then fails) and `then`'s."""
         watched = self.watched([a.id for a in acks] + [f.id for f in fails])
 
+        counts: Counter[tuple[str, str]] = Counter()
+
         def call() -> tuple[list[BatchResult], T | None, dict[str, JobRecord]]:
-            results = self.store.ack_many(acks, now=now) if acks else []
+            results = self.store.ack_many(acks, now=now, counts=counts) if acks else []
             if fails:
-                results += self.store.fail_many(fails, now=now)
+                results += self.store.fail_many(fails, now=now, counts=counts)
             out = then() if then is not None else None
             return results, out, self.store.final_records(watched) if watched else {}
 
         results, out, records = await self.writer.call(call)
+        for (queue, state), n in counts.items():
+            metrics.jobs_finished(queue, state).inc(n)
         self.finished((r.id for r in results if r.ok), records)
         retries = [f.retry_in for f in fails if f.retry_in is not None]
         if retries:

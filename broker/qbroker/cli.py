@@ -151,6 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     config = config_from(ns)
     logs.configure(config.log_level)
+    for name, seconds in (
+        ("request timeout", config.request_timeout),
+        ("idle timeout", config.idle_timeout),
+    ):
+        if not seconds > 0:  # NaN too
+            raise SystemExit(f"qbroker: the {name} must be above 0 s, not {seconds:g}")
     _check_data_dir(config)
     started: list[int] = []
     try:

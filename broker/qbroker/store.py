@@ -550,15 +550,22 @@ class Store:
                 raise self._stale(job_id)
         return str(row[0]), JobState(row[1])
 
-    def ack_many(self, items: Sequence[AckItem], *, now: float) -> list[BatchResult]:
-        """Ack each item on its own; a stale item fails only itself.
+    def ack_many(
+        self,
+        items: Sequence[AckItem],
+        *,
+        now: float,
+        counts: Counter[tuple[str, str]] | None = None,
+    ) -> list[BatchResult]:
+        """Ack each item on its own; a stale item fails only itself. `counts`, if
+        given, gets one (queue, "succeeded") per job acked.
 
         One UPDATE ... FROM (VALUES ...) acks every valid item (sqlite.org/lang_update.html
         #upfrom); only the items it did not match are looked at one by one. A job named
         by several items is acked item by item, in order: the UPDATE reports only job
         ids, so it could not tell which of the items' leases was the valid one.
         """
-        done: set[str] = set()
+        done: dict[str, str] = {}  #: job id -> queue
         repeated = {i for i, n in Counter(it.id for it in items).items() if n > 1}
         batch = [it for it in items if it.id not in repeated] if repeated else items
         with translate_errors():
@@ -575,20 +582,24 @@ class Store:
                     f" FROM (VALUES {values}) AS v"
                     " WHERE jobs.id = v.column1 AND jobs.lease = v.column2"
                     " AND jobs.state = 'active' AND jobs.lease_expires_at > ?1"
-                    " RETURNING jobs.id",
+                    " RETURNING jobs.id, jobs.queue",
                     [now, *params],
                 ).fetchall()
-                done.update(r[0] for r in rows)
+                done.update(rows)
         out = []
         for it in items:
             if it.id in repeated:
                 try:
-                    self.ack(it.id, it.lease, it.result, now=now)
+                    queue = self.ack(it.id, it.lease, it.result, now=now)
                 except (errors.StaleLease, errors.JobNotFound) as exc:
                     out.append(BatchResult(id=it.id, ok=False, error=exc.reason))
                 else:
                     out.append(BatchResult(id=it.id, ok=True))
+                    if counts is not None:
+                        counts[queue, "succeeded"] += 1
             elif it.id in done:
+                if counts is not None:
+                    counts[done[it.id], "succeeded"] += 1
                 out.append(BatchResult(id=it.id, ok=True))
             else:
                 out.append(
@@ -596,12 +607,19 @@ class Store:
                 )
         return out
 
-    def fail_many(self, items: Sequence[FailItem], *, now: float) -> list[BatchResult]:
-        """Fail each item on its own; a stale item fails only itself."""
+    def fail_many(
+        self,
+        items: Sequence[FailItem],
+        *,
+        now: float,
+        counts: Counter[tuple[str, str]] | None = None,
+    ) -> list[BatchResult]:
+        """Fail each item on its own; a stale item fails only itself. `counts`, if
+        given, gets one (queue, new state) per job failed."""
         out = []
         for it in items:
             try:
-                self.fail(
+                queue, state = self.fail(
                     it.id,
                     it.lease,
                     error=it.error,
@@ -613,6 +631,8 @@ class Store:
                 out.append(BatchResult(id=it.id, ok=False, error=exc.reason))
             else:
                 out.append(BatchResult(id=it.id, ok=True))
+                if counts is not None:
+                    counts[queue, state.value] += 1
         return out
 
     def extend(
