@@ -40,7 +40,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -68,6 +68,7 @@ REPORT_GIVE_UP = 10.0  #: seconds shutdown keeps trying to report outcomes
 MAX_BATCH = 1000  #: items in one ack_many/fail_many request
 MAX_LEASE = 1000  #: jobs in one lease request (the protocol's limit)
 MAX_QUEUES = 100  #: queues in one lease request (the protocol's limit)
+CARRY_WAIT = 0.02  #: seconds an outcome may wait for a lease in flight to carry it
 IDLE_TICK = 1.0  #: seconds the control thread sleeps at most when nothing is due
 POLL_TICK = 0.1  #: seconds between the main thread's looks at signals
 START_POLL = 0.02  #: seconds between looks at whether a time-limited task has started
@@ -83,6 +84,7 @@ class _Report:
     item: AckItem | FailItem
     outcome: str  #: "succeeded" | "retry" | "failed"
     duration: float  #: seconds the task ran
+    settled_at: float = field(default_factory=time.monotonic)
 
 
 def _split(batch: Sequence[_Report]) -> tuple[list[_Report], list[_Report]]:
@@ -168,6 +170,8 @@ class Worker:
         self._results: list[_Report] = []
         self._reporting = False  #: the control thread is sending a batch
         self._lease_parked = False  #: waits for a slot, to carry the reports along
+        self._lease_in_flight = False  #: a lease request is out
+        self._backlog = False  #: the last lease got all it asked for: more are ready
         self._stopping = False  #: no more leases
         self._stop_reporting = False  #: the control thread ends once results are out
         self._broker_ok = True
@@ -365,6 +369,9 @@ class Worker:
         carry = True  #: take settled outcomes along with the next lease
         while True:
             with self._cond:
+                # "In flight" lasts until here, dispatch included: the outcomes
+                # settled meanwhile are taken below when a slot is free.
+                self._lease_in_flight = False
                 self._lease_parked = carry
                 while not self._stopping and len(self._running) >= self.concurrency:
                     self._cond.wait()
@@ -380,25 +387,27 @@ class Worker:
                     del self._results[:MAX_BATCH]
                     if self._results:
                         self._cond.notify_all()  # the rest is the control thread's
+                self._lease_in_flight = True
             carry = True
+            asked = min(free, MAX_LEASE)
             acks, fails = _split(batch)
             try:
                 reply = self.client.settle_and_lease(
                     self.queues,
                     [r.item for r in acks if isinstance(r.item, AckItem)],
                     [r.item for r in fails if isinstance(r.item, FailItem)],
-                    max=min(free, MAX_LEASE),
+                    max=asked,
                     wait=0.0 if self._burst else self.lease_wait,
                     worker=self.name,
                 )
             except (ProtocolError, BrokerError) as exc:
-                if batch:  # back to the front, for the control thread to retry
-                    with self._cond:
-                        self._results[:0] = batch
-                        self._cond.notify_all()
-                    if not _transient(exc):
-                        carry = False  # refused with them: lease again without them
-                        continue
+                with self._cond:
+                    self._lease_in_flight = self._backlog = False
+                    self._results[:0] = batch  # to the front, for the control thread
+                    self._cond.notify_all()
+                if batch and not _transient(exc):
+                    carry = False  # refused with them: lease again without them
+                    continue
                 failures += 1
                 if _transient(exc):
                     self._broker_down(exc)
@@ -411,10 +420,12 @@ class Worker:
                 self._sleep_unless_stopping(max(pause, RECONNECT_MIN / 2))
                 continue
             failures = 0
+            jobs = reply.jobs
+            with self._cond:
+                self._backlog = len(jobs) >= asked
             self._broker_up()
             if batch:
                 self._log_reports(acks + fails, reply.results)
-            jobs = reply.jobs
             self._dispatch(jobs)
             if self._burst and not jobs:
                 if idle:  # nothing ready, nothing ran or waited to be reported
@@ -424,14 +435,19 @@ class Worker:
                 with self._cond:  # wait for a task to end, then look again
                     self._cond.wait(0.5)
 
-    def _lease_carries_reports(self) -> bool:
-        """Whether the lease thread is about to take the settled outcomes along with
-        its next lease, so the control thread leaves them to it (lock held)."""
+    def _lease_carries_reports(self, now: float) -> bool:
+        """Whether the lease thread will take the settled outcomes along with its next
+        lease soon, so the control thread leaves them to it (lock held): it waits for
+        a free slot and there is one, or its request in flight is likely to come back
+        at once (the last one got all it asked for), for at most CARRY_WAIT."""
+        if self._stopping or not self._broker_ok:
+            return False
+        if self._lease_parked:
+            return len(self._running) < self.concurrency
         return (
-            self._lease_parked
-            and self._broker_ok
-            and not self._stopping
-            and len(self._running) < self.concurrency
+            self._lease_in_flight
+            and self._backlog
+            and now - self._results[0].settled_at < CARRY_WAIT
         )
 
     def _sleep_unless_stopping(self, seconds: float) -> None:
@@ -539,9 +555,11 @@ class Worker:
                                 self._log.error("worker.reports_lost", jobs=lost)
                             return
                     due = self._next_due(now)
-                    mine = self._results and not self._lease_carries_reports()
+                    mine = bool(self._results) and not self._lease_carries_reports(now)
                     if mine:
                         due = min(due, report_after)
+                    elif self._results:  # look again when the lease's turn is over
+                        due = min(due, self._results[0].settled_at + CARRY_WAIT)
                     if due <= now:
                         break
                     self._cond.wait(min(due - now, IDLE_TICK))
