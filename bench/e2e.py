@@ -13,7 +13,7 @@ In one run, on the same (shared, noisy) machine, so the ratios mean something:
   --concurrency 8``:
     e2e/send()      one producer thread: ``client.send(queue, task="noop")`` n times
     e2e/send_many() ``client.send_many(queue, [{"task": "noop"}] * n)`` (1,000 per request)
-    ...then every result: ``client.wait_jobs(ids, wait)``, 1,000 ids per long-poll --
+    ...then every result: ``client.final_records(jobs)``, 1,000 ids per long-poll --
        the requests ``qclient.results(jobs)`` makes, as Celery's side uses
        ``ResultSet.get()`` (it returns the records, so we also learn ``finished_at``);
        a job that is not ``succeeded`` aborts the run.
@@ -487,27 +487,14 @@ def scrape(url: str) -> collections.Counter[str]:
 
 
 def wait_all(client: qclient.Client, jobs: list[qclient.Job], deadline: float) -> float:
-    """Wait for every job's result record, 1,000 per ``POST /v1/results`` long-poll (the
-    requests ``qclient.results()`` makes); returns the max finished_at."""
-    last = 0.0
-    ids = [job.id for job in jobs]
-    for start in range(0, len(ids), qclient.wire.MAX_RESULTS):
-        chunk = ids[start : start + qclient.wire.MAX_RESULTS]
-        while chunk:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{len(chunk)} jobs not finished in time")
-            records = client.wait_jobs(chunk, min(30.0, left))
-            unfinished = []
-            for job_id, rec in zip(chunk, records, strict=True):
-                if rec is None or rec.state not in qclient.wire.FINAL_STATES:
-                    unfinished.append(job_id)
-                elif rec.state is not JobState.SUCCEEDED:
-                    raise RuntimeError(f"job {job_id} ended {rec.state}: {rec.error}")
-                else:
-                    last = max(last, rec.finished_at or 0.0)
-            chunk = unfinished
-    return last
+    """Wait for every job's final record with ``client.final_records()``, 1,000 per
+    ``POST /v1/results`` long-poll (what ``qclient.results()`` does); returns the max
+    finished_at."""
+    records = client.final_records(jobs, timeout=max(0.0, deadline - time.monotonic()))
+    for job, rec in zip(jobs, records, strict=True):
+        if rec is None or rec.state is not JobState.SUCCEEDED:
+            raise RuntimeError(f"job {job.id} ended {rec and rec.state}")
+    return max(rec.finished_at or 0.0 for rec in records if rec is not None)
 
 
 def warm_up(client: qclient.Client, worker: QWorker, queue: str, k: int) -> float:

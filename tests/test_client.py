@@ -209,6 +209,10 @@ def test_results_returns_every_result_in_order(client: qclient.Client) -> None:
     with qclient.Client(client.url, encoding="msgpack") as other:
         assert other.results(jobs[:3]) == [0, 2, 4]
     assert client.results([]) == []
+    records = client.final_records([jobs[700].id, "no-such-job", jobs[1]])
+    assert records[0] is not None and records[0].state is JobState.FAILED
+    assert records[1] is None
+    assert records[2] is not None and records[2].result == 2
     missing = client.results(["no-such-job"], return_exceptions=True)
     assert isinstance(missing[0], qclient.JobNotFound)
 

@@ -397,6 +397,22 @@ class AsyncClient:
             TimeoutError: some job had not finished after `timeout` seconds.
         """
         ids = job_ids(jobs)
+        records = await self.final_records(ids, timeout)
+        return outcomes(ids, records, return_exceptions=return_exceptions)
+
+    async def final_records(
+        self,
+        jobs: Iterable[AsyncJob | str],
+        timeout: float | None = None,  # noqa: ASYNC109 - as Client.results()
+    ) -> list[JobRecord | None]:
+        """Wait for many jobs to finish and return their final records, in order
+        (None where no job has the id): `results()` without turning them into
+        values. One long-poll request per 1,000 jobs.
+
+        Raises:
+            TimeoutError: some job had not finished after `timeout` seconds.
+        """
+        ids = job_ids(jobs)
         deadline = None if timeout is None else time.monotonic() + timeout
         records: list[JobRecord | None] = []
         for start in range(0, len(ids), MAX_RESULTS):
@@ -411,7 +427,7 @@ class AsyncClient:
                 for k, record in zip(todo, again, strict=True):
                     got[k] = record
             records += got
-        return outcomes(ids, records, return_exceptions=return_exceptions)
+        return records
 
     async def cancel(self, job_id: str) -> JobState:
         """Cancel an unfinished job; returns its state after the call."""

@@ -87,10 +87,16 @@ class _Report:
     settled_at: float = field(default_factory=time.monotonic)
 
 
-def _split(batch: Sequence[_Report]) -> tuple[list[_Report], list[_Report]]:
-    """The acks of `batch`, then its fails, each in order (as the broker answers)."""
-    acks = [r for r in batch if isinstance(r.item, AckItem)]
-    return acks, [r for r in batch if isinstance(r.item, FailItem)]
+def _split(
+    batch: Sequence[_Report],
+) -> tuple[list[_Report], list[_Report], list[AckItem], list[FailItem]]:
+    """The ack reports of `batch` and its fail reports, each in order (the broker
+    answers the acks first), then their items."""
+    ack_reports = [r for r in batch if isinstance(r.item, AckItem)]
+    fail_reports = [r for r in batch if isinstance(r.item, FailItem)]
+    acks = [r.item for r in ack_reports if isinstance(r.item, AckItem)]
+    fails = [r.item for r in fail_reports if isinstance(r.item, FailItem)]
+    return ack_reports, fail_reports, acks, fails
 
 
 def _transient(exc: Exception) -> bool:
@@ -390,12 +396,12 @@ class Worker:
                 self._lease_in_flight = True
             carry = True
             asked = min(free, MAX_LEASE)
-            acks, fails = _split(batch)
+            ack_reports, fail_reports, acks, fails = _split(batch)
             try:
                 reply = self.client.settle_and_lease(
                     self.queues,
-                    [r.item for r in acks if isinstance(r.item, AckItem)],
-                    [r.item for r in fails if isinstance(r.item, FailItem)],
+                    acks,
+                    fails,
                     max=asked,
                     wait=0.0 if self._burst else self.lease_wait,
                     worker=self.name,
@@ -425,7 +431,7 @@ class Worker:
                 self._backlog = len(jobs) >= asked
             self._broker_up()
             if batch:
-                self._log_reports(acks + fails, reply.results)
+                self._log_reports(ack_reports + fail_reports, reply.results)
             self._dispatch(jobs)
             if self._burst and not jobs:
                 if idle:  # nothing ready, nothing ran or waited to be reported
@@ -599,9 +605,7 @@ class Worker:
 
     def _send_reports(self, batch: list[_Report]) -> list[_Report]:
         """Report a batch. Returns the reports the broker could not be reached for."""
-        ack_reports, fail_reports = _split(batch)
-        acks = [r.item for r in ack_reports if isinstance(r.item, AckItem)]
-        fails = [r.item for r in fail_reports if isinstance(r.item, FailItem)]
+        ack_reports, fail_reports, acks, fails = _split(batch)
         pending = ack_reports + fail_reports
         try:
             if acks:
