@@ -39,6 +39,7 @@ def main() -> None:
             for _ in range(50):
                 c.send("lat", task="noop").result(timeout=10)
             rows = []
+            before = e2e.scrape(b.url)
             for _ in range(a.n):
                 t0 = time.time()
                 job = c.send("lat", task="noop")
@@ -56,6 +57,7 @@ def main() -> None:
                         t2 - t0,
                     )
                 )
+            used = e2e.scrape(b.url) - before
             c.close()
         finally:
             w.stop()
@@ -64,6 +66,8 @@ def main() -> None:
         v = sorted(row[i] for row in rows)
         p50, p90 = v[len(v) // 2], v[int(len(v) * 0.9)]
         print(f"{name:20s} p50 {p50 * 1e3:6.2f} ms  p90 {p90 * 1e3:6.2f} ms")
+    per = ", ".join(f"{k} {v / a.n:.2f}" for k, v in sorted(used.items()))
+    print(f"per round trip: {per}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import multiprocessing.connection
 import multiprocessing.process
 import os
 import queue
+import selectors
 import signal
 import sys
 import threading
@@ -279,6 +280,7 @@ _call_encoder = msgspec.msgpack.Encoder()
 _call_decoder = msgspec.msgpack.Decoder(_Call)
 _outcome_decoder = msgspec.msgpack.Decoder(Outcome)
 _READY = b"ready"
+_PIPE, _EXITED = "pipe", "exited"  #: what a slot's selector watches
 
 
 def _child_main(
@@ -366,6 +368,9 @@ class _ProcessSlot:
         self.current: Execution | None = None
         self.proc: multiprocessing.process.BaseProcess | None = None
         self.conn: multiprocessing.connection.Connection | None = None
+        #: watches the child's pipe and its sentinel (readable once it has exited);
+        #: made once per child, so a run costs one select, not a new poll object
+        self.watch: selectors.BaseSelector | None = None
         self.tasks_run = 0
         self.thread = threading.Thread(
             target=self.run, name=f"qworker-slot-{index}", daemon=True
@@ -398,15 +403,21 @@ class _ProcessSlot:
             parent_conn.close()
             log.error("pool.child_failed", slot=self.index, exitcode=proc.exitcode)
             return False
+        watch = selectors.DefaultSelector()
+        watch.register(parent_conn.fileno(), selectors.EVENT_READ, _PIPE)
+        watch.register(proc.sentinel, selectors.EVENT_READ, _EXITED)
         with pool.lock:
             self.proc, self.conn, self.tasks_run = proc, parent_conn, 0
+            self.watch = watch
         log.debug("pool.child_started", slot=self.index, pid=proc.pid)
         return True
 
     def stop_child(self) -> None:
         with self.pool.lock:
-            proc, conn = self.proc, self.conn
-            self.proc = self.conn = None
+            proc, conn, watch = self.proc, self.conn, self.watch
+            self.proc = self.conn = self.watch = None
+        if watch is not None:
+            watch.close()
         if proc is None or conn is None:
             return
         with contextlib.suppress(OSError):
@@ -420,8 +431,8 @@ class _ProcessSlot:
     def ensure_child(self) -> bool:
         backoff = 0.5
         while not self.pool.closing:
-            proc = self.proc
-            if proc is not None and proc.is_alive():
+            # An idle child's pipe is readable only at EOF: either way it is gone.
+            if self.watch is not None and not self.watch.select(0):
                 return True
             self.stop_child()
             if self.spawn():
@@ -437,8 +448,9 @@ class _ProcessSlot:
         job = execution.job
         try:
             conn.send_bytes(_call_encoder.encode(_Call(job.task, job.args, job.kwargs)))
-            ready = multiprocessing.connection.wait([conn, proc.sentinel])
-            if conn in ready:
+            assert self.watch is not None
+            ready = self.watch.select()  # the reply, or the child's exit
+            if any(key.data == _PIPE for key, _ in ready):
                 return _outcome_decoder.decode(conn.recv_bytes())
         except (EOFError, OSError):
             pass
