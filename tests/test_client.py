@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import qclient
 from qclient import _api, _errors, _http
-from qclient.wire import JobState, new_job_id
+from qclient.wire import CROCKFORD, JobState, crockford26, new_job_id
 
 from .conftest import BrokerFactory, BrokerProcess, child_env
 
@@ -620,6 +620,17 @@ def test_new_job_ids_are_ulids_that_sort_by_time() -> None:
         decoded = decoded * 32 + "0123456789ABCDEFGHJKMNPQRSTVWXYZ".index(char)
     assert abs(decoded - ms) < 5000
     assert len({new_job_id() for _ in range(10000)}) == 10000
+
+
+def test_crockford26_spells_a_number_as_ulid_text() -> None:
+    for number in (0, 1, 31, 32, 2**128 - 1, 0x0123456789ABCDEF_FEDCBA9876543210):
+        # The reference: long division, 26 digits base 32, most significant first.
+        digits, rest = [], number
+        for _ in range(26):
+            rest, digit = divmod(rest, 32)
+            digits.append(CROCKFORD[digit])
+        assert crockford26(number) == "".join(reversed(digits))
+    assert crockford26(2**128 - 1) == "7" + "Z" * 25
 
 
 def test_split_error_finds_the_exception_type() -> None:

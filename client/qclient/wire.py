@@ -10,7 +10,6 @@ client keeps working against a newer broker.
 
 from __future__ import annotations
 
-import base64
 import enum
 import os
 import time
@@ -294,11 +293,12 @@ class ErrorBody(_Struct, frozen=True):
     field: str | None = None
 
 
-# RFC 4648 base32 letters -> Crockford's (the ULID alphabet): same 5-bit values, and
-# Crockford's order is ASCII order, so ids sort as their bits do.
-_CROCKFORD = bytes.maketrans(
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-)
+#: Crockford's base32 (the ULID alphabet): its order is ASCII order, so ids sort as
+#: their bits do.
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+#: Every pair of Crockford characters, indexed by the 10 bits they spell: an id is 13
+#: table lookups (with base64.b32encode, a pure-Python loop, an id took 1.5x as long).
+_PAIRS = [a + b for a in CROCKFORD for b in CROCKFORD]
 
 
 def new_job_id(now: float | None = None) -> str:
@@ -312,8 +312,27 @@ def new_job_id(now: float | None = None) -> str:
         now: unix seconds to stamp; default: the wall clock.
     """
     ms = time.time_ns() // 1_000_000 if now is None else int(now * 1000)
-    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10))
-    # 128 bits -> 130 bits with two leading zeros: shift left 6 to fill 17 bytes,
-    # whose first 26 base32 characters are exactly the 26 ULID characters.
-    raw = base64.b32encode((value << 6).to_bytes(17, "big"))
-    return raw[:26].translate(_CROCKFORD).decode("ascii")
+    return crockford26((ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10)))
+
+
+def crockford26(v: int) -> str:
+    """A 128-bit number as 26 Crockford base32 characters, most significant first
+    (130 bits with two leading zeros: 13 groups of 10 bits, 2 characters each)."""
+    p = _PAIRS
+    return "".join(
+        (
+            p[v >> 120],
+            p[v >> 110 & 1023],
+            p[v >> 100 & 1023],
+            p[v >> 90 & 1023],
+            p[v >> 80 & 1023],
+            p[v >> 70 & 1023],
+            p[v >> 60 & 1023],
+            p[v >> 50 & 1023],
+            p[v >> 40 & 1023],
+            p[v >> 30 & 1023],
+            p[v >> 20 & 1023],
+            p[v >> 10 & 1023],
+            p[v & 1023],
+        )
+    )
