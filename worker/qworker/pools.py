@@ -431,7 +431,8 @@ class _ProcessSlot:
     def ensure_child(self) -> bool:
         backoff = 0.5
         while not self.pool.closing:
-            # An idle child's pipe is readable only at EOF: either way it is gone.
+            # An idle child's pipe is readable only at EOF, its sentinel only once it
+            # has exited: anything ready means it is gone.
             if self.watch is not None and not self.watch.select(0):
                 return True
             self.stop_child()
