@@ -423,10 +423,7 @@ class Broker:
                     if jobs:
                         break
         if jobs:
-            per_queue: dict[str, int] = {}
-            for job in jobs:
-                per_queue[job.queue] = per_queue.get(job.queue, 0) + 1
-            for queue, n in per_queue.items():
+            for queue, n in Counter(job.queue for job in jobs).items():
                 metrics.jobs_leased(queue).inc(n)
             self.poke_reaper(min(j.lease_expires_at for j in jobs))
         return encode(req, LeaseReply(jobs=jobs, results=results))
