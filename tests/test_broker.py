@@ -41,6 +41,19 @@ def test_enqueue_many_returns_ids_in_order(wire: Wire) -> None:
     )
     assert status == 201
     assert [wire.job(i)["args"] for i in reply["ids"]] == [[i] for i in range(5)]
+    # 700 jobs span several multi-row INSERTs (256 + 256 + 128 + 32 + 16 + 8 + 4);
+    # the broker's own ids and the given ones interleave in order
+    jobs = [
+        {"args": [i]} | ({"id": f"given-{i}"} if i % 7 == 0 else {}) for i in range(700)
+    ]
+    status, reply = wire.call("POST", "/v1/queues/big/jobs", {"jobs": jobs})
+    assert status == 201 and len(set(reply["ids"])) == 700
+    assert reply["ids"][7] == "given-7"
+    made = [j for i, j in enumerate(reply["ids"]) if i % 7]
+    assert made == sorted(made)
+    leased = wire.lease("big", max=1000)
+    assert [j["id"] for j in leased] == reply["ids"]
+    assert [j["args"] for j in leased] == [[i] for i in range(700)]
 
 
 def test_lease_ack_and_result(wire: Wire) -> None:
@@ -500,6 +513,11 @@ def test_duplicate_id_is_409_and_keeps_the_first(wire: Wire) -> None:
     )
     assert status == 409
     assert wire.call("GET", "/v1/jobs/new-1")[0] == 404
+    # ...also when the duplicate is in a later INSERT statement of a big batch
+    jobs = [{"id": f"many-{i}"} for i in range(299)] + [{"id": "order-42"}]
+    assert wire.call("POST", "/v1/queues/q/jobs", {"jobs": jobs})[0] == 409
+    assert wire.call("GET", "/v1/jobs/many-0")[0] == 404
+    assert wire.ok("GET", "/v1/queues/q")["counts"].get("queued", 0) == 1
 
 
 def test_dedup_key_allows_one_unfinished_job(wire: Wire) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import qclient
 from qclient import _api, _errors, _http
-from qclient.wire import CROCKFORD, JobState, crockford26, new_job_id
+from qclient.wire import CROCKFORD, JobState, crockford26, new_job_id, new_job_ids
 
 from .conftest import BrokerFactory, BrokerProcess, child_env
 
@@ -620,6 +620,18 @@ def test_new_job_ids_are_ulids_that_sort_by_time() -> None:
         decoded = decoded * 32 + "0123456789ABCDEFGHJKMNPQRSTVWXYZ".index(char)
     assert abs(decoded - ms) < 5000
     assert len({new_job_id() for _ in range(10000)}) == 10000
+
+
+def test_new_job_ids_count_up_in_batch_order_across_carries() -> None:
+    stamp = new_job_id(1234.5)[:10]
+    for _ in range(50):  # random starts: some batches carry past a 10-bit group
+        ids = new_job_ids(3000, 1234.5)
+        assert len(set(ids)) == 3000
+        assert ids == sorted(ids)
+        assert all(len(i) == 26 and i[:10] >= stamp for i in ids)
+        decoded = [int("".join(f"{CROCKFORD.index(c):05b}" for c in i), 2) for i in ids]
+        assert decoded == list(range(decoded[0], decoded[0] + 3000))
+    assert new_job_ids(0) == []
 
 
 def test_crockford26_spells_a_number_as_ulid_text() -> None:

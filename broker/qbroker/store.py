@@ -21,6 +21,7 @@ state's hot path (ready jobs, due delays, expiring leases) small and O(log n).
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import sqlite3
 import threading
@@ -41,7 +42,7 @@ from qclient.wire import (
     JobState,
     LeasedJob,
     QueueStats,
-    new_job_id,
+    new_job_ids,
 )
 
 from qbroker import errors
@@ -102,6 +103,22 @@ WRITER_CACHE_KIB = 8192  #: KiB of page cache for the write connection
 WRITER_AUTOCHECKPOINT_PAGES = 8192  #: WAL pages (32 MiB) before the writer checkpoints
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  #: bytes a reset WAL is truncated to
 ACK_CHUNK = 1000  #: acks per UPDATE statement (3 bound parameters each)
+
+_INSERT_COLUMNS = (
+    "id, queue, task, state, priority, payload, max_retries, timeout, result_ttl,"
+    " dedup_key, created_at, available_at, expires_at"
+)
+_ROW_PARAMS = _INSERT_COLUMNS.count(",") + 1
+#: rows per INSERT statement: a batch is split into these sizes (100 = 64 + 32 + 4), so
+#: a handful of prepared statements serve every batch size
+INSERT_CHUNKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    row = "(" + ",".join("?" * _ROW_PARAMS) + ")"
+    return f"INSERT INTO jobs ({_INSERT_COLUMNS}) VALUES " + ",".join([row] * rows)
+
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
@@ -340,46 +357,50 @@ class Store:
             errors.DuplicateDedupKey: an unfinished job has the same dedup_key.
             errors.InvalidField: both delay and eta given.
         """
-        rows = []
+        fresh = iter(new_job_ids(sum(1 for s in specs if not s.id), now))
+        lease_seconds = defaults.lease_seconds
+        params: list[Any] = []  # _INSERT_COLUMNS values, row after row
         ids = []
         for spec in specs:
-            if spec.delay is not None and spec.eta is not None:
-                raise errors.InvalidField("give delay or eta, not both", field="delay")
-            job_id = spec.id or new_job_id(now)
-            if spec.delay is not None:
-                available = now + spec.delay
-            elif spec.eta is not None:
-                available = max(spec.eta, now)
+            job_id = spec.id or next(fresh)
+            delay, eta = spec.delay, spec.eta
+            if delay is not None:
+                if eta is not None:
+                    raise errors.InvalidField(
+                        "give delay or eta, not both", field="delay"
+                    )
+                available = now + delay
+            elif eta is not None:
+                available = max(eta, now)
             else:
                 available = now
-            state = "scheduled" if available > now else "queued"
-            rows.append(
-                (
-                    job_id,
-                    queue,
-                    spec.task or queue,
-                    state,
-                    spec.priority,
-                    _pack((spec.args, spec.kwargs, spec.headers), "args"),
-                    defaults.max_retries
-                    if spec.max_retries is None
-                    else spec.max_retries,
-                    spec.timeout or defaults.lease_seconds,
-                    defaults.result_ttl if spec.result_ttl is None else spec.result_ttl,
-                    spec.dedup_key,
-                    now,
-                    available,
-                    None if spec.expires is None else now + spec.expires,
-                )
+            params += (
+                job_id,
+                queue,
+                spec.task or queue,
+                "scheduled" if available > now else "queued",
+                spec.priority,
+                _pack((spec.args, spec.kwargs, spec.headers), "args"),
+                defaults.max_retries if spec.max_retries is None else spec.max_retries,
+                spec.timeout or lease_seconds,
+                defaults.result_ttl if spec.result_ttl is None else spec.result_ttl,
+                spec.dedup_key,
+                now,
+                available,
+                None if spec.expires is None else now + spec.expires,
             )
             ids.append(job_id)
         try:
-            self.conn.executemany(
-                "INSERT INTO jobs (id, queue, task, state, priority, payload, max_retries,"
-                " timeout, result_ttl, dedup_key, created_at, available_at, expires_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                rows,
-            )
+            # Many rows per INSERT, not executemany's one row per step: each step drops
+            # and retakes the GIL, and the trio thread then holds the writer up.
+            done = 0
+            for size in INSERT_CHUNKS:
+                while len(ids) - done >= size:
+                    self.conn.execute(
+                        _insert_sql(size),
+                        params[done * _ROW_PARAMS : (done + size) * _ROW_PARAMS],
+                    )
+                    done += size
         except sqlite3.IntegrityError as exc:
             if "dedup_key" in str(exc):
                 raise errors.DuplicateDedupKey(

@@ -54,7 +54,7 @@ from qclient._job import (
     next_wait,
     outcomes,
     results_timeout,
-    spec_from_item,
+    specs_from_items,
     unfinished,
 )
 from qclient.wire import (
@@ -322,7 +322,7 @@ class AsyncClient:
         self, queue: str, items: Iterable[JobSpec | Mapping[str, Any]]
     ) -> list[AsyncJob]:
         """Enqueue many jobs, up to 1,000 per request; see `Client.send_many()`."""
-        specs = [spec_from_item(item) for item in items]
+        specs = specs_from_items(items)
         path = f"/v1/queues/{path_name(queue)}/jobs"
         jobs: list[AsyncJob] = []
         for start in range(0, len(specs), SEND_MANY_CHUNK):

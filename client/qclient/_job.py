@@ -10,7 +10,14 @@ import msgspec
 
 from qclient._errors import JobCancelled, JobExpired, JobNotFound, TaskFailed
 from qclient._http import RESULT_POLL_CHUNK
-from qclient.wire import FINAL_STATES, JobRecord, JobSpec, JobState, new_job_id
+from qclient.wire import (
+    FINAL_STATES,
+    JobRecord,
+    JobSpec,
+    JobState,
+    new_job_id,
+    new_job_ids,
+)
 
 if TYPE_CHECKING:
     from qclient._async import AsyncClient
@@ -25,7 +32,7 @@ __all__ = [
     "outcome",
     "outcomes",
     "results_timeout",
-    "spec_from_item",
+    "specs_from_items",
     "unfinished",
 ]
 
@@ -81,16 +88,19 @@ def make_spec(
     )
 
 
-def spec_from_item(item: JobSpec | Mapping[str, Any]) -> JobSpec:
-    """One `send_many()` item as a `JobSpec` that carries an id.
+def specs_from_items(items: Iterable[JobSpec | Mapping[str, Any]]) -> list[JobSpec]:
+    """`send_many()` items as `JobSpec`s that each carry an id; the ids it makes come
+    from one `new_job_ids()` call, so they sort in the items' order.
 
     Raises:
         TypeError: a mapping has a key that is not a JobSpec field.
     """
-    spec = item if isinstance(item, JobSpec) else JobSpec(**item)
-    if spec.id is None:
-        return msgspec.structs.replace(spec, id=new_job_id())
-    return spec
+    specs = [item if isinstance(item, JobSpec) else JobSpec(**item) for item in items]
+    fresh = iter(new_job_ids(sum(1 for s in specs if s.id is None)))
+    return [
+        s if s.id is not None else msgspec.structs.replace(s, id=next(fresh))
+        for s in specs
+    ]
 
 
 def outcome(record: JobRecord) -> Any:

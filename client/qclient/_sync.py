@@ -63,7 +63,7 @@ from qclient._job import (
     next_wait,
     outcomes,
     results_timeout,
-    spec_from_item,
+    specs_from_items,
     unfinished,
 )
 from qclient.wire import (
@@ -429,7 +429,7 @@ class Client:
             DuplicateJob, InvalidRequest, ProtocolError: as for `send()`.
             TypeError: a mapping has a key that is not a JobSpec field.
         """
-        specs = [spec_from_item(item) for item in items]
+        specs = specs_from_items(items)
         path = f"/v1/queues/{path_name(queue)}/jobs"
         jobs: list[Job] = []
         for start in range(0, len(specs), SEND_MANY_CHUNK):

@@ -50,6 +50,7 @@ __all__ = [
     "ResultsReply",
     "ResultsRequest",
     "new_job_id",
+    "new_job_ids",
 ]
 
 
@@ -313,6 +314,30 @@ def new_job_id(now: float | None = None) -> str:
     """
     ms = time.time_ns() // 1_000_000 if now is None else int(now * 1000)
     return crockford26((ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10)))
+
+
+def new_job_ids(n: int, now: float | None = None) -> list[str]:
+    """`n` new job ids for one batch, in the order they sort.
+
+    One clock reading and one 80-bit random draw, then counting up from it (ULID's
+    monotonic form): only the last two characters change between neighbours, so an id
+    costs one string concatenation, not an encoding. A carry out of the random bits
+    moves the stamp on by a millisecond, which keeps the ids unique and in order.
+
+    Args:
+        n: how many.
+        now: unix seconds to stamp; default: the wall clock.
+    """
+    ms = time.time_ns() // 1_000_000 if now is None else int(now * 1000)
+    v = (ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10))
+    ids: list[str] = []
+    while len(ids) < n:
+        head = crockford26(v)[:24]
+        low = v & 1023
+        take = min(n - len(ids), 1024 - low)
+        ids.extend([head + pair for pair in _PAIRS[low : low + take]])
+        v += take
+    return ids
 
 
 def crockford26(v: int) -> str:
