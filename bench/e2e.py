@@ -315,7 +315,7 @@ class QWorker:
 
 
 class Spy:
-    """`py-spy record -f raw -t --gil [--subprocesses] -p PID -o OUT` until stopped.
+    """`py-spy record -f raw -t [--gil] [--subprocesses] -p PID -o OUT` until stopped.
 
     `--gil` keeps only samples of the thread holding the GIL: Python CPU time. Without
     it, py-spy's idle detection does not work on this VM (threads parked in
@@ -323,9 +323,11 @@ class Spy:
     released (fdatasync, SQLite, socket syscalls) is therefore not in these profiles.
     """
 
-    def __init__(self, pid: int, out: Path, subprocesses: bool = False) -> None:
-        cmd = ["py-spy", "record", "-f", "raw", "-t", "--gil", "-r", "250",
-               "-p", str(pid), "-o", str(out)]  # fmt: skip
+    def __init__(
+        self, pid: int, out: Path, subprocesses: bool = False, gil: bool = True
+    ) -> None:
+        cmd = ["py-spy", "record", "-f", "raw", "-t", "-r", "250",
+               "-p", str(pid), "-o", str(out)] + (["--gil"] if gil else [])  # fmt: skip
         if subprocesses:
             cmd.append("--subprocesses")
         self.out = out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 from typing import Any
 
@@ -68,6 +70,37 @@ def test_lease_ack_and_result(wire: Wire) -> None:
     record = wire.ok("GET", f"/v1/jobs/{job_id}/result?wait=1")
     assert record["state"] == "succeeded" and record["result"] == 3
     assert record["finished_at"] >= record["started_at"] >= record["created_at"]
+
+
+def _parked_long_poll(port: int, queue: str) -> socket.socket:
+    """A lease long-poll (30 s) sent on a raw socket and left waiting."""
+    body = json.dumps({"queues": [queue], "max": 5, "wait": 30}).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(
+        b"POST /v1/lease HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    return sock
+
+
+def test_a_long_poll_whose_client_has_gone_takes_no_jobs(
+    wire: Wire, broker: BrokerProcess
+) -> None:
+    # A worker killed while its lease long-poll waits: the jobs that come next must
+    # not be leased to it (they would sit active until their lease ran out).
+    socks = [_parked_long_poll(broker.port, q) for q in ("gone-now", "gone-later")]
+    time.sleep(0.5)  # both are parked
+    for sock in socks:
+        sock.close()
+    time.sleep(0.2)
+    now = wire.enqueue("gone-now")  # would be handed to the parked long-poll
+    later = wire.enqueue("gone-later", delay=0.5)  # the reaper wakes the long-poll
+    [job] = wire.lease("gone-now")
+    assert job["id"] == now and job["attempt"] == 1
+    wait_for(lambda: wire.job(later)["state"] != "scheduled", timeout=5)
+    time.sleep(0.2)
+    [job] = wire.lease("gone-later")
+    assert job["id"] == later and job["attempt"] == 1
 
 
 def test_stale_lease_gets_409_and_changes_nothing(wire: Wire) -> None:

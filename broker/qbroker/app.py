@@ -69,13 +69,19 @@ class Slot:
     `values`, by key, instead; its owner drains them and swaps in a fresh `event`.
     """
 
-    __slots__ = ("event", "handoff", "parked", "request", "value", "values")
+    __slots__ = ("alive", "event", "handoff", "parked", "request", "value", "values")
 
-    def __init__(self, request: LeaseRequest | None = None, many: bool = False) -> None:
+    def __init__(
+        self,
+        request: LeaseRequest | None = None,
+        many: bool = False,
+        alive: Callable[[], bool] | None = None,
+    ) -> None:
         self.event = trio.Event()
         self.value: Any = None
         self.values: dict[str, Any] | None = {} if many else None
         self.request = request
+        self.alive = alive  #: whether the long-poll's client is still connected
         self.parked = False
         self.handoff: trio.Event | None = None
 
@@ -98,10 +104,11 @@ class Waiters:
         request: LeaseRequest | None = None,
         *,
         many: bool = False,
+        alive: Callable[[], bool] | None = None,
     ) -> _Registration:
         """Park a slot under `keys` for a `with` block (which gets the Slot); register
         before checking state, so a notify between the check and the wait is not lost."""
-        return _Registration(self._by_key, list(keys), Slot(request, many))
+        return _Registration(self._by_key, list(keys), Slot(request, many, alive))
 
     def notify(self, key: str, n: int | None = None, value: Any = None) -> None:
         """Wake up to `n` waiters of `key` (all when None), oldest first, handing
@@ -124,13 +131,18 @@ class Waiters:
 
     def claim(self, key: str, jobs: int) -> list[Slot]:
         """Parked lease long-polls of `key`, oldest first, enough to take `jobs`
-        jobs; each is marked claimed (see Slot) and must be handed its jobs."""
+        jobs; each is marked claimed (see Slot) and must be handed its jobs. A
+        long-poll whose client has gone is woken to end instead: jobs leased for it
+        would sit active until their lease ran out."""
         taken: list[Slot] = []
         for slot in self._by_key.get(key, ()):
             if jobs <= 0:
                 break
             if slot.parked and slot.handoff is None and not slot.event.is_set():
                 assert slot.request is not None
+                if slot.alive is not None and not slot.alive():
+                    slot.event.set()
+                    continue
                 slot.handoff = trio.Event()
                 taken.append(slot)
                 jobs -= slot.request.max
@@ -390,7 +402,9 @@ class Broker:
         settle = bool(body.acks or body.fails)
         results: list[BatchResult] = []
         while True:
-            with self.queue_waiters.register(body.queues, body) as slot:
+            with self.queue_waiters.register(
+                body.queues, body, alive=req.peer_alive
+            ) as slot:
                 now = self.clock.now()
                 lease = functools.partial(
                     self.store.lease,
@@ -422,6 +436,8 @@ class Broker:
                     jobs = slot.value
                     if jobs:
                         break
+                if not req.peer_alive():
+                    break  # the client has gone: lease nothing more for it
         if jobs:
             for queue, n in Counter(job.queue for job in jobs).items():
                 metrics.jobs_leased(queue).inc(n)

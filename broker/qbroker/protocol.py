@@ -9,6 +9,7 @@ Charter:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl
@@ -29,6 +30,10 @@ _MSGPACK_TYPES = (
 )
 
 
+def _always() -> bool:
+    return True
+
+
 @dataclass(slots=True)
 class Request:
     """One HTTP request as the core sees it."""
@@ -40,6 +45,9 @@ class Request:
     query: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)  #: path parameters
     route: str = "unmatched"
+    #: whether the client still has its end of the connection open (the server sets
+    #: it; a long-poll asks before it takes jobs for a client that may have gone)
+    peer_alive: Callable[[], bool] = _always
 
     @classmethod
     def from_target(

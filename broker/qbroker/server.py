@@ -25,6 +25,7 @@ import heapq
 import itertools
 import math
 import signal
+import socket
 import time
 from typing import Any
 
@@ -67,6 +68,20 @@ class _Conn:
                 self.h11.receive_data(data)
                 continue
             return event
+
+    def peer_alive(self) -> bool:
+        """False once the client has closed or reset its end. A peek, never a read:
+        bytes of a pipelined next request stay where they are."""
+        own = self.stream.socket
+        sock = socket.socket(own.family, own.type, own.proto, own.fileno())
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return True  # open, and nothing sent yet
+        except OSError:
+            return False
+        finally:
+            sock.detach()  # the fd stays trio's
 
     async def send(self, resp: protocol.Response, *, head: bool = False) -> None:
         out = [self.h11.send(_response_event(resp))]
@@ -228,6 +243,7 @@ class Server:
                     break
                 if req is None:
                     return  # the client closed the connection
+                req.peer_alive = conn.peer_alive
                 resp = await self._dispatch(req)
                 await conn.send(resp, head=req.method == "HEAD")
                 if resp.close or conn.h11.our_state is h11.MUST_CLOSE:
