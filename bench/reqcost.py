@@ -7,6 +7,7 @@ other clients) sends, one at a time:
   lease+ack    POST /v1/lease max=1 carrying the previous job's ack, as a worker with
                one free slot does: one writer call and one commit per request
   enqueue      POST one job: one writer call and one commit per request
+  batch100     POST 100 jobs in one request
 
 and reads the broker's per-thread CPU from /proc before and after. Figures move with
 the machine's speed: compare them with a base tree run alternately, e.g. with
@@ -83,6 +84,9 @@ def main() -> None:
         )
         for _ in range(a.n // 1000 + 2):
             conn.roundtrip(batch)
+        hundred = rh.request_bytes(
+            "POST", f"/v1/queues/{QUEUE}/jobs", {"jobs": [JOB] * 100}
+        )
         held: list[dict[str, str]] = []
 
         def lease_ack() -> None:
@@ -96,6 +100,7 @@ def main() -> None:
             ("healthz", lambda: conn.roundtrip(health)),
             ("lease+ack", lease_ack),
             ("enqueue", lambda: conn.roundtrip(one)),
+            ("batch100", lambda: conn.roundtrip(hundred)),
         ]
         for name, step in steps:
             for _ in range(200):  # warm up
