@@ -578,7 +578,7 @@ class JobMachine(RuleBasedStateMachine):
 
     @rule(queue=st.sampled_from(QUEUES), specs=st.lists(SPECS, min_size=1, max_size=4))
     def enqueue(self, queue: str, specs: list[dict[str, Any]]) -> None:
-        # the first row that clashes decides the error (executemany stops there)
+        # the first row that clashes decides the error (the INSERTs stop there)
         ids: set[str] = {j.id for j in self.model.values()}
         keys: set[str] = {
             j.dedup_key
