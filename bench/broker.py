@@ -17,7 +17,8 @@ Scenarios (`--scenarios`, comma-separated; default all):
             drives every multi-connection row (skipped when --client names one)
   enqueue   durable enqueue, one job per request, 1 and 8 connections
   batch     enqueue in batches of 100, 1 and 4 connections
-  leaseack  lease max=100 + batch ack of 100 until empty, 1 and 4 connections
+  leaseack  lease max=100 + batch ack of 100 until empty, 1 and 4 connections; then
+            the same with each batch's acks carried on the next lease (qworker's form)
   depth     single lease(max=1)+ack latency and broker RSS at queue depth 10k, 100k, 1M
             (one broker per depth, probed in turns so fsync drift hits all depths alike)
 
@@ -159,6 +160,10 @@ class Repeat(rh.Session):
         return self.req
 
 
+class _Ok(msgspec.Struct):
+    ok: bool
+
+
 class _Ack(msgspec.Struct):
     id: str
     lease: str
@@ -167,14 +172,18 @@ class _Ack(msgspec.Struct):
 
 class _Leased(msgspec.Struct):
     jobs: list[_Ack]
+    results: list[_Ok] = []
 
 
 class _AckMany(msgspec.Struct):
     acks: list[_Ack]
 
 
-class _Ok(msgspec.Struct):
-    ok: bool
+class _LeaseCarrying(msgspec.Struct):
+    queues: list[str]
+    max: int
+    worker: str
+    acks: list[_Ack]
 
 
 class _BatchReply(msgspec.Struct):
@@ -223,6 +232,38 @@ class LeaseAck(rh.Session):
         self.stale += len(results) - ok
         self.leasing = True
         return self.lease_req
+
+
+class LeaseCarryingAcks(rh.Session):
+    """What qworker sends: lease max=N carrying the acks of the jobs the previous lease
+    brought, one request (and one commit) per batch; stop once a lease brings nothing."""
+
+    def __init__(self, queue: str, max_jobs: int) -> None:
+        super().__init__()
+        self.queue = queue
+        self.max_jobs = max_jobs
+        self.stale = 0
+
+    def request(self, acks: list[_Ack]) -> bytes:
+        body = _LeaseCarrying([self.queue], self.max_jobs, "bench", acks)
+        return rh.request_bytes("POST", "/v1/lease", body)
+
+    def start(self) -> bytes | None:
+        return self.request([])
+
+    def feed(self, status: int, body: bytes) -> bytes | None:
+        if status != 200:
+            self.fail(status, body)
+            return None
+        reply = _decode_leased(body)
+        ok = 0
+        for r in reply.results:
+            ok += r.ok
+        self.jobs += ok
+        self.stale += len(reply.results) - ok
+        if not reply.jobs:
+            return None
+        return self.request(reply.jobs)
 
 
 # ------------------------------------------------------------------ drivers
@@ -539,27 +580,30 @@ def sc_batch(rep: Report, root: Path, secs: float, prof: Path | None) -> None:
 
 
 def sc_leaseack(rep: Report, root: Path, n: int, prof: Path | None) -> None:
-    def make(i: int) -> LeaseAck:
-        return LeaseAck(QUEUE, 100)
-
+    forms: list[tuple[str, str, Callable[[int], rh.Session]]] = [
+        ("lease 100 + ack 100", "", lambda i: LeaseAck(QUEUE, 100)),
+        ("lease 100 carrying 100 acks", "-carry",
+         lambda i: LeaseCarryingAcks(QUEUE, 100)),
+    ]  # fmt: skip
     banner(f"[4] lease max=100 + batch ack, {n:,} pre-filled jobs")
     for conns in (1, 4):
-        with broker(root, f"leaseack{conns}") as b:
-            f = fill(b, n)
-            print(
-                f"      (pre-fill: {n:,} jobs in {f.seconds:.1f} s, not timed)",
-                flush=True,
-            )
-            with profiled(b, prof, f"leaseack-{conns}"):
-                st, bcpu, ccpu, raw = bracketed(
-                    rep, "b", b, drive, b.addr, make, conns, rep.client_mode
+        for scen, tag, make in forms:
+            with broker(root, f"leaseack{conns}{tag}") as b:
+                f = fill(b, n)
+                print(
+                    f"      (pre-fill: {n:,} jobs in {f.seconds:.1f} s, not timed)",
+                    flush=True,
                 )
-            if st.jobs != n:
-                rep.notes.append(f"lease+ack x{conns}: acked {st.jobs} of {n} jobs")
-                print(f"      WARNING: acked {st.jobs} of {n}", flush=True)
-            rep.row("lease 100 + ack 100", conns, st.jobs, st.seconds, raw_key="b", raw=raw,
-                    broker_cpu=bcpu, client_cpu=ccpu,
-                    client="blocking" if conns == 1 else rep.client_mode)  # fmt: skip
+                with profiled(b, prof, f"leaseack-{conns}{tag}"):
+                    st, bcpu, ccpu, raw = bracketed(
+                        rep, "b", b, drive, b.addr, make, conns, rep.client_mode
+                    )
+                if st.jobs != n:
+                    rep.notes.append(f"{scen} x{conns}: acked {st.jobs} of {n} jobs")
+                    print(f"      WARNING: acked {st.jobs} of {n}", flush=True)
+                rep.row(scen, conns, st.jobs, st.seconds, raw_key="b", raw=raw,
+                        broker_cpu=bcpu, client_cpu=ccpu,
+                        client="blocking" if conns == 1 else rep.client_mode)  # fmt: skip
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -706,6 +750,8 @@ def verdicts(rep: Report) -> list[str]:
     v("single enqueue, 1 conn", best("enqueue 1/request", 1), TARGETS["enqueue-1"])
     v("batch enqueue, best", best("enqueue batch of 100"), TARGETS["batch"])
     v("lease+ack batches, best", best("lease 100 + ack 100"), TARGETS["leaseack"])
+    v("lease+ack batches, acks carried, best", best("lease 100 carrying 100 acks"),
+      TARGETS["leaseack"])  # fmt: skip
     ratio = rep.depth_ratio
     if ratio:
         t = TARGETS["depth_ratio"]
