@@ -100,6 +100,24 @@ def test_bad_input_gets_clear_errors_and_keeps_stored_jobs(
     w.close()
 
 
+def test_a_wrong_method_gets_405_naming_the_allowed_ones(
+    strict_broker: BrokerProcess,
+) -> None:
+    w = Wire(strict_broker.url)
+    for method, path, allow in [
+        ("GET", "/v1/queues/q/jobs", "POST"),
+        ("DELETE", "/v1/jobs/j1", "GET, HEAD"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("PUT", "/v1/lease", "POST"),
+    ]:
+        status, raw, headers = w.raw(method, path)
+        assert status == 405, (method, path, raw)
+        assert headers["allow"] == allow, (method, path, headers)
+        assert msgspec.json.decode(raw)["error"] == "method_not_allowed"
+    assert w.ok("GET", "/healthz")["status"] == "ok"  # the connection carries on
+    w.close()
+
+
 def test_oversized_declared_body_is_refused_before_it_is_read(
     strict_broker: BrokerProcess,
 ) -> None:

@@ -63,6 +63,10 @@ class JobNotFound(QBrokerError):
 class MethodNotAllowed(QBrokerError):
     status, reason = 405, "method_not_allowed"
 
+    def __init__(self, message: str, *, allow: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allow = allow  #: the methods the path takes: the reply's Allow header
+
 
 class RequestTimeout(QBrokerError):
     status, reason = 408, "request_timeout"

@@ -79,6 +79,7 @@ class Response:
     body: bytes
     content_type: bytes = JSON
     close: bool = False  #: close the connection after this reply
+    headers: tuple[tuple[bytes, bytes], ...] = ()  #: more header fields for the reply
 
 
 class EnqueueBody(JobSpec, frozen=True):
@@ -129,6 +130,11 @@ def _shape(path: str) -> tuple[str, str | None, str | None]:
 _TABLE: dict[str, dict[str, str]] = {}
 for _method, _path, _name in ROUTES:
     _TABLE.setdefault(_path, {})[_method] = _name
+#: shape -> the methods it takes, for a 405's Allow header (GET brings HEAD along)
+_ALLOW = {
+    shape: tuple(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
+    for shape, methods in _TABLE.items()
+}
 
 
 def route(req: Request) -> None:
@@ -144,7 +150,9 @@ def route(req: Request) -> None:
         raise errors.NotFound(f"no route for {req.path}")
     name = methods.get("GET" if req.method == "HEAD" else req.method)
     if name is None:
-        raise errors.MethodNotAllowed(f"{req.method} is not allowed on {req.path}")
+        raise errors.MethodNotAllowed(
+            f"{req.method} is not allowed on {req.path}", allow=_ALLOW[shape]
+        )
     req.route = name
     if param is not None and value is not None:
         req.params[param] = value
@@ -258,4 +266,6 @@ def error_response(req: Request | None, exc: errors.QBrokerError) -> Response:
     body = ErrorBody(error=exc.reason, message=exc.message, field=exc.field)
     resp = encode(req, body, exc.status)
     resp.close = exc.reason in _CLOSING_REASONS
+    if isinstance(exc, errors.MethodNotAllowed):
+        resp.headers = ((b"allow", ", ".join(exc.allow).encode()),)
     return resp

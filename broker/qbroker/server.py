@@ -93,20 +93,23 @@ class _Conn:
 
 #: one EndOfMessage for every reply (h11 events are immutable)
 _END = h11.EndOfMessage()
-#: (status, content type, body length, close) -> the h11 Response event, headers
-#: validated once: h11 skips the header checks for a Headers it made itself
-_RESPONSES: dict[tuple[int, bytes, int, bool], h11.Response] = {}
+#: (status, content type, body length, close, more headers) -> the h11 Response event,
+#: headers validated once: h11 skips the header checks for a Headers it made itself
+_RESPONSES: dict[
+    tuple[int, bytes, int, bool, tuple[tuple[bytes, bytes], ...]], h11.Response
+] = {}
 _MAX_RESPONSES = 4096  #: distinct reply heads cached before the cache starts over
 
 
 def _response_event(resp: protocol.Response) -> h11.Response:
-    key = (resp.status, resp.content_type, len(resp.body), resp.close)
+    key = (resp.status, resp.content_type, len(resp.body), resp.close, resp.headers)
     event = _RESPONSES.get(key)
     if event is None:
         headers = [
             (b"content-type", resp.content_type),
             (b"content-length", str(len(resp.body)).encode()),
             _SERVER_HEADER,
+            *resp.headers,
         ]
         if resp.close:
             headers.append((b"connection", b"close"))
