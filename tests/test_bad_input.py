@@ -190,6 +190,26 @@ def test_slow_and_silent_clients_are_timed_out_without_holding_others(
     w.close()
 
 
+def test_a_client_that_does_not_read_its_replies_is_dropped(
+    strict_broker: BrokerProcess,
+) -> None:
+    n = 300  # replies of 30+ KiB each: far more than the socket buffers hold
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", strict_broker.port))
+    s.sendall(b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * n)
+    w = Wire(strict_broker.url)
+    time.sleep(REQUEST_TIMEOUT * 2 + 1)  # the broker waits on the send meanwhile
+    assert w.ok("GET", "/healthz")["status"] == "ok"  # others are served
+    s.settimeout(10)
+    data = b""
+    while chunk := s.recv(65536):  # the broker closes it, short of n replies
+        data += chunk
+    assert 0 < data.count(b"HTTP/1.1 200 ") < n
+    s.close()
+    w.close()
+
+
 def test_connection_limit_refuses_with_429(broker_factory: BrokerFactory) -> None:
     b = broker_factory(name="limited", args=("--max-connections", "5")).start()
     held = [_sock(b) for _ in range(5)]

@@ -7,7 +7,8 @@ Charter:
 
 Per connection: read a request head (h11, 16 KiB limit -> 431) within REQUEST_TIMEOUT of
 its first byte; refuse a declared body over --max-body with 413 before reading it; read the
-body within the same deadline; answer; keep the connection for the next request, closing it
+body within the same deadline; answer, closing the connection if the client has not taken
+the reply within REQUEST_TIMEOUT; keep the connection for the next request, closing it
 after IDLE_TIMEOUT of silence. A connection past --max-connections gets 429 and is closed.
 
 Timeouts cost no cancel scope per request: each connection enters one CancelScope once
@@ -207,6 +208,7 @@ class Server:
         cfg = self.config
         first = True  #: no request has begun on this connection yet
         reading = False  #: waiting for the rest of a begun request (else for its start)
+        sending: tuple[str, int] | None = None  #: writing a reply: (route, status)
         timer = conn.timer
         now = trio.current_time()
         timer.deadline = now + cfg.request_timeout
@@ -248,14 +250,23 @@ class Server:
                     return  # the client closed the connection
                 req.peer_alive = conn.peer_alive
                 resp = await self._dispatch(req)
+                # a client that does not read its reply is dropped like a slow sender
+                reading, sending = False, (req.route, resp.status)
+                timer.deadline = trio.current_time() + cfg.request_timeout
                 await conn.send(resp, head=req.method == "HEAD")
+                sending = None
                 if resp.close or conn.h11.our_state is h11.MUST_CLOSE:
                     return
                 try:
                     conn.h11.start_next_cycle()
                 except h11.LocalProtocolError:
                     return
-        # the watchdog cancelled the scope: the request (or its first byte) is late
+        # the watchdog cancelled the scope: a request (or its first byte) is late, or
+        # the client has not taken its reply
+        if sending is not None:
+            log.warning("reply.undelivered", route=sending[0], status=sending[1],
+                        seconds=cfg.request_timeout)  # fmt: skip
+            return
         if reading:
             msg = "the request did not arrive in time"
         elif first:
