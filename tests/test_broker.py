@@ -112,12 +112,68 @@ def test_stale_lease_gets_409_and_changes_nothing(wire: Wire) -> None:
     wire.ok(
         "POST", f"/v1/jobs/{job_id}/ack", {"lease": job["lease"], "result": "first"}
     )
-    for path in ("ack", "fail", "extend", "release"):
+    for path in ("fail", "extend", "release"):
         status, reply = wire.call(
             "POST", f"/v1/jobs/{job_id}/{path}", {"lease": job["lease"]}
         )
         assert status == 409 and reply["error"] == "stale_lease", path
     assert wire.job(job_id)["result"] == "first"
+
+
+def _finished_total(wire: Wire, queue: str, state: str) -> float:
+    _, text, _ = wire.raw("GET", "/metrics")
+    for line in text.decode().splitlines():
+        if line.startswith("qbroker_jobs_finished_total{") and (
+            f'queue="{queue}"' in line and f'state="{state}"' in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_ack_and_fail_are_safe_to_resend(wire: Wire) -> None:
+    # an ack resent (its reply lost) is ok again and changes nothing
+    acked = wire.enqueue("rs")
+    [job] = wire.lease("rs")
+    body = {"lease": job["lease"], "result": "first"}
+    wire.ok("POST", f"/v1/jobs/{acked}/ack", body)
+    finished_at = wire.job(acked)["finished_at"]
+    wire.ok("POST", f"/v1/jobs/{acked}/ack", {"lease": job["lease"], "result": "again"})
+    reply = wire.ok(
+        "POST", "/v1/ack", {"acks": [{"id": acked, **body}, {"id": acked, **body}]}
+    )
+    assert [r["ok"] for r in reply["results"]] == [True, True]
+    record = wire.job(acked)
+    assert (record["state"], record["result"]) == ("succeeded", "first")
+    assert record["finished_at"] == finished_at
+    assert _finished_total(wire, "rs", "succeeded") == 1
+    # ...but the other report on that lease is refused
+    status, reply = wire.call("POST", f"/v1/jobs/{acked}/fail", {"lease": job["lease"]})
+    assert status == 409 and reply["error"] == "stale_lease"
+
+    # a fail resent gets the state the first one gave, even once its retry is due
+    failed = wire.enqueue("rf", max_retries=1)
+    [job] = wire.lease("rf")
+    fail = {"lease": job["lease"], "error": "E: first", "retry_in": 0.2}
+    assert wire.ok("POST", f"/v1/jobs/{failed}/fail", fail) == {"state": "scheduled"}
+    assert wire.ok(
+        "POST", f"/v1/jobs/{failed}/fail", {**fail, "error": "E: again"}
+    ) == {"state": "scheduled"}
+    wait_for(lambda: wire.job(failed)["state"] == "queued", timeout=5)
+    reply = wire.ok("POST", "/v1/fail", {"fails": [{"id": failed, **fail}]})
+    assert reply["results"] == [{"id": failed, "ok": True, "error": None}]
+    status, _ = wire.call("POST", f"/v1/jobs/{failed}/ack", {"lease": job["lease"]})
+    assert status == 409
+    assert wire.job(failed)["error"] == "E: first"
+    assert _finished_total(wire, "rf", "scheduled") == 1
+    # once the job is leased again, the old token is stale for every report
+    [again] = wire.lease("rf")
+    for path in ("ack", "fail"):
+        status, reply = wire.call("POST", f"/v1/jobs/{failed}/{path}", fail)
+        assert status == 409 and reply["error"] == "stale_lease", path
+    final = {"lease": again["lease"], "error": "E: last"}
+    assert wire.ok("POST", f"/v1/jobs/{failed}/fail", final) == {"state": "failed"}
+    assert wire.ok("POST", f"/v1/jobs/{failed}/fail", final) == {"state": "failed"}
+    assert wire.job(failed)["attempts"] == 2
 
 
 def test_unknown_job_is_404_not_pending(wire: Wire) -> None:

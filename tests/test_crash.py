@@ -467,8 +467,8 @@ class Figures:
     duplicated_jobs: int = 0  #: jobs that ran more than once
     extra_runs: int = 0  #: runs beyond one per job
     deliveries_lost: int = 0  #: worker reports refused as stale (logged outcome=lost)
-    #: logged outcome=lost, yet the broker had applied that very ack: the reply to the
-    #: ack_many was lost in a broker kill, and the worker's resend got 409 stale_lease
+    #: logged outcome=lost, yet the broker had applied that very ack: must stay 0, a
+    #: resend of an applied ack (its reply lost in a broker kill) is answered ok
     acks_applied_logged_lost: int = 0
     max_attempts: int = 0  #: the most leases one job took
     #: leases never run: the reply was lost in a broker kill, or the worker was
@@ -609,7 +609,7 @@ def verify(
                 continue
             if event.get("outcome") == "lost":
                 # The final attempt's delivery is the one whose ack the broker took:
-                # its "lost" is a resent ack_many meeting its own first try.
+                # its "lost" would be a resent ack_many refused after its own first try.
                 if event["attempt"] == records[event["job_id"]].attempts:
                     figures.acks_applied_logged_lost += 1
                 else:
@@ -620,6 +620,7 @@ def verify(
                 assert event["attempt"] == records[job_id].attempts, event
     twice = [j for j, n in acks.items() if n > 1]
     assert not twice, f"acks accepted twice: {twice[:10]}"
+    assert figures.acks_applied_logged_lost == 0, "a resent applied ack was refused"
     # Nothing crashed but what we killed: no traceback in any worker's output (a pool
     # child whose worker was SIGKILLed used to print BrokenPipeError on its reply).
     for w in workers.all:

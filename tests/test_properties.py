@@ -11,7 +11,8 @@ Part 2 drives `qbroker.store.Store` directly on a temp SQLite file with a contro
 against a small Python model of the job state machine. Rules: enqueue, lease, ack,
 ack_many, fail, extend, release, cancel, advance the clock, reaper sweep (tick).
 Invariants after every step: every row matches the model; attempts never exceed
-max_retries + 1; counts by state add up; a stale lease is rejected and changes nothing;
+max_retries + 1; counts by state add up; a stale lease is rejected and changes nothing
+(a resent ack or fail of the settling lease is answered ok and changes nothing, too);
 leases come out by priority, then FIFO.
 """
 
@@ -501,10 +502,12 @@ class MJob:
             return None
         return self.finished_at + self.result_ttl
 
-    def finish(self, state: str, now: float) -> None:
+    def finish(self, state: str, now: float, *, keep_lease: bool = False) -> None:
+        """`keep_lease`: settled by its worker's ack or fail, which keep the token."""
         self.state = state
         self.finished_at = now
-        self.lease = None
+        if not keep_lease:
+            self.lease = None
         self.lease_expires_at = None
 
 
@@ -551,6 +554,20 @@ class JobMachine(RuleBasedStateMachine):
             and job.lease_expires_at is not None
             and job.lease_expires_at > self.now
         )
+
+    def resent(self, job_id: str, token: str, kind: str) -> bool:
+        """Whether an ack / fail with `token` repeats the one that settled the job."""
+        job = self.model.get(job_id)
+        states = ("succeeded",) if kind == "ack" else ("scheduled", "queued", "failed")
+        return job is not None and job.lease == token and job.state in states
+
+    def expect_resent(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """A resent ack or fail succeeds and changes nothing."""
+        before = self.raw_rows()
+        got = self.run(fn, *args, **kwargs)
+        assert self.raw_rows() == before
+        event(f"{fn.__name__}: resend answered ok")
+        return got
 
     def pick_lease(self, data: st.DataObject) -> tuple[str, str]:
         """Mostly a lease that is still valid, sometimes any lease ever handed out."""
@@ -710,13 +727,19 @@ class JobMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def ack(self, data: st.DataObject) -> None:
         job_id, token = self.pick_lease(data)
+        if self.resent(job_id, token, "ack"):
+            assert (
+                self.expect_resent(self.store.ack, job_id, token, 2, now=self.now)
+                is None
+            )
+            return
         if not self.lease_valid(job_id, token):
             self.expect_rejected(job_id, self.store.ack, job_id, token, 1, now=self.now)
             return
         queue = self.run(self.store.ack, job_id, token, {"r": 1}, now=self.now)
         job = self.model[job_id]
         assert queue == job.queue
-        job.finish("succeeded", self.now)
+        job.finish("succeeded", self.now, keep_lease=True)
         assert self.reader.get_job(job_id).result == {"r": 1}
 
     @precondition(lambda self: self.tokens)
@@ -725,12 +748,14 @@ class JobMachine(RuleBasedStateMachine):
         leases_ = [self.pick_lease(data) for _ in range(n)]
         items = [AckItem(id=i, lease=t, result=n) for n, (i, t) in enumerate(leases_)]
         want: list[str | None] = []
-        acked: set[str] = set()
+        acked: dict[str, str] = {}  #: job id -> the token this batch acked it with
         for i, t in leases_:
-            ok = self.lease_valid(i, t) and i not in acked
-            if ok:
-                acked.add(i)
+            if self.lease_valid(i, t) and i not in acked:
+                acked[i] = t
                 want.append(None)
+            elif acked.get(i) == t or (i not in acked and self.resent(i, t, "ack")):
+                want.append(None)  # a resend: of an item before it, or of a past ack
+                event("ack_many: resend answered ok")
             else:
                 want.append("stale_lease" if i in self.model else "job_not_found")
         results = self.run(self.store.ack_many, items, now=self.now)
@@ -738,12 +763,21 @@ class JobMachine(RuleBasedStateMachine):
             (i, e is None, e) for (i, _), e in zip(leases_, want, strict=True)
         ]
         for i in acked:
-            self.model[i].finish("succeeded", self.now)
+            self.model[i].finish("succeeded", self.now, keep_lease=True)
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), retry_in=st.sampled_from([None, 0.0, 0.5, 2.0]))
     def fail(self, data: st.DataObject, retry_in: float | None) -> None:
         job_id, token = self.pick_lease(data)
+        if self.resent(job_id, token, "fail"):
+            queue, state = self.expect_resent(
+                self.store.fail, job_id, token, error="E: y", traceback=None,
+                retry_in=retry_in, now=self.now,
+            )  # fmt: skip
+            settled = self.model[job_id].state
+            assert queue is None
+            assert state == ("failed" if settled == "failed" else "scheduled")
+            return
         if not self.lease_valid(job_id, token):
             self.expect_rejected(
                 job_id, self.store.fail, job_id, token, error="E: x", traceback=None,
@@ -758,9 +792,9 @@ class JobMachine(RuleBasedStateMachine):
         if retry_in is not None:
             job.available_at = self.now + retry_in
         if retry_in is not None and job.attempts <= job.max_retries:
-            job.state, job.lease, job.lease_expires_at = "scheduled", None, None
+            job.state, job.lease_expires_at = "scheduled", None  # the token stays
         else:
-            job.finish("failed", self.now)
+            job.finish("failed", self.now, keep_lease=True)
         assert state == job.state
 
     @precondition(lambda self: self.tokens)

@@ -454,7 +454,8 @@ class Broker:
             body.result,
             now=self.clock.now(),
         )
-        metrics.jobs_finished(queue, "succeeded").inc()
+        if queue is not None:  # else a resent ack: counted the first time
+            metrics.jobs_finished(queue, "succeeded").inc()
         self.finished([job_id], records)
         return Response(200, _EMPTY)
 
@@ -471,7 +472,8 @@ class Broker:
             retry_in=body.retry_in,
             now=now,
         )
-        metrics.jobs_finished(queue, state).inc()
+        if queue is not None:  # else a resent fail: counted the first time
+            metrics.jobs_finished(queue, state).inc()
         if state in FINAL_STATES:
             self.finished([job_id], records)
         elif body.retry_in is not None:

@@ -97,6 +97,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedup ON jobs(queue, dedup_key)
 
 _STATES = [s.value for s in JobState]
 _FINAL_SQL = ",".join(f"'{s.value}'" for s in sorted(FINAL_STATES))
+#: the states a job's own ack / fail leaves it in while it keeps that lease's token
+_ACKED = ("succeeded",)
+_FAILED = ("scheduled", "queued", "failed")
 _IN_CHUNK = 500  #: ids per `IN (...)` list, well under SQLite's variable limit
 PURGE_BATCH = 10_000  #: rows one sweep deletes at most
 WRITER_CACHE_KIB = 8192  #: KiB of page cache for the write connection
@@ -511,11 +514,29 @@ class Store:
             return errors.JobNotFound(f"no job {job_id}")
         return errors.StaleLease("this lease is not the job's current lease")
 
-    def ack(self, job_id: str, lease: str, result: Any, *, now: float) -> str:
-        """Mark a leased job succeeded and store its result.
+    def _resent(self, job_id: str, lease: str, states: tuple[str, ...]) -> str:
+        """The state of a job that `lease`'s own ack or fail already put in one of
+        `states` (a report resent after its reply was lost: ack and fail keep the token).
+
+        Raises:
+            errors.StaleLease: it is not such a repeat.
+            errors.JobNotFound
+        """
+        row = self.conn.execute(
+            "SELECT state, lease FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        if row is None:
+            raise errors.JobNotFound(f"no job {job_id}")
+        if row[1] != lease or row[0] not in states:
+            raise errors.StaleLease("this lease is not the job's current lease")
+        return str(row[0])
+
+    def ack(self, job_id: str, lease: str, result: Any, *, now: float) -> str | None:
+        """Mark a leased job succeeded and store its result. The job keeps the lease
+        token, so a resend of this ack (its reply lost) is recognised and changes nothing.
 
         Returns:
-            the job's queue.
+            the job's queue; None for a resend of the ack that finished the job.
 
         Raises:
             errors.StaleLease: the lease expired, moved on, or the job was cancelled.
@@ -524,13 +545,14 @@ class Store:
         with translate_errors():
             row = self.conn.execute(
                 "UPDATE jobs SET state = 'succeeded', result = ?1, finished_at = ?2,"
-                " purge_at = ?2 + result_ttl, lease = NULL, lease_expires_at = NULL"
+                " purge_at = ?2 + result_ttl, lease_expires_at = NULL"
                 " WHERE id = ?3 AND lease = ?4 AND state = 'active'"
                 " AND lease_expires_at > ?2 RETURNING queue",
                 (_pack(result, "result"), now, job_id, lease),
             ).fetchone()
             if row is None:
-                raise self._stale(job_id)
+                self._resent(job_id, lease, _ACKED)
+                return None
         return str(row[0])
 
     def fail(
@@ -542,11 +564,14 @@ class Store:
         traceback: str | None,
         retry_in: float | None,
         now: float,
-    ) -> tuple[str, JobState]:
-        """Record a failure; with `retry_in` and attempts left, schedule a retry.
+    ) -> tuple[str | None, JobState]:
+        """Record a failure; with `retry_in` and attempts left, schedule a retry. The
+        job keeps the lease token until its next lease, so a resend of this fail (its
+        reply lost) is recognised and changes nothing.
 
         Returns:
-            (queue, new state: scheduled or failed).
+            (queue, new state: scheduled or failed); the queue is None for a resend of
+            the fail that settled this delivery.
 
         Raises:
             errors.StaleLease, errors.JobNotFound
@@ -562,13 +587,15 @@ class Store:
                 "   THEN NULL ELSE ?2 END,"
                 " purge_at = CASE WHEN ?1 >= 0 AND attempts <= max_retries"
                 "   THEN NULL ELSE ?2 + result_ttl END,"
-                " error = ?3, traceback = ?4, lease = NULL, lease_expires_at = NULL"
+                " error = ?3, traceback = ?4, lease_expires_at = NULL"
                 " WHERE id = ?5 AND lease = ?6 AND state = 'active'"
                 " AND lease_expires_at > ?2 RETURNING queue, state",
                 (retry, now, error, traceback, job_id, lease),
             ).fetchone()
             if row is None:
-                raise self._stale(job_id)
+                state = self._resent(job_id, lease, _FAILED)
+                # a retry the reaper has since made due is still the fail's "scheduled"
+                return None, JobState.FAILED if state == "failed" else JobState.SCHEDULED
         return str(row[0]), JobState(row[1])
 
     def ack_many(
@@ -578,8 +605,8 @@ class Store:
         now: float,
         counts: Counter[tuple[str, str]] | None = None,
     ) -> list[BatchResult]:
-        """Ack each item on its own; a stale item fails only itself. `counts`, if
-        given, gets one (queue, "succeeded") per job acked.
+        """Ack each item on its own; a stale item fails only itself, a resent one is
+        ok again. `counts`, if given, gets one (queue, "succeeded") per job acked.
 
         One UPDATE ... FROM (VALUES ...) acks every valid item (sqlite.org/lang_update.html
         #upfrom); only the items it did not match are looked at one by one. A job named
@@ -598,7 +625,7 @@ class Store:
                     params += (it.id, it.lease, _pack(it.result, "result"))
                 rows = self.conn.execute(
                     "UPDATE jobs SET state = 'succeeded', result = v.column3,"
-                    " finished_at = ?1, purge_at = ?1 + result_ttl, lease = NULL,"
+                    " finished_at = ?1, purge_at = ?1 + result_ttl,"
                     " lease_expires_at = NULL"
                     f" FROM (VALUES {values}) AS v"
                     " WHERE jobs.id = v.column1 AND jobs.lease = v.column2"
@@ -616,16 +643,19 @@ class Store:
                     out.append(BatchResult(id=it.id, ok=False, error=exc.reason))
                 else:
                     out.append(BatchResult(id=it.id, ok=True))
-                    if counts is not None:
+                    if counts is not None and queue is not None:
                         counts[queue, "succeeded"] += 1
             elif it.id in done:
                 if counts is not None:
                     counts[done[it.id], "succeeded"] += 1
                 out.append(BatchResult(id=it.id, ok=True))
             else:
-                out.append(
-                    BatchResult(id=it.id, ok=False, error=self._stale(it.id).reason)
-                )
+                try:
+                    self._resent(it.id, it.lease, _ACKED)
+                except (errors.StaleLease, errors.JobNotFound) as exc:
+                    out.append(BatchResult(id=it.id, ok=False, error=exc.reason))
+                else:
+                    out.append(BatchResult(id=it.id, ok=True))
         return out
 
     def fail_many(
@@ -652,7 +682,7 @@ class Store:
                 out.append(BatchResult(id=it.id, ok=False, error=exc.reason))
             else:
                 out.append(BatchResult(id=it.id, ok=True))
-                if counts is not None:
+                if counts is not None and queue is not None:
                     counts[queue, state.value] += 1
         return out
 

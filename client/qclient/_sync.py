@@ -642,8 +642,8 @@ class Client:
         """Report success; the job becomes `succeeded` with `result`.
 
         Raises:
-            StaleLease: the lease expired or moved on (also when a resend after a
-                lost reply finds the first ack applied); stop, do not retry.
+            StaleLease: the lease expired or moved on; stop, do not retry. (A resend
+                of an ack the broker applied, its reply lost, succeeds again.)
             JobNotFound: no such job.
         """
         body = self._codec.encode(AckRequest(lease=lease, result=result))
