@@ -503,7 +503,8 @@ class MJob:
         return self.finished_at + self.result_ttl
 
     def finish(self, state: str, now: float, *, keep_lease: bool = False) -> None:
-        """`keep_lease`: settled by its worker's ack or fail, which keep the token."""
+        """`keep_lease`: the row's lease token stays (an ack or fail keeps its own;
+        an expiry leaves a scheduled retry's as it was)."""
         self.state = state
         self.finished_at = now
         if not keep_lease:
@@ -888,7 +889,7 @@ class JobMachine(RuleBasedStateMachine):
                 and j.expires_at is not None
                 and (j.expires_at <= now)
             ):
-                j.finish("expired", now)
+                j.finish("expired", now, keep_lease=True)  # a failed try's token stays
                 expired += 1
         for job_id in [
             i
