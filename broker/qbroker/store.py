@@ -595,7 +595,10 @@ class Store:
             if row is None:
                 state = self._resent(job_id, lease, _FAILED)
                 # a retry the reaper has since made due is still the fail's "scheduled"
-                return None, JobState.FAILED if state == "failed" else JobState.SCHEDULED
+                return (
+                    None,
+                    JobState.FAILED if state == "failed" else JobState.SCHEDULED,
+                )
         return str(row[0]), JobState(row[1])
 
     def ack_many(
