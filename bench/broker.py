@@ -207,7 +207,6 @@ class LeaseAck(rh.Session):
             b"Content-Type: application/msgpack\r\nContent-Length: %d\r\n\r\n"
         )
         self.leasing = True
-        self.stale = 0
 
     def start(self) -> bytes | None:
         self.leasing = True
@@ -224,12 +223,7 @@ class LeaseAck(rh.Session):
             self.leasing = False
             payload = rh.encode(_AckMany(acks=jobs))
             return self.ack_head % len(payload) + payload
-        results = _decode_batch(body).results
-        ok = 0
-        for r in results:
-            ok += r.ok
-        self.jobs += ok
-        self.stale += len(results) - ok
+        self.jobs += sum(r.ok for r in _decode_batch(body).results)
         self.leasing = True
         return self.lease_req
 
@@ -242,7 +236,6 @@ class LeaseCarryingAcks(rh.Session):
         super().__init__()
         self.queue = queue
         self.max_jobs = max_jobs
-        self.stale = 0
 
     def request(self, acks: list[_Ack]) -> bytes:
         body = _LeaseCarrying([self.queue], self.max_jobs, "bench", acks)
@@ -256,11 +249,7 @@ class LeaseCarryingAcks(rh.Session):
             self.fail(status, body)
             return None
         reply = _decode_leased(body)
-        ok = 0
-        for r in reply.results:
-            ok += r.ok
-        self.jobs += ok
-        self.stale += len(reply.results) - ok
+        self.jobs += sum(r.ok for r in reply.results)  # a shortfall is reported below
         if not reply.jobs:
             return None
         return self.request(reply.jobs)
