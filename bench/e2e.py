@@ -238,13 +238,17 @@ def running_broker(name: str, root: Path | None = None) -> Iterator[Broker]:
 class QWorker:
     """`python -m qworker --queue Q --module bench_tasks ...` with cwd bench/."""
 
-    def __init__(self, url: str, queue: str, pool: str, concurrency: int, log: Path):
+    def __init__(
+        self, url: str, queue: str, pool: str, concurrency: int, log: Path,
+        prefetch: int = 0,
+    ):  # fmt: skip
         self.url, self.queue, self.pool, self.concurrency = (
             url,
             queue,
             pool,
             concurrency,
         )
+        self.prefetch = prefetch
         self.log_path = log
         self.proc: subprocess.Popen[bytes] | None = None
         self.pids: list[int] = []
@@ -254,7 +258,7 @@ class QWorker:
             sys.executable, "-m", "qworker", "--queue", self.queue,
             "--module", "bench_tasks", "--concurrency", str(self.concurrency),
             "--pool", self.pool, "--url", self.url, "--log-level", "warning",
-            "--grace", "5",
+            "--grace", "5", "--prefetch", str(self.prefetch),
         ]  # fmt: skip
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -273,6 +277,12 @@ class QWorker:
                 if c.pid not in self.pids:
                     self.pids.append(c.pid)
                     STARTED_PIDS.append(c.pid)
+
+    @property
+    def label(self) -> str:
+        """`processes/2`, or `processes/2+p100` with a prefetch."""
+        extra = f"+p{self.prefetch}" if self.prefetch else ""
+        return f"{self.pool}/{self.concurrency}{extra}"
 
     @property
     def pid(self) -> int:
@@ -564,7 +574,7 @@ def qb_end_to_end(
     return {
         "peer": "qbroker",
         "mode": "send()" if mode == "one" else "send_many()",
-        "pool": f"{w.pool}/{w.concurrency}",
+        "pool": w.label,
         "jobs": n,
         "seconds": round(secs, 4),
         "jobs_per_s": round(n / secs, 1),
@@ -616,6 +626,7 @@ def qb_latency(
 def qb_session(
     pool: str,
     conc: int,
+    prefetch: int,
     n: int,
     modes: list[str],
     lat_n: int,
@@ -626,10 +637,12 @@ def qb_session(
 ) -> list[dict[str, Any]]:
     """A fresh broker + worker; the e2e modes (median of `repeat`), then latency."""
     rows: list[dict[str, Any]] = []
-    tag = f"{pool}{conc}"
+    tag = f"{pool}{conc}" + (f"p{prefetch}" if prefetch else "")
     with running_broker(f"e2e-{tag}") as b:
         queue = f"e2e_{tag}_{os.getpid()}"
-        w = QWorker(b.url, queue, pool, conc, log_dir / f"qworker-{tag}.log").start()
+        w = QWorker(
+            b.url, queue, pool, conc, log_dir / f"qworker-{tag}.log", prefetch
+        ).start()
         targets = {"broker": (b.pid, False), "worker": (w.pid, True),
                    "client": (os.getpid(), False)}  # fmt: skip
         try:
@@ -652,7 +665,7 @@ def qb_session(
                     qb_latency(client, queue, min(50, lat_n), budget.phase())  # warm
                     with profiled(prof_dir, f"latency-{tag}", targets):
                         row = qb_latency(client, queue, lat_n, budget.phase())
-                    row["pool"] = f"{pool}/{conc}"
+                    row["pool"] = w.label
                     rows.append(row)
                     print_row(row)
         finally:
@@ -782,8 +795,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--only", choices=["both", "qbroker", "celery"], default="both")
     ap.add_argument(
-        "--pools", default="processes2,threads8",
-        help="qworker shapes, comma-separated: processes2, threads8, ...",
+        "--pools", default="processes2,threads8,processes2+p100,threads8+p100",
+        help="qworker shapes, comma-separated: processes2, threads8, ...; "
+        "+pN adds --prefetch N",
     )  # fmt: skip
     ap.add_argument("--modes", default="one,many", help="one (send) and/or many")
     ap.add_argument("--profile", type=Path, help="py-spy raw profiles into this dir")
@@ -846,12 +860,13 @@ def main(argv: list[str] | None = None) -> int:
         if a.only in ("both", "qbroker"):
             print("qbroker (every reply fsynced):", flush=True)
             for shape in a.pools.split(","):
-                m = re.fullmatch(r"(processes|threads)(\d+)", shape)
+                m = re.fullmatch(r"(processes|threads)(\d+)(?:\+p(\d+))?", shape)
                 if not m:
                     raise SystemExit(f"bad pool shape {shape!r}")
-                pool, conc = m[1], int(m[2])
+                pool, conc, prefetch = m[1], int(m[2]), int(m[3] or 0)
+                lat = lat_n if pool == "threads" and not prefetch else 0
                 qb += qb_session(
-                    pool, conc, n, modes, lat_n if pool == "threads" else 0,
+                    pool, conc, prefetch, n, modes, lat,
                     a.repeat, log_dir, a.profile, budget,
                 )  # fmt: skip
             rows += qb

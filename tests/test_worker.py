@@ -176,6 +176,71 @@ def test_busy_worker_reports_each_outcome_with_its_next_lease(
     assert 'qbroker_jobs_finished_total{queue="wt_busy",state="succeeded"} 30.0' in text
 
 
+def _http_requests(url: str) -> dict[str, float]:
+    """`qbroker_http_requests_total` answered 200, by route, from /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        m[1]: float(m[2])
+        for m in re.finditer(
+            r'^qbroker_http_requests_total\{route="(\w+)",status="200"\} (\S+)',
+            text,
+            re.M,
+        )
+    }
+
+
+def test_prefetch_leases_short_jobs_in_batches(
+    broker: BrokerProcess,
+    client: qclient.Client,
+    start_worker: Callable[..., WorkerProc],
+) -> None:
+    """Two slots and 300 quick jobs: pure pull makes a request per job or two; with
+    --prefetch the worker holds up to 100 and leases them in batches."""
+    items = [{"task": "send_email", "kwargs": {"name": str(i)}} for i in range(300)]
+    jobs = client.send_many("wt_prefetch", items)
+    worker = start_worker(
+        "--queue", "wt_prefetch", "-c", "2", "--prefetch", "100", "--burst"
+    )
+    assert worker.wait(30) == 0
+    assert client.results(jobs, timeout=10) == ["success"] * 300
+    assert [client.get_job(j.id).attempts for j in jobs[:5]] == [1] * 5
+    finished = worker.events("job.finished")
+    assert sorted(f["job_id"] for f in finished) == sorted(j.id for j in jobs)
+    requests = _http_requests(broker.url)
+    sent = requests["lease"] + requests.get("ack_many", 0) + requests.get("ack", 0)
+    assert sent <= 30, requests
+
+
+def test_prefetched_jobs_go_back_when_a_long_task_holds_the_slot(
+    tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    """A prefetching worker with its one slot in a long run hands the jobs it holds
+    back within about a second, uncounted, and another worker runs them meanwhile."""
+    marks = tmp_path / "marks"
+    holder = start_worker("--queue", "wt_slow", "-c", "1", "--prefetch", "20")
+    warm = [tasks_worker.wt_slow.send(args=[str(marks), 0.01], client=client)]
+    warm += [tasks_worker.wt_slow.send(args=[str(marks), 0.01], client=client)]
+    assert client.results(warm, timeout=20) == ["slept", "slept"]  # runs are short
+    items = [{"task": "wt_slow", "args": [str(marks), 6]}]
+    items += [{"task": "wt_slow", "args": [str(marks), 0.01]}] * 10
+    long_job, *quick = client.send_many("wt_slow", items)
+    wait_for(lambda: holder.events("worker.prefetch_returned"), 10, "held jobs back")
+    released = {e["job_id"] for e in holder.events("job.released")}
+    assert {e["reason"] for e in holder.events("job.released")} == {"held_too_long"}
+    assert released and released <= {j.id for j in quick}
+    helper = start_worker("--queue", "wt_slow", "-c", "2", "--burst")
+    assert helper.wait(30) == 0
+    assert client.results(quick, timeout=10) == ["slept"] * 10
+    records = [client.get_job(j.id) for j in quick]
+    assert {r.attempts for r in records} == {1}  # the hand-back was not counted
+    assert long_job.result(timeout=20) == "slept"
+    ran_by_helper = {e["job_id"] for e in helper.events("job.finished")}
+    assert released <= ran_by_helper
+    last_quick = max(r.finished_at or 0.0 for r in records)
+    assert last_quick < (long_job.info().finished_at or 0.0)
+
+
 def test_failing_task_retries_with_backoff_then_fails(
     tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
 ) -> None:

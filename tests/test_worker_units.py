@@ -14,6 +14,7 @@ from qworker import Retry, Task, TimeLimitExceeded, task
 from qworker._execute import execute
 from qworker._task import backoff_delay
 from qworker.registry import NotRegistered, Registry
+from qworker.runner import prefetch_allowance
 
 from tests.conftest import child_env
 
@@ -38,6 +39,19 @@ def test_backoff_of_zero_retries_at_once_and_huge_attempts_do_not_overflow() -> 
 
 def _plain(x: int) -> int:
     return x + 1
+
+
+def test_prefetch_holds_what_the_slots_start_within_the_hold_time() -> None:
+    # 2 slots, 0.1 s a run: 20 start within 1 s; the cap and "no runs yet" win.
+    assert prefetch_allowance(100, 2, 0.1, 0.0, hold=1.0) == 20
+    assert prefetch_allowance(10, 2, 0.1, 0.0, hold=1.0) == 10
+    assert prefetch_allowance(100, 2, None, 0.0, hold=1.0) == 0
+    assert prefetch_allowance(0, 2, 0.001, 0.0, hold=1.0) == 0
+    assert prefetch_allowance(1000, 8, 0.0, 0.0, hold=1.0) == 1000  # no-op tasks
+    # A run going on longer than the mean counts as the run time: none once it is
+    # past concurrency x hold.
+    assert prefetch_allowance(100, 2, 0.001, 0.5, hold=1.0) == 4
+    assert prefetch_allowance(100, 2, 0.001, 2.5, hold=1.0) == 0
 
 
 def test_task_defaults_follow_the_function() -> None:

@@ -19,7 +19,7 @@ from qclient.wire import NAME_PATTERN
 from qworker import __version__
 from qworker._logs import LOG_FORMATS, configure
 from qworker.pools import POOL_KINDS
-from qworker.runner import DEFAULT_GRACE, Worker, default_concurrency
+from qworker.runner import DEFAULT_GRACE, PREFETCH_HOLD, Worker, default_concurrency
 
 __all__ = ["build_parser", "main"]
 
@@ -38,6 +38,13 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def _count(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
     return number
 
 
@@ -78,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grace", type=_seconds, default=DEFAULT_GRACE,
         help=f"seconds running tasks get to finish after SIGTERM (default {DEFAULT_GRACE:g})",
+    )  # fmt: skip
+    p.add_argument(
+        "--prefetch", type=_count, default=0, metavar="N",
+        help="hold up to N jobs beyond the slots while runs are short; one that waits "
+        f"{PREFETCH_HOLD:g} s for a slot goes back to the broker (default 0: lease only "
+        "for free slots)",
     )  # fmt: skip
     p.add_argument(
         "--burst", action="store_true",
@@ -124,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_tasks_per_child=ns.max_tasks_per_child,
             grace=ns.grace,
             name=ns.name,
+            prefetch=ns.prefetch,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -2,8 +2,8 @@
 
 Theory of operation. Both pools have the same shape: `size` slots, each a thread of this
 process, all taking `Execution`s from one queue. The runner only leases as many jobs as
-there are free slots, so the queue is nearly always empty; a job waits in it only while a
-slot replaces its child process.
+there are free slots (plus, with `prefetch`, a few held jobs), so the queue is short; a
+job waits in it while a slot replaces its child process, or while it is held.
 
 - `ThreadPool`: a slot thread runs the task itself. `async def` tasks run on one asyncio
   loop in a dedicated thread, and the slot thread waits for them. Python cannot kill a

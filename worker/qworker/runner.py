@@ -5,7 +5,8 @@ it: `_running` (job id -> Execution, leased and not settled yet) and `_results` 
 outcomes waiting to be reported).
 
 - The **lease thread** waits until a slot is free, then asks for exactly that many jobs
-  in one long-poll (`wait` = LEASE_WAIT): never a prefetch beyond free slots. The
+  in one long-poll (`wait` = LEASE_WAIT): by default never a prefetch beyond free
+  slots (see *Prefetch* below). The
   outcomes settled meanwhile (the one that freed the slot, usually) ride along in the
   same request, which the broker commits before it leases or waits: a busy worker makes
   one request per job, not a lease and an ack. A job for an unknown task is settled at
@@ -22,6 +23,15 @@ outcomes waiting to be reported).
 An execution is settled exactly once (`Execution.done`, under the lock): by its outcome,
 by its time limit, by a cancel or lost lease seen at a heartbeat, or by shutdown. A late
 outcome of a stopped execution is dropped, so a delivery is never reported twice.
+
+Prefetch (opt-in, `prefetch=N`): for many short tasks, one request per job is the
+bottleneck, so the worker may hold up to N jobs beyond its slots, in the pool's queue.
+It holds only as many as its slots are expected to start within PREFETCH_HOLD, judged by
+how long recent runs took and how long the running ones have run so far
+(`prefetch_allowance`), and refills only once half of that allowance is free, so a
+lease brings a batch. A held job that has waited PREFETCH_HOLD anyway (a long task
+turned up) goes back to the broker with every other held job, its attempt not counted:
+a long task never keeps jobs from other workers for longer than that.
 
 Shutdown (first SIGTERM/SIGINT, `stop()`, or a drained `--burst`): stop leasing, release
 jobs leased but not started, let running tasks finish within `grace` seconds, release
@@ -54,7 +64,14 @@ from qworker._task import TimeLimitExceeded, backoff_delay
 from qworker.pools import POOL_KINDS, Pool, make_pool
 from qworker.registry import NotRegistered, Registry, default_registry, import_modules
 
-__all__ = ["DEFAULT_GRACE", "LEASE_WAIT", "Worker", "default_concurrency"]
+__all__ = [
+    "DEFAULT_GRACE",
+    "LEASE_WAIT",
+    "PREFETCH_HOLD",
+    "Worker",
+    "default_concurrency",
+    "prefetch_allowance",
+]
 
 LEASE_WAIT = 5.0  #: seconds one lease request long-polls when nothing is ready
 DEFAULT_GRACE = 30.0  #: seconds running tasks get to finish after SIGTERM
@@ -72,6 +89,8 @@ CARRY_WAIT = 0.02  #: seconds an outcome may wait for a lease in flight to carry
 IDLE_TICK = 1.0  #: seconds the control thread sleeps at most when nothing is due
 POLL_TICK = 0.1  #: seconds between the main thread's looks at signals
 START_POLL = 0.02  #: seconds between looks at whether a time-limited task has started
+PREFETCH_HOLD = 1.0  #: seconds a prefetched job may wait here for a slot
+DURATION_WEIGHT = 0.2  #: weight of the newest run in the moving mean of run times
 
 log = structlog.get_logger("qworker")
 
@@ -106,6 +125,25 @@ def _transient(exc: Exception) -> bool:
     return True  # ProtocolError: refused, reset, timed out
 
 
+def prefetch_allowance(
+    prefetch: int,
+    concurrency: int,
+    mean_run: float | None,
+    longest_running: float,
+    hold: float = PREFETCH_HOLD,
+) -> int:
+    """How many jobs beyond its slots a worker may hold now.
+
+    As many as `concurrency` slots are expected to start within `hold` seconds, at most
+    `prefetch`, if a run takes `mean_run` seconds (the moving mean; None before the
+    first run: hold none) or, when longer, as long as the longest run still going.
+    """
+    if prefetch <= 0 or mean_run is None:
+        return 0
+    run = max(mean_run, longest_running, 1e-6)
+    return min(prefetch, int(concurrency * hold / run))
+
+
 def default_concurrency() -> int:
     """The default slot count: the number of CPUs (Celery's default too)."""
     return os.cpu_count() or 1
@@ -133,10 +171,12 @@ class Worker:
         name: this worker's name in the broker's records; default `hostname:pid`.
         lease_wait: seconds one lease request long-polls; also the longest a shutdown
             waits for the poll in flight.
+        prefetch: jobs it may hold beyond its slots while runs are short (default 0:
+            lease only for free slots). See the module docstring.
         client: a `qclient.Client` to use instead of making one (closed at the end).
 
     Raises:
-        ValueError: an unknown pool or a concurrency below 1.
+        ValueError: an unknown pool, a concurrency below 1 or a negative prefetch.
     """
 
     def __init__(
@@ -151,10 +191,14 @@ class Worker:
         grace: float = DEFAULT_GRACE,
         name: str | None = None,
         lease_wait: float = LEASE_WAIT,
+        prefetch: int = 0,
         client: Client | None = None,
     ) -> None:
         if pool not in POOL_KINDS:
             raise ValueError(f"unknown pool {pool!r}; choose one of {POOL_KINDS}")
+        if prefetch < 0:
+            raise ValueError("prefetch must be 0 or more")
+        self.prefetch = prefetch
         self.concurrency = concurrency if concurrency else default_concurrency()
         if concurrency is not None and concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -182,6 +226,7 @@ class Worker:
         self._stop_reporting = False  #: the control thread ends once results are out
         self._broker_ok = True
         self._reconnects = 0  #: times the broker was seen back after being unreachable
+        self._mean_run: float | None = None  #: moving mean of runs, lease to outcome
         # ---
         self._stop_requested = threading.Event()
         self._signals: list[int] = []  #: appended by the signal handler only
@@ -379,13 +424,15 @@ class Worker:
                 # settled meanwhile are taken below when a slot is free.
                 self._lease_in_flight = False
                 self._lease_parked = carry
-                while not self._stopping and len(self._running) >= self.concurrency:
+                while not self._stopping and not (free := self._room(time.monotonic())):
                     self._cond.wait()
                 self._lease_parked = False
                 if self._stopping:
                     self._cond.notify_all()  # the control thread reports what is left
                     return
-                free = self.concurrency - len(self._running)
+                # Long-poll only for a free slot: a job for the prefetch allowance
+                # alone must be ready now, or it could arrive after a long run began.
+                waits = not self._burst and len(self._running) < self.concurrency
                 idle = not (self._running or self._results or self._reporting)
                 batch: list[_Report] = []
                 if carry and self._broker_ok and self._results:
@@ -403,7 +450,7 @@ class Worker:
                     acks,
                     fails,
                     max=asked,
-                    wait=0.0 if self._burst else self.lease_wait,
+                    wait=self.lease_wait if waits else 0.0,
                     worker=self.name,
                 )
             except (ProtocolError, BrokerError) as exc:
@@ -441,20 +488,36 @@ class Worker:
                 with self._cond:  # wait for a task to end, then look again
                     self._cond.wait(0.5)
 
+    def _room(self, now: float) -> int:
+        """How many jobs the next lease asks for; 0: not yet (lock held).
+
+        The free slots plus the prefetch allowance. With every slot busy, only once
+        half of that allowance is free (so a prefetching worker leases batches), and
+        only while the last lease got all it asked for: more are likely ready (such a
+        lease does not wait, see `_lease_loop`).
+        """
+        allowance = 0
+        if self.prefetch and (self._backlog or len(self._running) < self.concurrency):
+            started = [ex.started_at for ex in self._running.values()]
+            longest = now - min((t for t in started if t is not None), default=now)
+            allowance = prefetch_allowance(
+                self.prefetch, self.concurrency, self._mean_run, longest
+            )
+        free = self.concurrency + allowance - len(self._running)
+        return free if free >= max(1, allowance // 2) else 0
+
     def _lease_carries_reports(self, now: float) -> bool:
         """Whether the lease thread will take the settled outcomes along with its next
         lease soon, so the control thread leaves them to it (lock held): it waits for
-        a free slot and there is one, or its request in flight is likely to come back
-        at once (the last one got all it asked for), for at most CARRY_WAIT."""
+        room and there is some (or, while prefetching, soon will be), or its request in
+        flight is likely to come back at once (the last one got all it asked for); for
+        at most CARRY_WAIT."""
         if self._stopping or not self._broker_ok:
             return False
+        fresh = now - self._results[0].settled_at < CARRY_WAIT
         if self._lease_parked:
-            return len(self._running) < self.concurrency
-        return (
-            self._lease_in_flight
-            and self._backlog
-            and now - self._results[0].settled_at < CARRY_WAIT
-        )
+            return bool(self._room(now)) or fresh
+        return self._lease_in_flight and self._backlog and fresh
 
     def _sleep_unless_stopping(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -499,6 +562,11 @@ class Worker:
             ex.done = True
             self._running.pop(ex.job.id, None)
             self._results.append(self._report(ex.job, outcome, ex))
+            if ex.started_at is not None:
+                run, mean = time.monotonic() - ex.started_at, self._mean_run
+                self._mean_run = (
+                    run if mean is None else mean + DURATION_WEIGHT * (run - mean)
+                )
             self._cond.notify_all()
 
     @staticmethod
@@ -589,12 +657,15 @@ class Worker:
                     failures = 0
             self._heartbeat()
             self._enforce_time_limits()
+            self._return_held()
 
     def _next_due(self, now: float) -> float:
         """The next heartbeat or time-limit end among running executions (lock held)."""
         due = now + IDLE_TICK
         for ex in self._running.values():
             due = min(due, ex.next_extend)
+            if self.prefetch and ex.started_at is None:
+                due = min(due, ex.leased_at + PREFETCH_HOLD)
             limit = ex.task.time_limit
             if limit is not None:
                 # Not started yet: the pool sets started_at in a moment; look again
@@ -725,6 +796,26 @@ class Worker:
                 self._abandon(ex, "cancelled", "cancelled")
             else:
                 ex.next_extend = time.monotonic() + job.timeout * HEARTBEAT_FRACTION
+
+    def _return_held(self) -> None:
+        """Once a job held for prefetch has waited PREFETCH_HOLD for a slot, give every
+        held job back: the slots are busy with longer runs than the allowance assumed,
+        and other workers may be free. The attempts are not counted."""
+        if not self.prefetch:
+            return
+        now = time.monotonic()
+        with self._cond:
+            overdue = any(
+                ex.started_at is None and now - ex.leased_at >= PREFETCH_HOLD
+                for ex in self._running.values()
+            )
+        if not overdue:
+            return
+        assert self._pool is not None
+        held = self._unsettle(self._pool.drain())
+        if held:
+            self._log.info("worker.prefetch_returned", jobs=len(held))
+            self._release(held, "held_too_long")
 
     def _enforce_time_limits(self) -> None:
         now = time.monotonic()
