@@ -10,7 +10,7 @@ In one run, on the same (shared, noisy) machine, so the ratios mean something:
   qbroker (a fresh ``python -m qbroker serve`` per worker shape, its defaults: every
   2xx to a write is fsynced, SQLite synchronous=FULL), worker ``python -m qworker
   --module bench_tasks`` as ``--pool processes --concurrency 2`` and as ``--pool threads
-  --concurrency 8``:
+  --concurrency 8``, each also with ``--prefetch 1000`` (opt-in; rows "+p1000"):
     e2e/send()      one producer thread: ``client.send(queue, task="noop")`` n times
     e2e/send_many() ``client.send_many(queue, [{"task": "noop"}] * n)`` (1,000 per request)
     ...then every result: ``client.final_records(jobs)``, 1,000 ids per long-poll --
@@ -795,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--only", choices=["both", "qbroker", "celery"], default="both")
     ap.add_argument(
-        "--pools", default="processes2,threads8,processes2+p100,threads8+p100",
+        "--pools", default="processes2,threads8,processes2+p1000,threads8+p1000",
         help="qworker shapes, comma-separated: processes2, threads8, ...; "
         "+pN adds --prefetch N",
     )  # fmt: skip
