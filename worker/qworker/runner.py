@@ -43,6 +43,7 @@ come back when their leases expire.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -226,7 +227,8 @@ class Worker:
         self._stop_reporting = False  #: the control thread ends once results are out
         self._broker_ok = True
         self._reconnects = 0  #: times the broker was seen back after being unreachable
-        self._mean_run: float | None = None  #: moving mean of runs, lease to outcome
+        self._mean_run: float | None = None  #: moving mean of runs, start to outcome
+        self._due = 0.0  #: no heartbeat, time limit or hold ends before this
         # ---
         self._stop_requested = threading.Event()
         self._signals: list[int] = []  #: appended by the signal handler only
@@ -498,8 +500,11 @@ class Worker:
         """
         allowance = 0
         if self.prefetch and (self._backlog or len(self._running) < self.concurrency):
-            started = [ex.started_at for ex in self._running.values()]
-            longest = now - min((t for t in started if t is not None), default=now)
+            # Slots take jobs in lease order, so the runs going on are among the
+            # first `concurrency` entries: no need to look at the held ones.
+            first = itertools.islice(self._running.values(), self.concurrency)
+            started = [ex.started_at for ex in first if ex.started_at is not None]
+            longest = now - min(started, default=now)
             allowance = prefetch_allowance(
                 self.prefetch, self.concurrency, self._mean_run, longest
             )
@@ -542,6 +547,7 @@ class Worker:
                         continue
                     ex = Execution(job, t, now)
                     self._running[job.id] = ex
+                    self._due = min(self._due, self._due_of(ex, now))
                     to_run.append(ex)
                 self._cond.notify_all()
         if stopping:
@@ -561,13 +567,25 @@ class Worker:
                 return  # stopped before (time limit, cancel, shutdown): settled already
             ex.done = True
             self._running.pop(ex.job.id, None)
+            first = not self._results
             self._results.append(self._report(ex.job, outcome, ex))
+            now = time.monotonic()
             if ex.started_at is not None:
-                run, mean = time.monotonic() - ex.started_at, self._mean_run
+                run, mean = now - ex.started_at, self._mean_run
                 self._mean_run = (
                     run if mean is None else mean + DURATION_WEIGHT * (run - mean)
                 )
-            self._cond.notify_all()
+            # Wake the other threads only when this changes what they wait for: the
+            # first outcome to report, room for the lease thread, no run left. (A
+            # prefetching worker would otherwise wake both for every job.)
+            if (
+                first
+                or not self._running
+                or self._burst
+                or self._stopping
+                or (not self._lease_in_flight and self._room(now))
+            ):
+                self._cond.notify_all()
 
     @staticmethod
     def _report(job: LeasedJob, outcome: Outcome, ex: Execution | None) -> _Report:
@@ -628,7 +646,8 @@ class Worker:
                                 lost = len(self._results)
                                 self._log.error("worker.reports_lost", jobs=lost)
                             return
-                    due = self._next_due(now)
+                    upkeep = now >= self._due
+                    due = self._due
                     mine = bool(self._results) and not self._lease_carries_reports(now)
                     if mine:
                         due = min(due, report_after)
@@ -655,23 +674,33 @@ class Worker:
                     )
                 else:
                     failures = 0
-            self._heartbeat()
-            self._enforce_time_limits()
-            self._return_held()
+            if upkeep:
+                self._heartbeat()
+                self._enforce_time_limits()
+                self._return_held()
+                with self._cond:
+                    self._due = self._next_due(time.monotonic())
 
     def _next_due(self, now: float) -> float:
-        """The next heartbeat or time-limit end among running executions (lock held)."""
+        """When the next heartbeat, time limit or hold ends among the executions, or
+        in IDLE_TICK at the latest (lock held). Computed after each upkeep and kept as
+        `_due`: executions that end only make it early, new ones lower it."""
         due = now + IDLE_TICK
         for ex in self._running.values():
-            due = min(due, ex.next_extend)
-            if self.prefetch and ex.started_at is None:
-                due = min(due, ex.leased_at + PREFETCH_HOLD)
-            limit = ex.task.time_limit
-            if limit is not None:
-                # Not started yet: the pool sets started_at in a moment; look again
-                # soon rather than sleep past the limit.
-                start = ex.started_at
-                due = min(due, now + START_POLL if start is None else start + limit)
+            due = min(due, self._due_of(ex, now))
+        return due
+
+    def _due_of(self, ex: Execution, now: float) -> float:
+        """When `ex` next needs the control thread."""
+        due = ex.next_extend
+        start = ex.started_at
+        if self.prefetch and start is None:
+            due = min(due, ex.leased_at + PREFETCH_HOLD)
+        limit = ex.task.time_limit
+        if limit is not None:
+            # Not started yet: the pool sets started_at in a moment; look again soon
+            # rather than sleep past the limit.
+            due = min(due, now + START_POLL if start is None else start + limit)
         return due
 
     def _send_reports(self, batch: list[_Report]) -> list[_Report]:
