@@ -713,7 +713,7 @@ def verdict(ok: bool) -> str:
 
 def final_table(qb: list[dict[str, Any]], cel: dict[str, dict[str, Any]]) -> str:
     """The summary table (markdown), qbroker vs Celery, with ratios and targets."""
-    w0 = 46
+    w0 = 52
     lines = [
         f"| {'measure':<{w0}} | {'qbroker':>9} | {'Celery+Redis':>12} | {'ratio':>6} "
         f"| {'target':>8} | {'verdict':<7} |",
