@@ -241,6 +241,32 @@ def test_prefetched_jobs_go_back_when_a_long_task_holds_the_slot(
     assert last_quick < (long_job.info().finished_at or 0.0)
 
 
+def test_sigterm_hands_back_prefetched_jobs_uncounted(
+    tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    marks = tmp_path / "marks"
+    worker = start_worker("--queue", "wt_slow", "-c", "1", "--prefetch", "20")
+    warm = [tasks_worker.wt_slow.send(args=[str(marks), 0.01], client=client)]
+    warm += [tasks_worker.wt_slow.send(args=[str(marks), 0.01], client=client)]
+    assert client.results(warm, timeout=20) == ["slept", "slept"]
+    items = [{"task": "wt_slow", "args": [str(marks), 1.5]}]
+    items += [{"task": "wt_slow", "args": [str(marks), 0.01]}] * 5
+    long_job, *held = client.send_many("wt_slow", items)
+    wait_for(
+        lambda: all(client.get_job(j.id).state == "active" for j in held),
+        10,
+        "the worker to hold the quick jobs",
+    )
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait(20) == 0
+    assert long_job.result(timeout=5) == "slept"  # the running one finished
+    records = [client.get_job(j.id) for j in held]
+    assert {(r.state, r.attempts) for r in records} == {("queued", 0)}
+    released = worker.events("job.released")
+    assert sorted(e["job_id"] for e in released) == sorted(j.id for j in held)
+    assert {e["reason"] for e in released} == {"not_started"}
+
+
 def test_failing_task_retries_with_backoff_then_fails(
     tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
 ) -> None:
