@@ -6,10 +6,12 @@ outcomes waiting to be reported).
 
 - The **lease thread** waits until a slot is free, then asks for exactly that many jobs
   in one long-poll (`wait` = LEASE_WAIT): by default never a prefetch beyond free
-  slots (see *Prefetch* below). The
-  outcomes settled meanwhile (the one that freed the slot, usually) ride along in the
-  same request, which the broker commits before it leases or waits: a busy worker makes
-  one request per job, not a lease and an ack. A job for an unknown task is settled at
+  slots (see *Prefetch* below). The outcomes settled meanwhile (the one that freed the
+  slot, usually) ride along in the same request, which the broker commits before it
+  leases or waits: a busy worker makes one request per job, not a lease and an ack.
+  When the jobs a lease brought drained the queue and runs are short (SHORT_RUN), it
+  waits up to twice the mean run (at most CARRY_WAIT) for their outcomes to ride along
+  too, instead of long-polling at once and leaving them to an ack of their own. A job for an unknown task is settled at
   once as failed (no retry); the rest go to the pool.
   Transport trouble is logged once as `broker.unreachable` and retried with capped
   exponential backoff; `broker.reconnected` is logged when a request gets through.
@@ -87,6 +89,7 @@ MAX_BATCH = 1000  #: items in one ack_many/fail_many request
 MAX_LEASE = 1000  #: jobs in one lease request (the protocol's limit)
 MAX_QUEUES = 100  #: queues in one lease request (the protocol's limit)
 CARRY_WAIT = 0.02  #: seconds an outcome may wait for a lease in flight to carry it
+SHORT_RUN = 0.005  #: seconds: runs this short get their outcome carried by the lease
 IDLE_TICK = 1.0  #: seconds the control thread sleeps at most when nothing is due
 POLL_TICK = 0.1  #: seconds between the main thread's looks at signals
 START_POLL = 0.02  #: seconds between looks at whether a time-limited task has started
@@ -420,6 +423,7 @@ class Worker:
     def _lease_loop(self) -> None:
         failures = 0
         carry = True  #: take settled outcomes along with the next lease
+        dispatched = False  #: the last lease brought jobs and the queue had no more
         while True:
             with self._cond:
                 # "In flight" lasts until here, dispatch included: the outcomes
@@ -428,6 +432,21 @@ class Worker:
                 self._lease_parked = carry
                 while not self._stopping and not (free := self._room(time.monotonic())):
                     self._cond.wait()
+                # The jobs just dispatched drained the queue and runs are short: wait
+                # a moment for their outcomes, so they ride on this lease instead of
+                # an ack of their own.
+                mean = self._mean_run
+                if dispatched and carry and mean is not None and mean < SHORT_RUN:
+                    until = time.monotonic() + min(CARRY_WAIT, 2 * mean + 0.001)
+                    while (
+                        not self._stopping
+                        and self._running
+                        and not self._results
+                        and (left := until - time.monotonic()) > 0
+                    ):
+                        self._cond.wait(left)
+                    free = self._room(time.monotonic()) or free
+                dispatched = False
                 self._lease_parked = False
                 if self._stopping:
                     self._cond.notify_all()  # the control thread reports what is left
@@ -482,6 +501,7 @@ class Worker:
             if batch:
                 self._log_reports(ack_reports + fail_reports, reply.results)
             self._dispatch(jobs)
+            dispatched = bool(jobs) and not self._backlog
             if self._burst and not jobs:
                 if idle:  # nothing ready, nothing ran or waited to be reported
                     self._log.info("worker.drained")
