@@ -11,8 +11,8 @@ outcomes waiting to be reported).
   leases or waits: a busy worker makes one request per job, not a lease and an ack.
   When the jobs a lease brought drained the queue and runs are short (SHORT_RUN), it
   waits up to twice the mean run (at most CARRY_WAIT) for their outcomes to ride along
-  too, instead of long-polling at once and leaving them to an ack of their own. A job for an unknown task is settled at
-  once as failed (no retry); the rest go to the pool.
+  too, instead of long-polling at once and leaving them to an ack of their own. A job
+  for an unknown task is settled at once as failed (no retry); the rest go to the pool.
   Transport trouble is logged once as `broker.unreachable` and retried with capped
   exponential backoff; `broker.reconnected` is logged when a request gets through.
 - The **control thread** reports the other settled outcomes in batches
