@@ -250,6 +250,27 @@ def test_release_does_not_count_the_attempt(wire: Wire) -> None:
     assert again["attempt"] == 1
 
 
+def test_batch_release_hands_back_each_item_alone(wire: Wire) -> None:
+    ids = wire.ok("POST", "/v1/queues/q/jobs", {"jobs": [{}, {}, {}]})["ids"]
+    jobs = wire.lease("q", max=3)
+    reply = wire.ok("POST", "/v1/release", {"releases": [
+        {"id": jobs[0]["id"], "lease": jobs[0]["lease"]},
+        {"id": jobs[1]["id"], "lease": "stale.1"},
+        {"id": "missing", "lease": "x"},
+        {"id": jobs[2]["id"], "lease": jobs[2]["lease"]},
+    ]})  # fmt: skip
+    assert reply == {"results": [
+        {"id": ids[0], "ok": True, "error": None},
+        {"id": ids[1], "ok": False, "error": "stale_lease"},
+        {"id": "missing", "ok": False, "error": "job_not_found"},
+        {"id": ids[2], "ok": True, "error": None},
+    ]}  # fmt: skip
+    states = [(wire.job(i)["state"], wire.job(i)["attempts"]) for i in ids]
+    assert states == [("queued", 0), ("active", 1), ("queued", 0)]
+    again = wire.lease("q", max=3)  # back at their old places, attempts not counted
+    assert [(j["id"], j["attempt"]) for j in again] == [(ids[0], 1), (ids[2], 1)]
+
+
 def test_batch_ack_and_fail_apply_each_item_alone(wire: Wire) -> None:
     ids = wire.ok("POST", "/v1/queues/q/jobs", {"jobs": [{}, {}, {}, {}]})["ids"]
     jobs = wire.lease("q", max=4)

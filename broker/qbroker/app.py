@@ -39,6 +39,7 @@ from qclient.wire import (
     LeaseReply,
     LeaseRequest,
     QueueList,
+    ReleaseManyRequest,
     ReleaseRequest,
     ResultsReply,
     ResultsRequest,
@@ -541,6 +542,15 @@ class Broker:
         )
         self.queue_waiters.notify(queue, 1)
         return Response(200, _EMPTY)
+
+    async def on_release_many(self, req: Request) -> Response:
+        body = decode(req, ReleaseManyRequest)
+        results, queues = await self.writer.call(
+            self.store.release_many, body.releases, now=self.clock.now()
+        )
+        for queue, n in queues.items():
+            self.queue_waiters.notify(queue, n)
+        return encode(req, BatchReply(results=results))
 
     # ---------------------------------------------------------------- admin
 

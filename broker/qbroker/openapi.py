@@ -48,6 +48,9 @@ _OPERATIONS: dict[str, dict[str, tuple[str, list[Any], Any, Any, str]]] = {
     "/v1/fail": {
         "post": ("fail_many", [], wire.FailManyRequest, wire.BatchReply, "200")
     },
+    "/v1/release": {
+        "post": ("release_many", [], wire.ReleaseManyRequest, wire.BatchReply, "200")
+    },
     "/v1/jobs/{id}": {"get": ("get_job", [_ID], None, wire.JobRecord, "200")},
     "/v1/jobs/{id}/result": {
         "get": ("job_result", [_ID, _WAIT], None, wire.JobRecord, "200")
@@ -64,6 +67,7 @@ _STRUCTS: list[Any] = [
     wire.JobSpec, wire.EnqueueManyRequest, wire.EnqueueReply, wire.EnqueueManyReply,
     wire.LeaseRequest, wire.LeaseReply, wire.AckRequest, wire.FailRequest,
     wire.ExtendRequest, wire.ExtendReply, wire.ReleaseRequest, wire.CancelReply,
+    wire.ReleaseItem, wire.ReleaseManyRequest,
     wire.AckManyRequest, wire.FailManyRequest, wire.BatchReply, wire.JobRecord,
     wire.QueueList, wire.QueueStats, wire.Health, wire.ErrorBody,
     wire.ResultsRequest, wire.ResultsReply,

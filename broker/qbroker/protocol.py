@@ -103,6 +103,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("POST", "/v1/jobs/{id}/cancel", "cancel"),
     ("POST", "/v1/ack", "ack_many"),
     ("POST", "/v1/fail", "fail_many"),
+    ("POST", "/v1/release", "release_many"),
     ("GET", "/v1/jobs/{id}", "get_job"),
     ("GET", "/v1/jobs/{id}/result", "job_result"),
     ("POST", "/v1/results", "results"),

@@ -42,6 +42,7 @@ from qclient.wire import (
     JobState,
     LeasedJob,
     QueueStats,
+    ReleaseItem,
     new_job_ids,
 )
 
@@ -738,6 +739,25 @@ class Store:
             if row is None:
                 raise self._stale(job_id)
         return str(row[0])
+
+    def release_many(
+        self, items: Sequence[ReleaseItem], *, now: float
+    ) -> tuple[list[BatchResult], Counter[str]]:
+        """Release each item on its own; a stale item fails only itself.
+
+        Returns:
+            one result per item, in order, and how many jobs went back per queue.
+        """
+        out: list[BatchResult] = []
+        queues: Counter[str] = Counter()
+        for it in items:
+            try:
+                queues[self.release(it.id, it.lease, now=now)] += 1
+            except (errors.StaleLease, errors.JobNotFound) as exc:
+                out.append(BatchResult(id=it.id, ok=False, error=exc.reason))
+            else:
+                out.append(BatchResult(id=it.id, ok=True))
+        return out, queues
 
     # ------------------------------------------------------------ reaper
 

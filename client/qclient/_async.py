@@ -77,6 +77,8 @@ from qclient.wire import (
     LeaseReply,
     LeaseRequest,
     QueueStats,
+    ReleaseItem,
+    ReleaseManyRequest,
     ReleaseRequest,
     ResultsRequest,
 )
@@ -531,6 +533,12 @@ class AsyncClient:
         body = self._codec.encode(ReleaseRequest(lease=lease))
         path = f"/v1/jobs/{path_name(job_id)}/release"
         self._expect_ok(await self._request(b"POST", path, body))
+
+    async def release_many(self, items: Sequence[ReleaseItem]) -> list[BatchResult]:
+        """Hand back many unstarted jobs in one request; one result per item."""
+        body = self._codec.encode(ReleaseManyRequest(releases=list(items)))
+        response = await self._request(b"POST", "/v1/release", body)
+        return self._codec.decode(response, BATCH_REPLY).results
 
     async def ack_many(self, items: Sequence[AckItem]) -> list[BatchResult]:
         """Ack many jobs in one request; one result per item, in order."""

@@ -86,6 +86,8 @@ from qclient.wire import (
     LeaseReply,
     LeaseRequest,
     QueueStats,
+    ReleaseItem,
+    ReleaseManyRequest,
     ReleaseRequest,
     ResultsRequest,
 )
@@ -712,6 +714,18 @@ class Client:
         body = self._codec.encode(ReleaseRequest(lease=lease))
         response = self._request(b"POST", f"/v1/jobs/{path_name(job_id)}/release", body)
         self._expect_ok(response)
+
+    def release_many(self, items: Sequence[ReleaseItem]) -> list[BatchResult]:
+        """Hand back many unstarted jobs in one request (attempts not counted); each
+        item succeeds or fails on its own.
+
+        Returns:
+            One result per item, in order, as for `ack_many()`.
+        """
+        body = self._codec.encode(ReleaseManyRequest(releases=list(items)))
+        return self._codec.decode(
+            self._request(b"POST", "/v1/release", body), BATCH_REPLY
+        ).results
 
     def ack_many(self, items: Sequence[AckItem]) -> list[BatchResult]:
         """Ack many jobs in one request; each item succeeds or fails on its own.

@@ -46,6 +46,8 @@ __all__ = [
     "LeasedJob",
     "QueueList",
     "QueueStats",
+    "ReleaseItem",
+    "ReleaseManyRequest",
     "ReleaseRequest",
     "ResultsReply",
     "ResultsRequest",
@@ -196,6 +198,15 @@ class ReleaseRequest(_Struct, frozen=True):
     """Hand a leased job back unstarted; its attempt is not counted."""
 
     lease: Annotated[str, msgspec.Meta(max_length=200)]
+
+
+class ReleaseItem(_Struct, frozen=True):
+    id: Name
+    lease: Annotated[str, msgspec.Meta(max_length=200)]
+
+
+class ReleaseManyRequest(_Struct, frozen=True):
+    releases: Annotated[list[ReleaseItem], msgspec.Meta(max_length=MAX_BATCH)]
 
 
 class BatchResult(_Struct, frozen=True):

@@ -60,7 +60,14 @@ from typing import Any
 import msgspec
 import structlog
 from qclient import BrokerError, Client, JobNotFound, ProtocolError, StaleLease
-from qclient.wire import NAME_PATTERN, AckItem, BatchResult, FailItem, LeasedJob
+from qclient.wire import (
+    NAME_PATTERN,
+    AckItem,
+    BatchResult,
+    FailItem,
+    LeasedJob,
+    ReleaseItem,
+)
 
 from qworker._execute import Execution, Outcome, describe, failure
 from qworker._task import TimeLimitExceeded, backoff_delay
@@ -369,18 +376,28 @@ class Worker:
         return taken
 
     def _release(self, executions: Sequence[Execution], why: str) -> None:
-        for ex in executions:
-            self._release_job(ex.job, why)
+        self._release_jobs([ex.job for ex in executions], why)
 
-    def _release_job(self, job: LeasedJob, why: str) -> None:
-        try:
-            self.client.release(job.id, job.lease)
-        except (BrokerError, ProtocolError) as exc:
-            # Its lease will expire and the job come back, with the attempt counted.
-            self._log.warning("job.release_failed", job_id=job.id, error=describe(exc))
-        else:
-            fields = {"task": job.task, "job_id": job.id, "queue": job.queue}
-            self._log.info("job.released", reason=why, **fields)
+    def _release_jobs(self, jobs: Sequence[LeasedJob], why: str) -> None:
+        """Hand jobs back unstarted, MAX_BATCH per request. One that cannot be comes
+        back when its lease expires, with the attempt counted."""
+        for start in range(0, len(jobs), MAX_BATCH):
+            chunk = jobs[start : start + MAX_BATCH]
+            items = [ReleaseItem(id=job.id, lease=job.lease) for job in chunk]
+            try:
+                results = self.client.release_many(items)
+            except (BrokerError, ProtocolError) as exc:
+                results = [
+                    BatchResult(id=job.id, ok=False, error=describe(exc))
+                    for job in chunk
+                ]
+            for job, result in zip(chunk, results, strict=False):
+                if result.ok:
+                    fields = {"task": job.task, "job_id": job.id, "queue": job.queue}
+                    self._log.info("job.released", reason=why, **fields)
+                else:
+                    error = result.error or "unknown"
+                    self._log.warning("job.release_failed", job_id=job.id, error=error)
 
     # ------------------------------------------------------------ signals
 
@@ -571,8 +588,7 @@ class Worker:
                     to_run.append(ex)
                 self._cond.notify_all()
         if stopping:
-            for job in jobs:
-                self._release_job(job, "not_started")
+            self._release_jobs(jobs, "not_started")
             return
         assert self._pool is not None
         for ex in to_run:
