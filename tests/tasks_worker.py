@@ -80,3 +80,18 @@ def wt_pid() -> int:
 @task(max_retries=3)
 def wt_big(size: int) -> str:
     return "x" * size
+
+
+@task(max_retries=0)
+def wt_echo(x: int) -> list[int]:
+    return [x, os.getpid()]
+
+
+@task(max_retries=0)
+def wt_die_once(path: str, x: int, die: bool) -> int:
+    """Note the run; the job with `die` kills its process the first time it runs."""
+    if die and not Path(f"{path}.died").exists():
+        Path(f"{path}.died").touch()
+        os._exit(3)
+    _note(path, f"ran {x}")
+    return x

@@ -212,6 +212,56 @@ def test_prefetch_leases_short_jobs_in_batches(
     assert sent <= 30, requests
 
 
+def test_process_pool_sends_quick_prefetched_jobs_to_a_child_in_runs(
+    client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    """With --prefetch, a process slot sends its child runs of quick jobs in one
+    message; each job still gets its own result."""
+    jobs = client.send_many(
+        "wt_echo", [{"task": "wt_echo", "args": [i]} for i in range(400)]
+    )
+    worker = start_worker(
+        "--queue", "wt_echo", "--pool", "processes", "-c", "2", "--prefetch", "200",
+        "--burst", "--log-level", "debug",
+    )  # fmt: skip
+    assert worker.wait(60) == 0
+    results = client.results(jobs, timeout=10)
+    assert [r[0] for r in results] == list(range(400))
+    assert worker.proc.pid not in {r[1] for r in results}
+    runs = [e["jobs"] for e in worker.events("pool.run")]
+    assert runs and max(runs) > 1, worker.output()
+    assert {client.get_job(j.id).attempts for j in jobs[::40]} == {1}
+
+
+def test_child_dying_mid_run_fails_only_the_job_it_was_running(
+    tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    """The child dies in one job of a run: that job fails with WorkerLost; the rest of
+    the run goes again in a new child and succeeds, in the same lease."""
+    notes = str(tmp_path / "notes")
+    items = [
+        {"task": "wt_die_once", "args": [notes, i, i == 150], "max_retries": 0}
+        for i in range(300)
+    ]
+    jobs = client.send_many("wt_die_once", items)
+    worker = start_worker(
+        "--queue", "wt_die_once", "--pool", "processes", "-c", "1",
+        "--prefetch", "300", "--burst", "--log-level", "debug",
+    )  # fmt: skip
+    assert worker.wait(60) == 0
+    assert worker.events("pool.run"), worker.output()
+    with pytest.raises(qclient.TaskFailed) as info:
+        jobs[150].result(timeout=5)
+    assert info.value.exc_type == "WorkerLost"
+    rest = jobs[:150] + jobs[151:]
+    assert client.results(rest, timeout=10) == [*range(150), *range(151, 300)]
+    assert {client.get_job(j.id).attempts for j in rest} == {1}
+    ran = lines(Path(notes), "ran")
+    # Each ran once, but for the run-mates that had finished before the death: their
+    # outcomes died with the child, so they ran again.
+    assert 299 <= len(ran) < 299 + 64
+
+
 def test_prefetched_jobs_go_back_when_a_long_task_holds_the_slot(
     tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
 ) -> None:

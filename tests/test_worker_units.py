@@ -1,4 +1,4 @@
-"""qworker pieces without a broker: backoff, the decorator, the registry, execute()."""
+"""qworker pieces without a broker: backoff, the decorator, the registry, execute(), runs."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 import qworker
+from qclient.wire import LeasedJob
 from qworker import Retry, Task, TimeLimitExceeded, task
-from qworker._execute import execute
+from qworker._execute import Execution, execute
 from qworker._task import backoff_delay
+from qworker.pools import RUN_MAX, ProcessPool
 from qworker.registry import NotRegistered, Registry
 from qworker.runner import prefetch_allowance
 
@@ -52,6 +54,69 @@ def test_prefetch_holds_what_the_slots_start_within_the_hold_time() -> None:
     # past concurrency x hold.
     assert prefetch_allowance(100, 2, 0.001, 0.5, hold=1.0) == 4
     assert prefetch_allowance(100, 2, 0.001, 2.5, hold=1.0) == 0
+
+
+def _execution(t: Task[..., Any], n: int) -> Execution:
+    job = LeasedJob(
+        id=f"j{n}", queue="q", task=t.name, args=[n], kwargs={}, headers={},
+        lease="l", attempt=1, max_retries=3, timeout=30.0, lease_expires_at=0.0,
+    )  # fmt: skip
+    return Execution(job, t, now=0.0)
+
+
+def test_process_slot_takes_a_run_of_quick_jobs_only() -> None:
+    """A slot sends its child a run of queued jobs whose tasks are known to be quick
+    and have no time limit, up to its share of the queue; the first that does not fit
+    is kept for its next turn, and drain() hands it back first."""
+    quick, slow = Task(_plain, name="quick"), Task(_plain, name="slow")
+    limited = Task(_plain, name="limited", time_limit=5)
+    unknown = Task(_plain, name="unknown")
+    pool = ProcessPool(2, lambda ex, o: None, modules=[])
+    slot = pool._slots[0]
+    for name, mean in (("quick", 0.00001), ("slow", 0.5), ("limited", 0.00001)):
+        pool.ran(name, mean)
+
+    def queued(*tasks: Task[..., Any]) -> list[Execution]:
+        made = [_execution(t, n) for n, t in enumerate(tasks)]
+        for ex in made:
+            pool.queue.put(ex)
+        return made
+
+    # 8 quick ones queued: the slot takes its share (half) plus the one in hand.
+    first = _execution(quick, 99)
+    made = queued(*[quick] * 8)
+    assert slot.take_run(first) == [first, *made[:4]]
+    assert pool.drain() == made[4:]
+    # A slow, a time-limited or a not-yet-measured task ends the run and is held.
+    for stopper in (slow, limited, unknown):
+        made = queued(quick, stopper, quick, quick, quick, quick)
+        assert slot.take_run(first) == [first, made[0]]
+        assert list(slot.held) == [made[1]]
+        assert pool.drain() == made[1:]
+    # A job whose own task is slow, limited or not yet measured runs alone.
+    for alone in (slow, limited, unknown):
+        made = queued(quick, quick)
+        lone = _execution(alone, 7)
+        assert slot.take_run(lone) == [lone]
+        assert pool.drain() == made
+    # Together the mean runs fill about RUN_SPAN (2 ms): three of 0.6 ms.
+    medium = Task(_plain, name="medium")
+    pool.ran("medium", 0.0006)
+    made = queued(*[medium] * 6)
+    lead = _execution(medium, 7)
+    assert slot.take_run(lead) == [lead, made[0], made[1]]
+    assert pool.drain() == made[2:]
+    made = queued(*[quick] * 6)
+    made[0].done = True
+    assert slot.take_run(first) == [first, *made[1:4]]
+    pool.drain()
+    # RUN_MAX and max_tasks_per_child cap a run.
+    made = queued(*[quick] * (4 * RUN_MAX))
+    assert len(slot.take_run(first)) == RUN_MAX
+    pool.drain()
+    pool.max_tasks_per_child, slot.tasks_run = 10, 7
+    made = queued(*[quick] * 20)
+    assert slot.take_run(first) == [first, *made[:2]]
 
 
 def test_task_defaults_follow_the_function() -> None:

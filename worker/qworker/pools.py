@@ -14,7 +14,10 @@ job waits in it while a slot replaces its child process, or while it is held.
   it, else spawn; never plain fork, since this process runs threads) and talks to it over a
   pipe in msgpack. Stopping a task kills the child; the slot starts a new one. A child that
   dies mid-task (segfault, OOM kill) fails the job with `WorkerLost`. Children ignore
-  SIGINT/SIGTERM: the parent decides when they stop.
+  SIGINT/SIGTERM: the parent decides when they stop. When jobs wait in the pool's queue
+  (a prefetching worker) and their tasks are known to be quick, a slot sends its child a
+  *run* of them in one message (see `_ProcessSlot.take_run`): a pipe round trip per run
+  instead of per job, which is most of what a no-op task costs in this pool.
 
 Pools report each run to `on_done(execution, outcome)` from a slot thread; the runner
 decides whether an outcome still counts (a stopped execution's late outcome does not).
@@ -23,6 +26,7 @@ decides whether an outcome still counts (a stopped execution's late outcome does
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import multiprocessing
@@ -53,6 +57,9 @@ CHILD_START_TIMEOUT = 60.0  #: seconds a child may take to import the task modul
 CHILD_STOP_TIMEOUT = 2.0  #: seconds a child gets to exit when asked, before SIGKILL
 RESPAWN_BACKOFF_MAX = 30.0  #: seconds between tries to start a child that keeps failing
 PARENT_CHECK = 1.0  #: seconds between a busy child's looks at whether its parent lives
+RUN_SPAN = 0.002  #: seconds of expected run time one message to a child may carry
+RUN_MAX = 64  #: jobs one message to a child may carry
+RUN_WEIGHT = 0.2  #: weight of the newest run in a task's moving mean run time
 
 log = structlog.get_logger("qworker.pool")
 OnDone = Callable[[Execution, Outcome], None]
@@ -277,16 +284,24 @@ class _Call(msgspec.Struct, array_like=True):
 
 
 _call_encoder = msgspec.msgpack.Encoder()
-_call_decoder = msgspec.msgpack.Decoder(_Call)
-_outcome_decoder = msgspec.msgpack.Decoder(Outcome)
+_call_decoder = msgspec.msgpack.Decoder(list[_Call])
+_outcome_decoder = msgspec.msgpack.Decoder(list[Outcome])
 _READY = b"ready"
 _PIPE, _EXITED = "pipe", "exited"  #: what a slot's selector watches
 
 
 def _child_main(
-    conn: multiprocessing.connection.Connection, modules: list[str], path: list[str]
+    conn: multiprocessing.connection.Connection,
+    modules: list[str],
+    path: list[str],
+    progress: Any,
 ) -> None:
-    """A pool child: import the task modules, then run calls from `conn` until EOF."""
+    """A pool child: import the task modules, then run calls from `conn` until EOF.
+
+    Each message is a run of calls, done in order; the reply is their outcomes, in one
+    message once the last is done. `progress` (shared memory, a `RawValue("i")`) counts
+    the calls of the current run begun so far: if the child dies mid-run, the parent
+    learns from it which call it died in."""
     # The parent decides when children stop: a Ctrl-C to the process group, or a
     # SIGTERM to the whole cgroup (systemd), must not kill a task mid-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -306,24 +321,39 @@ def _child_main(
             return  # the parent is gone
         if not data:
             return  # asked to stop
-        call = _call_decoder.decode(data)
+        progress.value = 0
         running.begin()
+        outcomes = []
+        for call in _call_decoder.decode(data):
+            progress.value += 1
+            outcomes.append(_run_call(call))
         try:
-            t = default_registry.get(call.task)
-        except NotRegistered as exc:
-            outcome = failure(exc, retry=False, with_traceback=False)
-        else:
-            outcome = execute(t, call.args, call.kwargs, asyncio.run)
-        try:
-            reply = _call_encoder.encode(outcome)
-        except (TypeError, ValueError, OverflowError) as exc:
-            error = f"UnserializableResult: {describe(exc)}"
-            reply = _call_encoder.encode(Outcome(ok=False, error=error))
+            reply = _call_encoder.encode(outcomes)
+        except (TypeError, ValueError, OverflowError):
+            reply = _call_encoder.encode([_encodable(o) for o in outcomes])
         running.end()  # before the reply: the parent may send the next call after it
         try:
             conn.send_bytes(reply)
         except OSError:
             return  # the parent is gone (SIGKILLed while this task ran)
+
+
+def _run_call(call: _Call) -> Outcome:
+    try:
+        t = default_registry.get(call.task)
+    except NotRegistered as exc:
+        return failure(exc, retry=False, with_traceback=False)
+    return execute(t, call.args, call.kwargs, asyncio.run)
+
+
+def _encodable(outcome: Outcome) -> Outcome:
+    """`outcome`, or a failure saying why its result cannot cross the pipe."""
+    try:
+        _call_encoder.encode(outcome)
+    except (TypeError, ValueError, OverflowError) as exc:
+        error = f"UnserializableResult: {describe(exc)}"
+        return Outcome(ok=False, error=error, duration=outcome.duration)
+    return outcome
 
 
 class _RunningCall:
@@ -365,7 +395,12 @@ class _ProcessSlot:
     def __init__(self, pool: ProcessPool, index: int) -> None:
         self.pool = pool
         self.index = index
-        self.current: Execution | None = None
+        self.current: list[Execution] = []  #: the run its child is on
+        #: jobs this slot took and must start before the queue's (under pool.lock)
+        self.held: collections.deque[Execution] = collections.deque()
+        self.killing = False  #: stop_execution killed the child on purpose
+        #: calls of the child's current run begun so far (the child writes it)
+        self.progress = pool.ctx.RawValue("i", 0)
         self.proc: multiprocessing.process.BaseProcess | None = None
         self.conn: multiprocessing.connection.Connection | None = None
         #: watches the child's pipe and its sentinel (readable once it has exited);
@@ -383,7 +418,7 @@ class _ProcessSlot:
         # typeshed: BaseContext has no Process; each concrete context has one
         proc = pool.ctx.Process(  # type: ignore[attr-defined]
             target=_child_main,
-            args=(child_conn, list(pool.modules), list(sys.path)),
+            args=(child_conn, list(pool.modules), list(sys.path), self.progress),
             name=f"qworker-child-{self.index}",
         )
         proc.start()
@@ -408,7 +443,7 @@ class _ProcessSlot:
         watch.register(proc.sentinel, selectors.EVENT_READ, _EXITED)
         with pool.lock:
             self.proc, self.conn, self.tasks_run = proc, parent_conn, 0
-            self.watch = watch
+            self.watch, self.killing = watch, False
         log.debug("pool.child_started", slot=self.index, pid=proc.pid)
         return True
 
@@ -442,21 +477,71 @@ class _ProcessSlot:
             backoff = min(backoff * 2, RESPAWN_BACKOFF_MAX)
         return False
 
-    def run_one(self, execution: Execution) -> Outcome:
+    def take_run(self, first: Execution) -> list[Execution]:
+        """`first`, and after it as many waiting jobs as one message should carry.
+
+        A run is for quick tasks only: each job's task must have no `time_limit` (a run
+        is killed as a whole) and a known mean run time; together they may take about
+        RUN_SPAN. The slot takes at most its share of the queue, so the other slots stay
+        as busy as before. The first job that does not fit is held for the slot's next
+        turn, so it keeps its place ahead of the jobs queued after it.
+        """
+        pool = self.pool
+        budget = RUN_SPAN - pool.quick_run(first)
+        if budget < 0:
+            return [first]
+        room = min(RUN_MAX, pool.queue.qsize() // pool.size + len(self.held) + 1)
+        if pool.max_tasks_per_child:
+            room = min(room, pool.max_tasks_per_child - self.tasks_run)
+        run = [first]
+        while len(run) < room:
+            with pool.lock:
+                item = self.held.popleft() if self.held else None
+            if item is None:
+                try:
+                    item = pool.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    pool.queue.put(item)  # a stop sentinel: for a slot's next turn
+                    break
+            if item.done:  # settled while it waited (cancelled)
+                continue
+            budget -= pool.quick_run(item)
+            if budget < 0:
+                with pool.lock:
+                    self.held.appendleft(item)
+                break
+            run.append(item)
+        return run
+
+    def run_calls(self, run: list[Execution]) -> list[Outcome | None]:
+        """Run `run` in the child: each job's outcome, or None for a job to run again.
+
+        If the child dies mid-run, the job it was in fails with `WorkerLost`, unless the
+        child was killed on purpose (`stop_execution`: that job's outcome no longer
+        counts). The jobs after it never began: they run again in a new child. So do
+        the jobs before it, whose outcomes died with the child.
+        """
         proc, conn = self.proc, self.conn
         assert proc is not None
         assert conn is not None
-        job = execution.job
+        calls = [_Call(ex.job.task, ex.job.args, ex.job.kwargs) for ex in run]
         try:
-            conn.send_bytes(_call_encoder.encode(_Call(job.task, job.args, job.kwargs)))
+            conn.send_bytes(_call_encoder.encode(calls))
             assert self.watch is not None
             ready = self.watch.select()  # the reply, or the child's exit
             if any(key.data == _PIPE for key, _ in ready):
-                return _outcome_decoder.decode(conn.recv_bytes())
+                outcomes = _outcome_decoder.decode(conn.recv_bytes())
+                if len(outcomes) == len(run):
+                    return list(outcomes)
         except (EOFError, OSError):
             pass
         proc.join(CHILD_STOP_TIMEOUT)
         code = proc.exitcode
+        lost = max(self.progress.value, 1) - 1  # the call the child died in
+        with self.pool.lock:
+            on_purpose = self.killing
         self.stop_child()
         how = (
             f"was killed by signal {-code}"
@@ -464,32 +549,53 @@ class _ProcessSlot:
             else (f"exited with code {code}")
         )
         exc = WorkerLost(f"the child process running the task {how}")
-        return failure(
-            exc, retry=execution.task.should_retry(exc), with_traceback=False
-        )
+        again: list[Outcome | None] = [None] * len(run)
+        if not on_purpose and lost < len(run):
+            ex = run[lost]
+            again[lost] = failure(
+                exc, retry=ex.task.should_retry(exc), with_traceback=False
+            )
+        return again
 
     def run(self) -> None:
         pool = self.pool
         while True:
             if not self.ensure_child():
                 return
-            execution = pool.queue.get()
+            with pool.lock:
+                execution = self.held.popleft() if self.held else None
             if execution is None:
-                self.stop_child()
-                return
+                execution = pool.queue.get()
+                if execution is None:
+                    self.stop_child()
+                    return
             if execution.done:  # settled while it waited (cancelled): do not start it
                 continue
             if not self.ensure_child():  # it died while idle, and we are closing
-                pool.queue.put(execution)  # for drain()
+                with pool.lock:
+                    self.held.appendleft(execution)  # for drain()
                 return
+            run = self.take_run(execution)
+            if len(run) > 1:
+                log.debug("pool.run", slot=self.index, jobs=len(run))
             with pool.lock:
-                self.current = execution
-            execution.started_at = time.monotonic()
-            outcome = self.run_one(execution)
+                self.current = run
+            started = time.monotonic()
+            for ex in run:
+                ex.started_at = started
+            outcomes = self.run_calls(run)
             with pool.lock:
-                self.current = None
-            pool.on_done(execution, outcome)
-            self.tasks_run += 1
+                self.current = []
+                self.held.extendleft(
+                    reversed(
+                        [ex for ex, o in zip(run, outcomes, strict=True) if o is None]
+                    )
+                )
+            for ex, outcome in zip(run, outcomes, strict=True):
+                if outcome is not None:
+                    pool.ran(ex.task.name, outcome.duration)
+                    pool.on_done(ex, outcome)
+                    self.tasks_run += 1
             if pool.max_tasks_per_child and self.tasks_run >= pool.max_tasks_per_child:
                 log.debug("pool.child_recycled", slot=self.index, tasks=self.tasks_run)
                 self.stop_child()
@@ -527,6 +633,21 @@ class ProcessPool:
         self.lock = threading.Lock()
         self.closing = False
         self._slots = [_ProcessSlot(self, i) for i in range(size)]
+        #: moving mean run time per task name, from the children's outcomes
+        self._mean_run: dict[str, float] = {}
+
+    def quick_run(self, execution: Execution) -> float:
+        """Its task's mean run time if it may ride in a run of calls, else infinity."""
+        if execution.task.time_limit is not None:
+            return float("inf")
+        return self._mean_run.get(execution.task.name, float("inf"))
+
+    def ran(self, task: str, duration: float) -> None:
+        """Count one run of `task` into its moving mean (slot threads; the GIL suffices)."""
+        mean = self._mean_run.get(task)
+        self._mean_run[task] = (
+            duration if mean is None else mean + RUN_WEIGHT * (duration - mean)
+        )
 
     def start(self) -> None:
         if self.ctx.get_start_method() == "forkserver":
@@ -551,13 +672,21 @@ class ProcessPool:
     def stop_execution(self, execution: Execution) -> bool:
         with self.lock:
             for slot in self._slots:
-                if slot.current is execution and slot.proc is not None:
-                    slot.proc.kill()  # its slot sees the death, reports, and respawns
+                if execution in slot.current and slot.proc is not None:
+                    # Its slot sees the death and respawns; the rest of the run goes
+                    # again in the new child (see run_calls).
+                    slot.killing = True
+                    slot.proc.kill()
                     return True
         return False
 
     def drain(self) -> list[Execution]:
-        return _take_all(self.queue)
+        held: list[Execution] = []
+        with self.lock:
+            for slot in self._slots:
+                held.extend(slot.held)
+                slot.held.clear()
+        return held + _take_all(self.queue)
 
     def close(self, timeout: float) -> None:
         self.closing = True
