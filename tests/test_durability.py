@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+from qbroker.store import WRITER_AUTOCHECKPOINT_PAGES
+
 from tests.conftest import BrokerProcess
 from tests.wirehttp import Wire, wait_for
 
@@ -45,6 +47,27 @@ def test_sigkill_loses_no_acknowledged_enqueue(broker: BrokerProcess) -> None:
     wait_for(drained, timeout=15)
     assert all(w.job(i)["attempts"] == 2 for i in unacked)
     w.close()
+
+
+def test_wal_starts_at_its_working_size_and_a_crash_loses_nothing(
+    broker: BrokerProcess,
+) -> None:
+    """The broker grows the WAL with zeros at start (commits then write in place);
+    SQLite must never take those zeros for data, across crashes and restarts."""
+    wal = broker.data_dir / "qbroker.db-wal"
+    assert wal.stat().st_size >= WRITER_AUTOCHECKPOINT_PAGES * 4096
+    w = Wire(broker.url)
+    ids = [w.enqueue("walq", args=[i]) for i in range(100)]
+    w.close()
+    for _ in range(2):
+        broker.kill()
+        broker.start()
+        w = Wire(broker.url)
+        assert [w.job(i)["args"] for i in ids] == [[i] for i in range(len(ids))]
+        ids += [w.enqueue("walq", args=[len(ids) + i]) for i in range(50)]
+        if len(ids) == 200:
+            assert w.ok("GET", "/v1/queues/walq")["counts"]["queued"] == 200
+        w.close()
 
 
 def test_fifty_concurrent_clients_store_every_id_once(broker: BrokerProcess) -> None:

@@ -276,6 +276,8 @@ def test_prefetched_jobs_go_back_when_a_long_task_holds_the_slot(
     items += [{"task": "wt_slow", "args": [str(marks), 0.01]}] * 10
     long_job, *quick = client.send_many("wt_slow", items)
     wait_for(lambda: holder.events("worker.prefetch_returned"), 10, "held jobs back")
+    # job.released is logged once the hand-back request has been answered
+    wait_for(lambda: holder.events("job.released"), 10, "the hand-back")
     released = {e["job_id"] for e in holder.events("job.released")}
     assert {e["reason"] for e in holder.events("job.released")} == {"held_too_long"}
     assert released and released <= {j.id for j in quick}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import queue
 import sqlite3
 import threading
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import structlog
 from qclient.wire import (
     FINAL_STATES,
     AckItem,
@@ -96,6 +98,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedup ON jobs(queue, dedup_key)
     WHERE dedup_key IS NOT NULL AND state IN ('scheduled', 'queued', 'active');
 """
 
+log = structlog.get_logger("qbroker.store")
 _STATES = [s.value for s in JobState]
 _FINAL_SQL = ",".join(f"'{s.value}'" for s in sorted(FINAL_STATES))
 #: the states a job's own ack / fail leaves it in while it keeps that lease's token
@@ -106,6 +109,8 @@ PURGE_BATCH = 10_000  #: rows one sweep deletes at most
 WRITER_CACHE_KIB = 8192  #: KiB of page cache for the write connection
 WRITER_AUTOCHECKPOINT_PAGES = 8192  #: WAL pages (32 MiB) before the writer checkpoints
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  #: bytes a reset WAL is truncated to
+WAL_HEADER_BYTES = 32  #: sqlite.org/fileformat.html#the_write_ahead_log
+WAL_FRAME_BYTES = 24  #: each WAL frame's header, before its page
 ACK_CHUNK = 1000  #: acks per UPDATE statement (3 bound parameters each)
 
 _INSERT_COLUMNS = (
@@ -327,6 +332,49 @@ class Store:
         # checkpoints after its commit, catches up, and the next write resets the WAL.
         self.conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES}")
         self._migrate()
+        if synchronous.upper() == "FULL":
+            self._preallocate_wal()
+
+    def _preallocate_wal(self) -> None:
+        """Grow the WAL file to the size it cycles in, with zeros actually written.
+
+        Each commit fsyncs the WAL. While the file grows, that fsync must also commit
+        the file system's metadata (the new size and blocks), which made a one-row
+        commit take 190-250 µs here instead of 120-140 µs. SQLite reuses the WAL from
+        its start after a checkpoint, so a broker only writes in place once the file
+        has reached its working size: after its first ~30 MiB of writes. Writing that
+        much zeros at start-up (about 20 ms) gives the first minutes after a restart
+        the same commit cost as the hours after. SQLite ignores bytes past the last
+        valid frame (each frame carries a checksum and the WAL's salt), so the zeros
+        are never taken for data; only bytes past the file's current end are written.
+        Best effort: on a disk with less than four times that free, or on an error,
+        the WAL grows as it would anyway.
+        """
+        wal = f"{self.path}-wal"
+        with translate_errors():
+            page = self.conn.execute("PRAGMA page_size").fetchone()[0]
+        want = WAL_HEADER_BYTES + WRITER_AUTOCHECKPOINT_PAGES * (WAL_FRAME_BYTES + page)
+        try:
+            fd = os.open(wal, os.O_WRONLY)
+        except OSError:
+            return  # SQLite has not made the WAL: nothing to grow
+        start = -1
+        try:
+            start = have = os.fstat(fd).st_size
+            disk = os.fstatvfs(fd)
+            if have >= want or disk.f_bavail * disk.f_frsize < 4 * (want - have):
+                return  # grown already, or the space is better left to the data
+            zeros = bytes(min(1 << 20, want - have))
+            while have < want:
+                have += os.pwrite(fd, zeros[: want - have], have)
+            os.fsync(fd)
+        except OSError as exc:
+            log.warning("store.wal_preallocate_failed", error=str(exc))
+            if start >= 0:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)  # give the space back
+        finally:
+            os.close(fd)
 
     def _migrate(self) -> None:
         with translate_errors():
