@@ -536,20 +536,21 @@ class AsyncClient:
 
     async def release_many(self, items: Sequence[ReleaseItem]) -> list[BatchResult]:
         """Hand back many unstarted jobs in one request; one result per item."""
-        body = self._codec.encode(ReleaseManyRequest(releases=list(items)))
-        response = await self._request(b"POST", "/v1/release", body)
-        return self._codec.decode(response, BATCH_REPLY).results
+        return await self._batch(
+            "/v1/release", ReleaseManyRequest(releases=list(items))
+        )
 
     async def ack_many(self, items: Sequence[AckItem]) -> list[BatchResult]:
         """Ack many jobs in one request; one result per item, in order."""
-        body = self._codec.encode(AckManyRequest(acks=list(items)))
-        response = await self._request(b"POST", "/v1/ack", body)
-        return self._codec.decode(response, BATCH_REPLY).results
+        return await self._batch("/v1/ack", AckManyRequest(acks=list(items)))
 
     async def fail_many(self, items: Sequence[FailItem]) -> list[BatchResult]:
         """Fail many jobs in one request; one result per item, in order."""
-        body = self._codec.encode(FailManyRequest(fails=list(items)))
-        response = await self._request(b"POST", "/v1/fail", body)
+        return await self._batch("/v1/fail", FailManyRequest(fails=list(items)))
+
+    async def _batch(self, path: str, request: Any) -> list[BatchResult]:
+        """POST a batch request; one result per item, in order."""
+        response = await self._request(b"POST", path, self._codec.encode(request))
         return self._codec.decode(response, BATCH_REPLY).results
 
     def _expect_ok(self, response: Response) -> None:

@@ -722,10 +722,7 @@ class Client:
         Returns:
             One result per item, in order, as for `ack_many()`.
         """
-        body = self._codec.encode(ReleaseManyRequest(releases=list(items)))
-        return self._codec.decode(
-            self._request(b"POST", "/v1/release", body), BATCH_REPLY
-        ).results
+        return self._batch("/v1/release", ReleaseManyRequest(releases=list(items)))
 
     def ack_many(self, items: Sequence[AckItem]) -> list[BatchResult]:
         """Ack many jobs in one request; each item succeeds or fails on its own.
@@ -734,10 +731,7 @@ class Client:
             One result per item, in order; `ok` False carries the reason in `error`
             ("stale_lease", "job_not_found").
         """
-        body = self._codec.encode(AckManyRequest(acks=list(items)))
-        return self._codec.decode(
-            self._request(b"POST", "/v1/ack", body), BATCH_REPLY
-        ).results
+        return self._batch("/v1/ack", AckManyRequest(acks=list(items)))
 
     def fail_many(self, items: Sequence[FailItem]) -> list[BatchResult]:
         """Fail many jobs in one request; each item succeeds or fails on its own.
@@ -745,10 +739,12 @@ class Client:
         Returns:
             One result per item, in order, as for `ack_many()`.
         """
-        body = self._codec.encode(FailManyRequest(fails=list(items)))
-        return self._codec.decode(
-            self._request(b"POST", "/v1/fail", body), BATCH_REPLY
-        ).results
+        return self._batch("/v1/fail", FailManyRequest(fails=list(items)))
+
+    def _batch(self, path: str, request: Any) -> list[BatchResult]:
+        """POST a batch request; one result per item, in order."""
+        response = self._request(b"POST", path, self._codec.encode(request))
+        return self._codec.decode(response, BATCH_REPLY).results
 
     def _expect_ok(self, response: Response) -> None:
         if not 200 <= response.status < 300:

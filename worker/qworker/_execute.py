@@ -47,6 +47,14 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     duration: float = 0.0  #: seconds the function ran
 
 
+MEAN_WEIGHT = 0.2  #: weight of the newest run in a moving mean of run times
+
+
+def moving_mean(mean: float | None, value: float) -> float:
+    """`mean` moved toward `value` by MEAN_WEIGHT (`value` itself when no mean yet)."""
+    return value if mean is None else mean + MEAN_WEIGHT * (value - mean)
+
+
 def describe(exc: BaseException) -> str:
     """`"ExcType: message"` (just `"ExcType"` with no message), cut to MAX_ERROR_CHARS."""
     text = str(exc)

@@ -47,7 +47,14 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
-from qworker._execute import Execution, Outcome, describe, execute, failure
+from qworker._execute import (
+    Execution,
+    Outcome,
+    describe,
+    execute,
+    failure,
+    moving_mean,
+)
 from qworker.registry import NotRegistered, default_registry, import_modules
 
 __all__ = ["POOL_KINDS", "Pool", "ProcessPool", "ThreadPool", "WorkerLost", "make_pool"]
@@ -59,7 +66,6 @@ RESPAWN_BACKOFF_MAX = 30.0  #: seconds between tries to start a child that keeps
 PARENT_CHECK = 1.0  #: seconds between a busy child's looks at whether its parent lives
 RUN_SPAN = 0.002  #: seconds of expected run time one message to a child may carry
 RUN_MAX = 64  #: jobs one message to a child may carry
-RUN_WEIGHT = 0.2  #: weight of the newest run in a task's moving mean run time
 
 log = structlog.get_logger("qworker.pool")
 OnDone = Callable[[Execution, Outcome], None]
@@ -644,10 +650,7 @@ class ProcessPool:
 
     def ran(self, task: str, duration: float) -> None:
         """Count one run of `task` into its moving mean (slot threads; the GIL suffices)."""
-        mean = self._mean_run.get(task)
-        self._mean_run[task] = (
-            duration if mean is None else mean + RUN_WEIGHT * (duration - mean)
-        )
+        self._mean_run[task] = moving_mean(self._mean_run.get(task), duration)
 
     def start(self) -> None:
         if self.ctx.get_start_method() == "forkserver":

@@ -69,7 +69,7 @@ from qclient.wire import (
     ReleaseItem,
 )
 
-from qworker._execute import Execution, Outcome, describe, failure
+from qworker._execute import Execution, Outcome, describe, failure, moving_mean
 from qworker._task import TimeLimitExceeded, backoff_delay
 from qworker.pools import POOL_KINDS, Pool, make_pool
 from qworker.registry import NotRegistered, Registry, default_registry, import_modules
@@ -101,7 +101,6 @@ IDLE_TICK = 1.0  #: seconds the control thread sleeps at most when nothing is du
 POLL_TICK = 0.1  #: seconds between the main thread's looks at signals
 START_POLL = 0.02  #: seconds between looks at whether a time-limited task has started
 PREFETCH_HOLD = 1.0  #: seconds a prefetched job may wait here for a slot
-DURATION_WEIGHT = 0.2  #: weight of the newest run in the moving mean of run times
 
 log = structlog.get_logger("qworker")
 
@@ -607,10 +606,7 @@ class Worker:
             self._results.append(self._report(ex.job, outcome, ex))
             now = time.monotonic()
             if ex.started_at is not None:
-                run, mean = now - ex.started_at, self._mean_run
-                self._mean_run = (
-                    run if mean is None else mean + DURATION_WEIGHT * (run - mean)
-                )
+                self._mean_run = moving_mean(self._mean_run, now - ex.started_at)
             # Wake the other threads only when this changes what they wait for: the
             # first outcome to report, room for the lease thread, no run left. (A
             # prefetching worker would otherwise wake both for every job.)
