@@ -26,6 +26,7 @@ class Client:
 
     sent: list[tuple[float, bytes]] = field(default_factory=list)
     closed_at: float | None = None
+    closed: trio.Event = field(default_factory=trio.Event)
 
 
 async def _run(chunks: list[tuple[float, bytes]]) -> Client:
@@ -46,6 +47,7 @@ async def _run(chunks: list[tuple[float, bytes]]) -> Client:
         while data := await ours.recv(65536):
             client.sent.append((trio.current_time(), data))
         client.closed_at = trio.current_time()
+        client.closed.set()
 
     with ours:
         async with trio.open_nursery() as nursery:
@@ -54,8 +56,7 @@ async def _run(chunks: list[tuple[float, bytes]]) -> Client:
             nursery.start_soon(listen)
             await server.handle_connection(trio.SocketStream(theirs))
             with trio.fail_after(1):  # the server's close reaches the client at once
-                while client.closed_at is None:
-                    await trio.sleep(0)
+                await client.closed.wait()
             nursery.cancel_scope.cancel()
     return client
 
