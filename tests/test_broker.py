@@ -307,6 +307,29 @@ def test_lease_tries_queues_in_order(wire: Wire) -> None:
     assert [j["id"] for j in wire.lease("a", "b", max=2)] == [a, b]
 
 
+def test_lease_says_whether_more_jobs_were_ready(wire: Wire) -> None:
+    """`more` is true only when a lease got its `max` and its queues had more ready:
+    a worker asks again at once then, and otherwise long-polls."""
+
+    def lease(max_jobs: int, *queues: str) -> tuple[int, bool]:
+        reply = wire.ok("POST", "/v1/lease", {"queues": list(queues), "max": max_jobs})
+        return len(reply["jobs"]), reply["more"]
+
+    for _ in range(3):
+        wire.enqueue("m1")
+    wire.enqueue("m2")
+    assert lease(2, "m1") == (2, True)
+    assert lease(1, "m1") == (1, False)  # got its max, and that was the last one
+    assert lease(1, "m1", "m2") == (1, False)
+    wire.enqueue("m2")
+    wire.enqueue("m1", delay=60)  # scheduled, not ready
+    assert lease(1, "m1", "m2") == (1, False)
+    assert lease(5, "m1", "m2") == (0, False)
+    wire.enqueue("m1")
+    wire.enqueue("m2")
+    assert lease(1, "m1", "m2") == (1, True)  # m2's job is ready too
+
+
 def test_delayed_job_is_scheduled_until_its_time(wire: Wire) -> None:
     job_id = wire.enqueue("q", delay=0.5)
     assert wire.job(job_id)["state"] == "scheduled"

@@ -176,6 +176,37 @@ def test_busy_worker_reports_each_outcome_with_its_next_lease(
     assert 'qbroker_jobs_finished_total{queue="wt_busy",state="succeeded"} 30.0' in text
 
 
+def test_quick_task_in_the_lease_thread_hands_leasing_on_when_a_run_lasts(
+    tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    """A threads worker whose runs are quick runs the job a lease brought alone in
+    the lease thread itself. When such a run turns out long, another thread takes
+    over leasing, so a free slot still gets the next job at once."""
+    worker = start_worker("--queue", "wt_mix", "--pool", "threads", "-c", "2")
+    for i in range(10):  # quick runs: the worker's mean run is well under SHORT_RUN
+        assert (
+            client.send("wt_mix", task="wt_echo", args=[i]).result(timeout=10)[0] == i
+        )
+    notes = tmp_path / "notes"
+    slow = client.send("wt_mix", task="wt_slow", args=[str(notes), 3.0])
+    wait_for(lambda: lines(notes, "start"), 10, "the slow task to start")
+    started = time.monotonic()
+    quick = client.send("wt_mix", task="wt_echo", args=[99])
+    assert quick.result(timeout=2.5)[0] == 99  # not after the slow one's 3 s
+    assert time.monotonic() - started < 2.0
+    assert not lines(notes, "end")
+    [replaced] = worker.events("worker.lease_thread_replaced")
+    assert replaced["job_id"] == slow.id, worker.output()
+    assert slow.result(timeout=10) == "slept"
+    for i in range(3):  # the new lease thread goes on as the old one did
+        assert (
+            client.send("wt_mix", task="wt_echo", args=[i]).result(timeout=10)[0] == i
+        )
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert len(lines(notes, "start")) == 1 and client.get_job(slow.id).attempts == 1
+
+
 def _http_requests(url: str) -> dict[str, float]:
     """`qbroker_http_requests_total` answered 200, by route, from /metrics."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as reply:
@@ -188,6 +219,26 @@ def _http_requests(url: str) -> dict[str, float]:
             re.M,
         )
     }
+
+
+def test_one_job_at_a_time_rides_each_outcome_on_the_next_lease(
+    broker: BrokerProcess,
+    client: qclient.Client,
+    start_worker: Callable[..., WorkerProc],
+) -> None:
+    """Send, wait for the result, send again: each lease brings the one job there is,
+    with a slot still free. Its outcome rides on the next lease (one request a job),
+    at any concurrency: no separate ack, and none held back for a lease in flight."""
+    for concurrency in ("1", "2", "8"):
+        queue = f"wt_seq{concurrency}"
+        worker = start_worker("--queue", queue, "-c", concurrency)
+        before = _http_requests(broker.url)
+        for i in range(12):
+            job = client.send(queue, task="wt_echo", args=[i])
+            assert job.result(timeout=10)[0] == i
+        used = {k: v - before.get(k, 0) for k, v in _http_requests(broker.url).items()}
+        assert used.get("ack_many", 0) + used.get("ack", 0) <= 1, (concurrency, used)
+        worker.kill()
 
 
 def test_prefetch_leases_short_jobs_in_batches(

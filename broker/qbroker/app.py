@@ -9,7 +9,6 @@ trio loop.
 
 from __future__ import annotations
 
-import functools
 import hmac
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -57,6 +56,8 @@ MAX_RESULT_WAIT = 300.0  #: seconds a result long-poll may ask for
 BIG_BODY = 64 * 1024  #: bytes past which an enqueue body is decoded in a thread
 _EMPTY = b"{}"
 T = TypeVar("T")
+#: what a lease got, and whether more was ready in its queues than it asked for
+Leased = tuple[list[LeasedJob], bool]
 
 
 class Slot:
@@ -294,26 +295,16 @@ class Broker:
             assert t.request is not None  # claim() takes lease long-polls only
             requests.append(t.request)
 
-        def call() -> tuple[list[str], list[list[LeasedJob]]]:
+        def call() -> tuple[list[str], list[Leased]]:
             ids = self.store.enqueue(queue, specs, defaults=self.defaults, now=now)
-            leased = [
-                self.store.lease(
-                    r.queues,
-                    max_jobs=r.max,
-                    lease_seconds=r.timeout,
-                    worker=r.worker,
-                    now=now,
-                )
-                for r in requests
-            ]
-            return ids, leased
+            return ids, [self._lease_for(r, now)() for r in requests]
 
-        leased: list[list[LeasedJob]] = [[] for _ in takers]
+        leased: list[Leased] = [([], False) for _ in takers]
         try:
             ids, leased = await self.writer.call(call)
         finally:  # on failure too: the long-polls go back to leasing on their own
-            for slot, jobs in zip(takers, leased, strict=True):
-                slot.value = jobs
+            for slot, got in zip(takers, leased, strict=True):
+                slot.value = got
                 assert slot.handoff is not None
                 slot.handoff.set()
                 slot.event.set()
@@ -407,22 +398,15 @@ class Broker:
                 body.queues, body, alive=req.peer_alive
             ) as slot:
                 now = self.clock.now()
-                lease = functools.partial(
-                    self.store.lease,
-                    body.queues,
-                    max_jobs=body.max,
-                    lease_seconds=body.timeout,
-                    worker=body.worker,
-                    now=now,
-                )
+                lease = self._lease_for(body, now)
                 if settle:  # the outcomes first, in the first pass's commit
                     settle = False
                     results, leased = await self._settle(
                         body.acks, body.fails, now, lease
                     )
-                    jobs = leased or []
+                    jobs, more = leased or ([], False)
                 else:
-                    jobs = await self.writer.call(lease)
+                    jobs, more = await self.writer.call(lease)
                 if jobs or self.closing or trio.current_time() >= deadline:
                     break
                 slot.parked = True
@@ -434,7 +418,7 @@ class Broker:
                     # are ours whatever the deadline says, or they would be orphaned.
                     with trio.CancelScope(shield=True):
                         await slot.handoff.wait()
-                    jobs = slot.value
+                    jobs, more = slot.value
                     if jobs:
                         break
                 if not req.peer_alive():
@@ -443,7 +427,24 @@ class Broker:
             for queue, n in Counter(job.queue for job in jobs).items():
                 metrics.jobs_leased(queue).inc(n)
             self.poke_reaper(min(j.lease_expires_at for j in jobs))
-        return encode(req, LeaseReply(jobs=jobs, results=results))
+        return encode(req, LeaseReply(jobs=jobs, results=results, more=more))
+
+    def _lease_for(self, body: LeaseRequest, now: float) -> Callable[[], Leased]:
+        """The store call (for the writer thread) that leases what `body` asks for,
+        and tells whether more was ready than it got."""
+
+        def lease() -> Leased:
+            jobs = self.store.lease(
+                body.queues,
+                max_jobs=body.max,
+                lease_seconds=body.timeout,
+                worker=body.worker,
+                now=now,
+            )
+            full = len(jobs) >= body.max
+            return jobs, full and self.store.more_ready(body.queues, now=now)
+
+        return lease
 
     async def on_ack(self, req: Request) -> Response:
         body = decode(req, AckRequest)

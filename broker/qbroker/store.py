@@ -546,6 +546,20 @@ class Store:
                     )
         return out
 
+    def more_ready(self, queues: Sequence[str], *, now: float) -> bool:
+        """Whether any of `queues` has a job ready to lease (after a full lease: so a
+        worker knows to ask again at once rather than long-poll)."""
+        with translate_errors():
+            for queue in queues:
+                row = self.conn.execute(
+                    "SELECT 1 FROM jobs WHERE state = 'queued' AND queue = ?1"
+                    " AND (expires_at IS NULL OR expires_at > ?2) LIMIT 1",
+                    (queue, now),
+                ).fetchone()
+                if row is not None:
+                    return True
+        return False
+
     def final_records(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
         """The records of those of `job_ids` in a final state, by id."""
         marks = ",".join("?" * len(job_ids))

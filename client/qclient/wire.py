@@ -243,6 +243,8 @@ class LeaseRequest(_Struct, frozen=True):
 class LeaseReply(_Struct, frozen=True):
     jobs: list[LeasedJob]
     results: list[BatchResult] = []  #: one per ack, then one per fail, in order
+    #: the lease got `max` jobs and its queues had more ready: ask again at once
+    more: bool = False
 
 
 class JobRecord(_Struct, frozen=True):

@@ -266,6 +266,16 @@ class ThreadPool:
     def drain(self) -> list[Execution]:
         return _take_all(self.queue)
 
+    def run_here(self, execution: Execution) -> None:
+        """Run `execution` in the calling thread, outside the slots, and report it.
+        `stop_execution` does not find it there: the caller is left to finish it."""
+        execution.started_at = time.monotonic()
+        job = execution.job
+        outcome = execute(
+            execution.task, job.args, job.kwargs, lambda c: self.loop.submit(c).result()
+        )
+        self.on_done(execution, outcome)
+
     def close(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         with self.lock:

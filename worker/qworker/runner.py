@@ -11,7 +11,8 @@ outcomes waiting to be reported).
   leases or waits: a busy worker makes one request per job, not a lease and an ack.
   When the jobs a lease brought drained the queue and runs are short (SHORT_RUN), it
   waits up to twice the mean run (at most CARRY_WAIT) for their outcomes to ride along
-  too, instead of long-polling at once and leaving them to an ack of their own. A job
+  too, instead of long-polling at once and leaving them to an ack of their own; with
+  the thread pool it runs one of those jobs itself meanwhile (see `_dispatch`). A job
   for an unknown task is settled at once as failed (no retry); the rest go to the pool.
   Transport trouble is logged once as `broker.unreachable` and retried with capped
   exponential backoff; `broker.reconnected` is logged when a request gets through.
@@ -71,7 +72,7 @@ from qclient.wire import (
 
 from qworker._execute import Execution, Outcome, describe, failure, moving_mean
 from qworker._task import TimeLimitExceeded, backoff_delay
-from qworker.pools import POOL_KINDS, Pool, make_pool
+from qworker.pools import POOL_KINDS, Pool, ThreadPool, make_pool
 from qworker.registry import NotRegistered, Registry, default_registry, import_modules
 
 __all__ = [
@@ -97,6 +98,7 @@ MAX_LEASE = 1000  #: jobs in one lease request (the protocol's limit)
 MAX_QUEUES = 100  #: queues in one lease request (the protocol's limit)
 CARRY_WAIT = 0.02  #: seconds an outcome may wait for a lease in flight to carry it
 SHORT_RUN = 0.005  #: seconds: runs this short get their outcome carried by the lease
+INLINE_LIMIT = 0.02  #: seconds a run in the lease thread may last before another leases
 IDLE_TICK = 1.0  #: seconds the control thread sleeps at most when nothing is due
 POLL_TICK = 0.1  #: seconds between the main thread's looks at signals
 START_POLL = 0.02  #: seconds between looks at whether a time-limited task has started
@@ -231,13 +233,18 @@ class Worker:
         self._reporting = False  #: the control thread is sending a batch
         self._lease_parked = False  #: waits for a slot, to carry the reports along
         self._lease_in_flight = False  #: a lease request is out
-        self._backlog = False  #: the last lease got all it asked for: more are ready
+        self._backlog = (
+            False  #: the broker said more were ready than the last lease got
+        )
         self._stopping = False  #: no more leases
         self._stop_reporting = False  #: the control thread ends once results are out
         self._broker_ok = True
         self._reconnects = 0  #: times the broker was seen back after being unreachable
         self._mean_run: float | None = None  #: moving mean of runs, start to outcome
         self._due = 0.0  #: no heartbeat, time limit or hold ends before this
+        self._inline: Execution | None = None  #: run by the lease thread itself
+        self._lease_gen = 0  #: the lease thread's number; a replaced one ends
+        self._lease_thread: threading.Thread | None = None
         # ---
         self._stop_requested = threading.Event()
         self._signals: list[int] = []  #: appended by the signal handler only
@@ -308,11 +315,11 @@ class Worker:
             burst=self._burst,
             url=self.client.url,
         )
-        lease_thread = self._spawn(self._lease_loop, "qworker-lease")
+        self._lease_thread = self._spawn(self._lease_loop, "qworker-lease")
         control_thread = self._spawn(self._control_loop, "qworker-control")
         while not self._signals and not self._stop_requested.wait(POLL_TICK):
             pass
-        self._shutdown(lease_thread, control_thread)
+        self._shutdown(control_thread)
         self._log.info("worker.stopped", exit_code=self._exit_code)
         return self._exit_code
 
@@ -332,7 +339,7 @@ class Worker:
         thread.start()
         return thread
 
-    def _shutdown(self, lease: threading.Thread, control: threading.Thread) -> None:
+    def _shutdown(self, control: threading.Thread) -> None:
         pool = self._pool
         assert pool is not None
         why = signal.Signals(self._signals[0]).name if self._signals else "stop"
@@ -348,13 +355,17 @@ class Worker:
             while self._running and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(min(left, POLL_TICK * 2))
             leftover = list(self._running.values())
+            lease = self._lease_thread
+            # a task the lease thread runs itself past the grace: not waited for
+            stuck = self._inline is not None and self._inline in leftover
         if leftover:
             self._log.warning("worker.grace_expired", running=len(leftover))
             stopped = self._unsettle(leftover)
             for ex in stopped:
                 pool.stop_execution(ex)
             self._release(stopped, "grace_expired")
-        lease.join(self.lease_wait + HTTP_TIMEOUT + 1)
+        if lease is not None and not stuck:
+            lease.join(self.lease_wait + HTTP_TIMEOUT + 1)
         with self._cond:
             self._stop_reporting = True
             self._cond.notify_all()
@@ -436,7 +447,7 @@ class Worker:
 
     # ------------------------------------------------------------ lease thread
 
-    def _lease_loop(self) -> None:
+    def _lease_loop(self, gen: int = 0) -> None:
         failures = 0
         carry = True  #: take settled outcomes along with the next lease
         dispatched = False  #: the last lease brought jobs and the queue had no more
@@ -512,12 +523,20 @@ class Worker:
             failures = 0
             jobs = reply.jobs
             with self._cond:
-                self._backlog = len(jobs) >= asked
+                self._backlog = reply.more
             self._broker_up()
             if batch:
                 self._log_reports(ack_reports + fail_reports, reply.results)
-            self._dispatch(jobs)
             dispatched = bool(jobs) and not self._backlog
+            inline = self._dispatch(jobs, inline_ok=dispatched)
+            if inline is not None:
+                assert isinstance(self._pool, ThreadPool)
+                self._pool.run_here(inline)
+                with self._cond:
+                    if self._inline is inline:
+                        self._inline = None
+                    if gen != self._lease_gen:
+                        return  # it ran too long: another thread leases now
             if self._burst and not jobs:
                 if idle:  # nothing ready, nothing ran or waited to be reported
                     self._log.info("worker.drained")
@@ -531,7 +550,7 @@ class Worker:
 
         The free slots plus the prefetch allowance. With every slot busy, only once
         half of that allowance is free (so a prefetching worker leases batches), and
-        only while the last lease got all it asked for: more are likely ready (such a
+        only while the broker said more were ready than the last lease got (such a
         lease does not wait, see `_lease_loop`).
         """
         allowance = 0
@@ -551,8 +570,8 @@ class Worker:
         """Whether the lease thread will take the settled outcomes along with its next
         lease soon, so the control thread leaves them to it (lock held): it waits for
         room and there is some (or, while prefetching, soon will be), or its request in
-        flight is likely to come back at once (the last one got all it asked for); for
-        at most CARRY_WAIT."""
+        flight is likely to come back at once (the broker said more were ready than
+        the last one got); for at most CARRY_WAIT."""
         if self._stopping or not self._broker_ok:
             return False
         fresh = now - self._results[0].settled_at < CARRY_WAIT
@@ -566,11 +585,24 @@ class Worker:
             while not self._stopping and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
 
-    def _dispatch(self, jobs: list[LeasedJob]) -> None:
+    def _dispatch(
+        self, jobs: list[LeasedJob], inline_ok: bool = False
+    ) -> Execution | None:
+        """Hand leased jobs to the pool.
+
+        With `inline_ok` (the lease drained the queue, so the lease thread would only
+        wait for their outcomes next), a threads pool and short runs, the last job is
+        not handed over but returned, for the lease thread to run itself: the two
+        thread hand-offs of a round trip (to a slot and back) are most of what a quick
+        task costs a worker. Not for tasks with a `time_limit` or `async def` ones. If
+        the run lasts INLINE_LIMIT, the control thread starts another lease thread
+        (`_take_over_lease`).
+        """
         if not jobs:
-            return
+            return None
         now = time.monotonic()
         to_run: list[Execution] = []
+        inline: Execution | None = None
         with self._cond:
             stopping = self._stopping
             if not stopping:
@@ -583,15 +615,31 @@ class Worker:
                         continue
                     ex = Execution(job, t, now)
                     self._running[job.id] = ex
-                    self._due = min(self._due, self._due_of(ex, now))
                     to_run.append(ex)
+                mean = self._mean_run
+                last = to_run[-1] if to_run else None
+                if (
+                    inline_ok
+                    and last is not None
+                    and mean is not None
+                    and mean < SHORT_RUN
+                    and isinstance(self._pool, ThreadPool)
+                    and last.task.time_limit is None
+                    and not last.task.is_async
+                ):
+                    inline = self._inline = to_run.pop()
+                    # its outcome, and those settled meanwhile, ride on the next lease
+                    self._lease_in_flight, self._lease_parked = False, True
+                for ex in itertools.chain(to_run, (inline,) if inline else ()):
+                    self._due = min(self._due, self._due_of(ex, now))
                 self._cond.notify_all()
         if stopping:
             self._release_jobs(jobs, "not_started")
-            return
+            return None
         assert self._pool is not None
         for ex in to_run:
             self._pool.submit(ex)
+        return inline
 
     # ------------------------------------------------------------ settling
 
@@ -707,6 +755,7 @@ class Worker:
                 else:
                     failures = 0
             if upkeep:
+                self._take_over_lease()
                 self._heartbeat()
                 self._enforce_time_limits()
                 self._return_held()
@@ -728,6 +777,8 @@ class Worker:
         start = ex.started_at
         if self.prefetch and start is None:
             due = min(due, ex.leased_at + PREFETCH_HOLD)
+        if ex is self._inline:
+            due = min(due, ex.leased_at + INLINE_LIMIT)
         limit = ex.task.time_limit
         if limit is not None:
             # Not started yet: the pool sets started_at in a moment; look again soon
@@ -835,6 +886,26 @@ class Worker:
             outcome=outcome,
             **extra,
         )
+
+    def _take_over_lease(self) -> None:
+        """The lease thread has run a task itself (see `_dispatch`) for INLINE_LIMIT:
+        start another lease thread, so the free slots get jobs meanwhile. The old one
+        ends once the task does (its outcome is reported as any other)."""
+        with self._cond:
+            ex = self._inline
+            if ex is None or self._stopping:
+                return
+            if time.monotonic() < ex.leased_at + INLINE_LIMIT:
+                return
+            self._inline = None
+            self._lease_gen += 1
+            gen = self._lease_gen
+        self._log.info(
+            "worker.lease_thread_replaced", task=ex.task.name, job_id=ex.job.id
+        )
+        thread = self._spawn(lambda: self._lease_loop(gen), f"qworker-lease-{gen}")
+        with self._cond:
+            self._lease_thread = thread
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
