@@ -1,6 +1,7 @@
 """Where a round trip's time goes: send, lease, run+ack, result (issue 3's latency).
 
-Starts a broker and a `qworker --pool threads --concurrency 8` (as bench/e2e.py does),
+Starts a broker and a `qworker --pool threads --concurrency 8` (as bench/e2e.py does;
+`--concurrency` and `--pool` change it),
 then runs N sequential `client.send(...)` + `client.wait_job(id)` and splits each round
 trip with the job's own timestamps (the broker's clock, the same host):
 
@@ -14,6 +15,7 @@ Usage:
 
   python bench/roundtrip.py             # 300 round trips after 50 warm-up ones
   python bench/roundtrip.py --n 1000
+  python bench/roundtrip.py --concurrency 2 --pool processes
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ import qclient
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=300, help="round trips measured")
+    ap.add_argument("--concurrency", type=int, default=8, help="the worker's slots")
+    ap.add_argument("--pool", choices=("threads", "processes"), default="threads")
     a = ap.parse_args()
     with e2e.running_broker("roundtrip") as b:
         log = Path(tempfile.mkdtemp(prefix="qb-rt-")) / "worker.log"
-        w = e2e.QWorker(b.url, "lat", "threads", 8, log).start()
+        w = e2e.QWorker(b.url, "lat", a.pool, a.concurrency, log).start()
         try:
             c = qclient.Client(b.url)
             for _ in range(50):
