@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from tests.conftest import BrokerFactory, BrokerProcess
@@ -244,3 +245,25 @@ def test_a_batch_of_many_tiny_jobs_does_not_stall_other_clients(
     print(f"\nan enqueue beside a {len(body)}-byte batch of tiny jobs: {waited:.2f} s")
     assert result and result[0] in (201, 413, 422)
     assert waited < 1.0, waited
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_a_batch_over_the_limit_is_refused_whole_and_one_at_it_is_stored(
+    wire: Wire, encoding: str
+) -> None:
+    """10,001 jobs get 422 naming `jobs` (counted before any job is decoded), with
+    nothing stored; 10,000 are stored, every one."""
+    ctype = {"Content-Type": f"application/{encoding}"}
+    encode = msgspec.json.encode if encoding == "json" else msgspec.msgpack.encode
+    over = encode({"jobs": [{"args": [i]} for i in range(10_001)]})
+    status, raw, _ = wire.raw("POST", "/v1/queues/limit/jobs", over, ctype)
+    assert status == 422, raw[:200]
+    reply = (
+        msgspec.json.decode(raw) if encoding == "json" else msgspec.msgpack.decode(raw)
+    )
+    assert (reply["error"], reply["field"]) == ("invalid_field", "jobs"), reply
+    assert wire.ok("GET", "/v1/queues/limit")["counts"]["queued"] == 0
+    at = encode({"jobs": [{"args": [i]} for i in range(10_000)]})
+    status, raw, _ = wire.raw("POST", "/v1/queues/limit/jobs", at, ctype)
+    assert status == 201, raw[:200]
+    assert wire.ok("GET", "/v1/queues/limit")["counts"]["queued"] == 10_000

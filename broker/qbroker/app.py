@@ -47,7 +47,15 @@ from qclient.wire import (
 from qbroker import __version__, errors, metrics, openapi
 from qbroker.clock import Clock
 from qbroker.config import Config
-from qbroker.protocol import EnqueueBody, Request, Response, decode, encode, query_float
+from qbroker.protocol import (
+    EnqueueBody,
+    Request,
+    Response,
+    decode,
+    decode_enqueue,
+    encode,
+    query_float,
+)
 from qbroker.readers import ReadThreads
 from qbroker.store import Defaults, Reader, Store
 from qbroker.writer import Writer
@@ -251,7 +259,7 @@ class Broker:
         queue = req.params["queue"]
         if len(req.body) > BIG_BODY:
             # a big batch takes long to decode: off the loop, so others are served
-            body = await trio.to_thread.run_sync(decode, req, EnqueueBody)
+            body = await trio.to_thread.run_sync(decode_enqueue, req)
         else:
             body = decode(req, EnqueueBody)
         specs = body.jobs if body.jobs is not None else [body]
