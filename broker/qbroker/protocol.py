@@ -211,7 +211,7 @@ class _JobsLength(msgspec.Struct):
     """Just enough of an enqueue body to count its `jobs`: raw items are not tracked by
     Python's garbage collector, job structs are. Decoding 300,000 tiny jobs as structs
     only to refuse them took a second, mostly in collections that hold the GIL (and
-    so stall every other client); counting them takes a few milliseconds."""
+    so stall every other client); counting them took 30 ms."""
 
     jobs: list[msgspec.Raw] | None = None
 

@@ -80,11 +80,11 @@ class _Conn:
         """The next bytes from the client (b"" once it has closed its end).
 
         trio's `receive_some` yields to the scheduler after a read that did not have
-        to wait: a loop pass per request (about 10% of the broker's CPU for a small
-        one). Here only a read that must wait yields, plus one read in EAGER_READS in
-        a row that did not, so a client pipelining requests that need no other thread
-        cannot keep the others from their turn. Cancellation (the timeout watchdog)
-        lands at those waits.
+        to wait, as `send_all` does after a write: a loop pass per request, one of
+        four for a small enqueue. Here only a read that must wait yields, plus one
+        read in EAGER_READS in a row that did not, so a client pipelining requests
+        that need no other thread cannot keep the others from their turn.
+        Cancellation (the timeout watchdog) lands at those waits.
         """
         while True:
             try:

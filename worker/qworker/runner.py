@@ -233,9 +233,7 @@ class Worker:
         self._reporting = False  #: the control thread is sending a batch
         self._lease_parked = False  #: waits for a slot, to carry the reports along
         self._lease_in_flight = False  #: a lease request is out
-        self._backlog = (
-            False  #: the broker said more were ready than the last lease got
-        )
+        self._backlog = False  #: more were ready than the last lease got
         self._stopping = False  #: no more leases
         self._stop_reporting = False  #: the control thread ends once results are out
         self._broker_ok = True
@@ -900,12 +898,13 @@ class Worker:
             self._inline = None
             self._lease_gen += 1
             gen = self._lease_gen
+            # started under the lock, so a shutdown never joins the old one instead
+            self._lease_thread = self._spawn(
+                lambda: self._lease_loop(gen), f"qworker-lease-{gen}"
+            )
         self._log.info(
             "worker.lease_thread_replaced", task=ex.task.name, job_id=ex.job.id
         )
-        thread = self._spawn(lambda: self._lease_loop(gen), f"qworker-lease-{gen}")
-        with self._cond:
-            self._lease_thread = thread
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
