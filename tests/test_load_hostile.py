@@ -267,3 +267,16 @@ def test_a_batch_over_the_limit_is_refused_whole_and_one_at_it_is_stored(
     status, raw, _ = wire.raw("POST", "/v1/queues/limit/jobs", at, ctype)
     assert status == 201, raw[:200]
     assert wire.ok("GET", "/v1/queues/limit")["counts"]["queued"] == 10_000
+
+
+def test_an_ack_batch_over_the_limit_is_refused_before_its_items_are_decoded(
+    wire: Wire,
+) -> None:
+    """The same count-first check guards every bounded list: 10,001 acks get 422
+    naming `acks`, and the job they name stays leased."""
+    job_id = wire.enqueue("acklimit")
+    [job] = wire.lease("acklimit")
+    acks = [{"id": job_id, "lease": job["lease"]}] * 10_001
+    status, reply = wire.call("POST", "/v1/ack", {"acks": acks})
+    assert status == 422 and reply["field"] == "acks", reply
+    assert wire.job(job_id)["state"] == "active"

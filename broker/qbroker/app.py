@@ -48,11 +48,11 @@ from qbroker import __version__, errors, metrics, openapi
 from qbroker.clock import Clock
 from qbroker.config import Config
 from qbroker.protocol import (
+    BIG_BODY,
     EnqueueBody,
     Request,
     Response,
     decode,
-    decode_enqueue,
     encode,
     query_float,
 )
@@ -61,7 +61,6 @@ from qbroker.store import Defaults, Reader, Store
 from qbroker.writer import Writer
 
 MAX_RESULT_WAIT = 300.0  #: seconds a result long-poll may ask for
-BIG_BODY = 64 * 1024  #: bytes past which an enqueue body is decoded in a thread
 _EMPTY = b"{}"
 T = TypeVar("T")
 #: what a lease got, and whether more was ready in its queues than it asked for
@@ -259,7 +258,7 @@ class Broker:
         queue = req.params["queue"]
         if len(req.body) > BIG_BODY:
             # a big batch takes long to decode: off the loop, so others are served
-            body = await trio.to_thread.run_sync(decode_enqueue, req)
+            body = await trio.to_thread.run_sync(decode, req, EnqueueBody)
         else:
             body = decode(req, EnqueueBody)
         specs = body.jobs if body.jobs is not None else [body]

@@ -195,6 +195,8 @@ def decode(req: Request, type_: type[T]) -> T:
             raise errors.UnsupportedMediaType(
                 f"Content-Type {ctype.decode(errors='replace')!r}: use JSON or msgpack"
             )
+        if len(req.body) > BIG_BODY:
+            _check_lengths(req.body, msgpack, type_)
         result: T = dec.decode(req.body)
         if msgpack:
             _check_json_safe(result)
@@ -207,36 +209,65 @@ def decode(req: Request, type_: type[T]) -> T:
         raise errors.MalformedBody("the body nests too deeply") from exc
 
 
-class _JobsLength(msgspec.Struct):
-    """Just enough of an enqueue body to count its `jobs`: raw items are not tracked by
-    Python's garbage collector, job structs are. Decoding 300,000 tiny jobs as structs
-    only to refuse them took a second, mostly in collections that hold the GIL (and
-    so stall every other client); counting them took 30 ms."""
+#: bytes past which `decode` counts a body's bounded lists before it decodes their
+#: items (and the enqueue handler decodes off the loop)
+BIG_BODY = 64 * 1024
+#: per struct type: its lists that have a max_length, and a struct that decodes only
+#: them, as raw items (None: it has none)
+_list_shapes: dict[Any, tuple[type, dict[str, int]] | None] = {}
 
-    jobs: list[msgspec.Raw] | None = None
+
+def _list_shape(type_: Any) -> tuple[type, dict[str, int]] | None:
+    shape = _list_shapes.get(type_, ...)
+    if shape is not ...:
+        return shape
+    limits: dict[str, int] = {}
+    info = msgspec.inspect.type_info(type_)
+    for f in getattr(info, "fields", ()):
+        kinds = (
+            f.type.types if isinstance(f.type, msgspec.inspect.UnionType) else [f.type]
+        )
+        for kind in kinds:
+            if (
+                isinstance(kind, msgspec.inspect.ListType)
+                and kind.max_length is not None
+            ):
+                limits[f.encode_name] = kind.max_length
+    shape = None
+    if limits:
+        fields = [(name, list[msgspec.Raw] | None, None) for name in limits]
+        shape = (msgspec.defstruct(f"{type_.__name__}Lengths", fields), limits)
+    _list_shapes[type_] = shape
+    return shape
 
 
-def decode_enqueue(req: Request) -> EnqueueBody:
-    """`decode(req, EnqueueBody)`, refusing a batch over MAX_BATCH jobs before it
-    decodes a single job (for big bodies; small ones cannot hold that many).
+def _check_lengths(body: bytes, msgpack: bool, type_: Any) -> None:
+    """Refuse a list over its max_length before decoding a single item of it.
+
+    Raw items are not tracked by Python's garbage collector; structs are. Decoding
+    300,000 tiny jobs as structs only to refuse them took a second, mostly in
+    collections that hold the GIL (and so stall every other client); counting them
+    as raw items took 30 ms. Anything else wrong with the body: `decode` says what.
 
     Raises:
-        errors.UnsupportedMediaType, errors.MalformedBody, errors.InvalidField
+        errors.InvalidField
     """
-    msgpack = req.content_type in _MSGPACK_TYPES
+    shape = _list_shape(type_)
+    if shape is None:
+        return
+    struct, limits = shape
     try:
-        shape = (msgspec.msgpack if msgpack else msgspec.json).decode(
-            req.body, type=_JobsLength
+        lengths = (msgspec.msgpack if msgpack else msgspec.json).decode(
+            body, type=struct
         )
     except (msgspec.DecodeError, RecursionError):
-        pass  # not a batch, or not valid at all: decode() says exactly what is wrong
-    else:
-        if shape.jobs is not None and len(shape.jobs) > MAX_BATCH:
+        return
+    for name, limit in limits.items():
+        items = getattr(lengths, name)
+        if items is not None and len(items) > limit:
             raise errors.InvalidField(
-                f"Expected `array` of length <= {MAX_BATCH} - at `$.jobs`",
-                field="jobs",
+                f"Expected `array` of length <= {limit} - at `$.{name}`", field=name
             )
-    return decode(req, EnqueueBody)
 
 
 def _check_json_safe(value: Any) -> None:
