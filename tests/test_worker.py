@@ -241,6 +241,32 @@ def test_one_job_at_a_time_rides_each_outcome_on_the_next_lease(
         worker.kill()
 
 
+def test_waiting_short_jobs_refill_several_free_slots_with_one_lease(
+    broker: BrokerProcess,
+    client: qclient.Client,
+    start_worker: Callable[..., WorkerProc],
+) -> None:
+    """Pure pull, a backlog of quick jobs, process slots (whose runs end at different
+    moments): when one slot frees up while the others' runs are about to end, the
+    worker waits that moment and refills them all with one lease, not a lease per
+    slot (which made 401 leases for 400 jobs on two slots). It still holds no job it
+    is not running: a lease asks for the free slots only."""
+    for concurrency in (2, 4):
+        queue = f"wt_gather{concurrency}"
+        jobs = client.send_many(
+            queue, [{"task": "wt_echo", "args": [i]} for i in range(400)]
+        )
+        before = _http_requests(broker.url)
+        worker = start_worker(
+            "--queue", queue, "--pool", "processes", "-c", str(concurrency), "--burst"
+        )  # fmt: skip
+        assert worker.wait(60) == 0, worker.output()
+        used = {k: v - before.get(k, 0) for k, v in _http_requests(broker.url).items()}
+        assert [r[0] for r in client.results(jobs, timeout=10)] == list(range(400))
+        assert {client.get_job(j.id).attempts for j in jobs[::20]} == {1}
+        assert used["lease"] <= 1.5 * 400 / concurrency, (concurrency, used)
+
+
 def test_prefetch_leases_short_jobs_in_batches(
     broker: BrokerProcess,
     client: qclient.Client,

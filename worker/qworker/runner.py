@@ -12,8 +12,11 @@ outcomes waiting to be reported).
   When the jobs a lease brought drained the queue and runs are short (SHORT_RUN), it
   waits up to twice the mean run (at most CARRY_WAIT) for their outcomes to ride along
   too, instead of long-polling at once and leaving them to an ack of their own; with
-  the thread pool it runs one of those jobs itself meanwhile (see `_dispatch`). A job
-  for an unknown task is settled at once as failed (no retry); the rest go to the pool.
+  the thread pool it runs one of those jobs itself meanwhile (see `_dispatch`). When
+  more jobs are ready and runs are short, a slot that frees up waits the same moment
+  for the other slots about to free up (`_gather_slots`), so one lease refills them
+  all instead of one request per slot. A job for an unknown task is settled at once
+  as failed (no retry); the rest go to the pool.
   Transport trouble is logged once as `broker.unreachable` and retried with capped
   exponential backoff; `broker.reconnected` is logged when a request gets through.
 - The **control thread** reports the other settled outcomes in batches
@@ -471,6 +474,15 @@ class Worker:
                     ):
                         self._cond.wait(left)
                     free = self._room(time.monotonic()) or free
+                elif (
+                    self._backlog
+                    and carry
+                    and not self.prefetch
+                    and mean is not None
+                    and mean < SHORT_RUN
+                    and free < self.concurrency
+                ):
+                    free = self._gather_slots(free, mean)
                 dispatched = False
                 self._lease_parked = False
                 if self._stopping:
@@ -563,6 +575,26 @@ class Worker:
             )
         free = self.concurrency + allowance - len(self._running)
         return free if free >= max(1, allowance // 2) else 0
+
+    def _gather_slots(self, free: int, mean: float) -> int:
+        """More jobs are ready and runs are short: wait up to twice the mean run for
+        the slots whose runs began less than that ago, so that one lease refills them
+        all instead of one request per slot (lock held). Returns the free slots."""
+        bound = min(CARRY_WAIT, 2 * mean + 0.001)
+        until = time.monotonic() + bound
+        while not self._stopping:
+            now = time.monotonic()
+            free = self._room(now) or free
+            left = until - now
+            if free >= self.concurrency or left <= 0:
+                break
+            if not any(
+                ex.started_at is None or now - ex.started_at < bound
+                for ex in self._running.values()
+            ):
+                break  # what still runs is not about to end: lease for what is free
+            self._cond.wait(left)
+        return free
 
     def _lease_carries_reports(self, now: float) -> bool:
         """Whether the lease thread will take the settled outcomes along with its next
