@@ -209,7 +209,7 @@ class AsyncClient:
         owner = backend.owner()
         codec = self._codec
         target = codec.target(path)
-        headers = codec.headers(method, body)
+        head = codec.head(method, target, body)
         reply_timeout = self.timeout + wait
         attempt = 0
         maybe_applied = False
@@ -223,7 +223,7 @@ class AsyncClient:
                 error = exc
             else:
                 try:
-                    data = conn.http.request(method, target, headers, body)
+                    data = conn.http.request(head, body)
                     response = await backend.exchange(
                         conn.stream, conn.http, data, reply_timeout
                     )

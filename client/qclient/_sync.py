@@ -245,7 +245,7 @@ class Client:
         """
         codec = self._codec
         target = codec.target(path)
-        headers = codec.headers(method, body)
+        head = codec.head(method, target, body)
         reply_timeout = self.timeout + wait
         attempt = 0
         maybe_applied = False
@@ -259,9 +259,7 @@ class Client:
                 error = exc
             else:
                 try:
-                    response = self._roundtrip(
-                        conn, method, target, headers, body, reply_timeout
-                    )
+                    response = self._roundtrip(conn, head, body, reply_timeout)
                 except TimeoutError as exc:
                     conn.close()
                     raise ProtocolError(
@@ -295,15 +293,10 @@ class Client:
 
     @staticmethod
     def _roundtrip(
-        conn: _Conn,
-        method: bytes,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        timeout: float,
+        conn: _Conn, head: h11.Request, body: bytes, timeout: float
     ) -> Response:
         http = conn.http
-        data = http.request(method, target, headers, body)
+        data = http.request(head, body)
         sock = conn.sock
         if conn.timeout != timeout:
             sock.settimeout(timeout)
