@@ -460,29 +460,16 @@ class Worker:
                 self._lease_parked = carry
                 while not self._stopping and not (free := self._room(time.monotonic())):
                     self._cond.wait()
-                # The jobs just dispatched drained the queue and runs are short: wait
-                # a moment for their outcomes, so they ride on this lease instead of
-                # an ack of their own.
+                # Runs are short: a moment's wait saves a request.
                 mean = self._mean_run
-                if dispatched and carry and mean is not None and mean < SHORT_RUN:
-                    until = time.monotonic() + min(CARRY_WAIT, 2 * mean + 0.001)
-                    while (
-                        not self._stopping
-                        and self._running
-                        and not self._results
-                        and (left := until - time.monotonic()) > 0
+                if carry and mean is not None and mean < SHORT_RUN:
+                    moment = min(CARRY_WAIT, 2 * mean + 0.001)
+                    if dispatched:
+                        free = self._await_outcomes(free, moment)
+                    elif (
+                        self._backlog and not self.prefetch and free < self.concurrency
                     ):
-                        self._cond.wait(left)
-                    free = self._room(time.monotonic()) or free
-                elif (
-                    self._backlog
-                    and carry
-                    and not self.prefetch
-                    and mean is not None
-                    and mean < SHORT_RUN
-                    and free < self.concurrency
-                ):
-                    free = self._gather_slots(free, mean)
+                        free = self._gather_slots(free, moment)
                 dispatched = False
                 self._lease_parked = False
                 if self._stopping:
@@ -576,12 +563,25 @@ class Worker:
         free = self.concurrency + allowance - len(self._running)
         return free if free >= max(1, allowance // 2) else 0
 
-    def _gather_slots(self, free: int, mean: float) -> int:
-        """More jobs are ready and runs are short: wait up to twice the mean run for
-        the slots whose runs began less than that ago, so that one lease refills them
-        all instead of one request per slot (lock held). Returns the free slots."""
-        bound = min(CARRY_WAIT, 2 * mean + 0.001)
-        until = time.monotonic() + bound
+    def _await_outcomes(self, free: int, moment: float) -> int:
+        """The jobs just dispatched drained the queue: wait up to `moment` for an
+        outcome, so it rides on the next lease instead of an ack of its own (lock
+        held). Returns the free slots."""
+        until = time.monotonic() + moment
+        while (
+            not self._stopping
+            and self._running
+            and not self._results
+            and (left := until - time.monotonic()) > 0
+        ):
+            self._cond.wait(left)
+        return self._room(time.monotonic()) or free
+
+    def _gather_slots(self, free: int, moment: float) -> int:
+        """More jobs are ready: wait up to `moment` for the slots whose runs began
+        less than that ago, so that one lease refills them all instead of one
+        request per slot (lock held). Returns the free slots."""
+        until = time.monotonic() + moment
         while not self._stopping:
             now = time.monotonic()
             free = self._room(now) or free
@@ -589,7 +589,7 @@ class Worker:
             if free >= self.concurrency or left <= 0:
                 break
             if not any(
-                ex.started_at is None or now - ex.started_at < bound
+                ex.started_at is None or now - ex.started_at < moment
                 for ex in self._running.values()
             ):
                 break  # what still runs is not about to end: lease for what is free
