@@ -48,7 +48,7 @@ def _cpu_seconds(procs: list[psutil.Process]) -> float:
 
 
 def _pin(procs: list[psutil.Process], cpus: str) -> None:
-    """Set the affinity of every thread of `procs` (this process: the current thread)."""
+    """Set the CPU affinity of every thread of `procs` ("-": leave them alone)."""
     if cpus == "-":
         return
     mask = {int(c) for c in cpus}
