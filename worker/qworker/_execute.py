@@ -149,5 +149,10 @@ class Execution:
         self.next_extend = now + job.timeout / 3  #: heartbeat at a third of the lease
         self.done = False  #: an outcome was taken; later ones are ignored
 
+    def run(self, run_async: RunAsync) -> Outcome:
+        """Run the task in the calling thread, marking when it began."""
+        self.started_at = time.monotonic()
+        return execute(self.task, self.job.args, self.job.kwargs, run_async)
+
     def __repr__(self) -> str:
         return f"<Execution {self.task.name} {self.job.id} attempt={self.job.attempt}>"

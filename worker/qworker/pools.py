@@ -202,9 +202,7 @@ class _ThreadSlot:
                 continue
             with pool.lock:
                 self.current = execution
-            execution.started_at = time.monotonic()
-            job = execution.job
-            outcome = execute(execution.task, job.args, job.kwargs, self.run_async)
+            outcome = execution.run(self.run_async)
             with pool.lock:
                 self.current = self.future = None
                 retired = self.retired
@@ -269,11 +267,7 @@ class ThreadPool:
     def run_here(self, execution: Execution) -> None:
         """Run `execution` in the calling thread, outside the slots, and report it.
         `stop_execution` does not find it there: the caller is left to finish it."""
-        execution.started_at = time.monotonic()
-        job = execution.job
-        outcome = execute(
-            execution.task, job.args, job.kwargs, lambda c: self.loop.submit(c).result()
-        )
+        outcome = execution.run(lambda c: self.loop.submit(c).result())
         self.on_done(execution, outcome)
 
     def close(self, timeout: float) -> None:
