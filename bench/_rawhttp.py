@@ -3,8 +3,8 @@
 The load generator shares two cores with the broker, so every microsecond spent here is
 taken from the thing being measured. Hence no http library: requests are built once as
 bytes (keep-alive, Content-Length, msgpack body), and a reply is parsed just enough to
-find its status and its Content-Length body. No chunked replies, no pipelining: qbroker
-always answers with Content-Length, one reply per request.
+find its status and its Content-Length body. No chunked replies: qbroker always answers
+with Content-Length, one reply per request, in order (so `run_pipelined` can count them).
 
 Three ways to drive many connections (all run the same `Session` state machines):
 
@@ -14,6 +14,8 @@ Three ways to drive many connections (all run the same `Session` state machines)
 - `run_epoll`:    one thread, all connections, an epoll loop over blocking sockets
   (a socket epoll reports readable never blocks in recv; sendall on loopback of a
   request the broker reads whole does not block for long).
+- `run_pipelined`: one connection, one fixed request, `depth` of them in flight at once
+  (HTTP/1.1 pipelining: each written before the replies to those before it have come).
 - `run_procs`:    P forked processes, each running `run_epoll` (or `run_threads`) over
   its share of the connections.
 
@@ -44,6 +46,7 @@ __all__ = [
     "request_bytes",
     "run_blocking",
     "run_epoll",
+    "run_pipelined",
     "run_procs",
     "run_threads",
 ]
@@ -293,6 +296,55 @@ def run_epoll(addr: tuple[str, int], sessions: Sequence[Session]) -> RunStats:
         for c in conns:
             c.close()
     st = _collect(sessions, t_first, t_last)
+    st.cpu = _cpu_self() - cpu0
+    return st
+
+
+def run_pipelined(
+    addr: tuple[str, int],
+    req: bytes,
+    *,
+    expect: int,
+    per: int,
+    depth: int,
+    seconds: float,
+) -> RunStats:
+    """Send `req` over one connection for `seconds`, keeping `depth` in flight: `depth`
+    at first, then as many as replies came, in one write; then take the replies still
+    due. Each reply with status `expect` counts `per` jobs."""
+    conn = Conn(*addr)
+    sock = conn.sock
+    st = RunStats()
+    cpu0 = _cpu_self()
+    st.t_first = time.monotonic()
+    deadline = st.t_first + seconds
+    sock.sendall(req * depth)
+    in_flight = depth
+    buf = b""
+    try:
+        while in_flight:
+            data = sock.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionError("the broker closed the connection")
+            buf = buf + data if buf else data
+            got = 0
+            while (reply := parse_reply(buf)) is not None:
+                status, body, used = reply
+                buf = buf[used:]
+                got += 1
+                if status == expect:
+                    st.jobs += per
+                elif not st.errors:
+                    st.errors.append(f"HTTP {status}: {body[:200]!r}")
+            st.requests += got
+            in_flight -= got
+            if got and time.monotonic() < deadline:
+                sock.sendall(req * got)
+                in_flight += got
+    except OSError as exc:
+        st.errors.append(f"{type(exc).__name__}: {exc}")
+    st.t_last = time.monotonic()
+    conn.close()
     st.cpu = _cpu_self() - cpu0
     return st
 

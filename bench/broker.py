@@ -15,7 +15,9 @@ Scenarios (`--scenarios`, comma-separated; default all):
             of GET /v1/nope (404 from the router: CPU-bound, no fsync) with each driver
             (threads, epoll, procs = 2 x epoll, procs-threads = 2 x threads); the fastest
             drives every multi-connection row (skipped when --client names one)
-  enqueue   durable enqueue, one job per request, 1 and 8 connections
+  enqueue   durable enqueue, one job per request, 1 and 8 connections, each reply
+            awaited before the next request; then 1 connection with 32 requests in
+            flight (HTTP/1.1 pipelining)
   batch     enqueue in batches of 100, 1 and 4 connections
   leaseack  lease max=100 + batch ack of 100 until empty, 1 and 4 connections; then
             the same with each batch's acks carried on the next lease (qworker's form)
@@ -70,6 +72,8 @@ import e2e  # noqa: E402  (the Broker subprocess wrapper)
 QUEUE = "bench"
 KWARGS = {"to": "user@example.com", "subject": "hello", "n": 42}
 JOB = {"task": "send_email", "kwargs": KWARGS}
+PIPELINE_DEPTH = 32  #: requests in flight on the pipelined enqueue row
+PIPELINED = f"enqueue 1/request, {PIPELINE_DEPTH} pipelined"
 CLIENT_MODES = ("threads", "epoll", "procs", "procs-threads")
 TARGETS = {
     "enqueue-1": 4000.0,
@@ -546,6 +550,20 @@ def sc_enqueue(rep: Report, root: Path, secs: float, prof: Path | None) -> None:
             rep.row("enqueue 1/request", conns, st.jobs, st.seconds, raw_key="a", raw=raw,
                     broker_cpu=bcpu, client_cpu=ccpu,
                     client="blocking" if conns == 1 else rep.client_mode)  # fmt: skip
+    # one connection again, PIPELINE_DEPTH requests in flight (HTTP/1.1 pipelining):
+    # still one job and one durable reply per request, but replies no longer wait in turn
+    with broker(root, "enqueue1-pipelined") as b:
+
+        def pipelined(seconds: float) -> rh.RunStats:
+            return rh.run_pipelined(
+                b.addr, req, expect=201, per=1, depth=PIPELINE_DEPTH, seconds=seconds
+            )
+
+        pipelined(0.5)
+        with profiled(b, prof, "enqueue-1-pipelined"):
+            st, bcpu, ccpu, raw = bracketed(rep, "a", b, pipelined, secs)
+        rep.row(PIPELINED, 1, st.jobs, st.seconds, raw_key="a", raw=raw,
+                broker_cpu=bcpu, client_cpu=ccpu, client="pipelined")  # fmt: skip
 
 
 def sc_batch(rep: Report, root: Path, secs: float, prof: Path | None) -> None:
@@ -737,6 +755,8 @@ def verdicts(rep: Report) -> list[str]:
         out.append(line)
 
     v("single enqueue, 1 conn", best("enqueue 1/request", 1), TARGETS["enqueue-1"])
+    v(f"single enqueue, 1 conn, {PIPELINE_DEPTH} pipelined", best(PIPELINED, 1),
+      TARGETS["enqueue-1"])  # fmt: skip
     v("batch enqueue, best", best("enqueue batch of 100"), TARGETS["batch"])
     v("lease+ack batches, best", best("lease 100 + ack 100"), TARGETS["leaseack"])
     v("lease+ack batches, acks carried, best", best("lease 100 carrying 100 acks"),

@@ -39,7 +39,7 @@ from hypothesis.stateful import (
 )
 from qbroker import errors, protocol
 from qbroker.store import Defaults, Reader, Store
-from qbroker.writer import Writer, _Call
+from qbroker.writer import Call, Writer
 from qclient.wire import (
     NAME_PATTERN,
     AckItem,
@@ -59,7 +59,7 @@ from qclient.wire import (
 def run_call(store: Store, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run one store call the way the writer thread does: BEGIN IMMEDIATE, SAVEPOINT,
     the call, RELEASE (or ROLLBACK TO on error), COMMIT. Returns or raises its outcome."""
-    call = _Call(fn, args, kwargs, None)
+    call = Call(fn, args, kwargs)
     Writer._commit(store.conn, [call])
     assert call.result is not None
     return call.result.unwrap()

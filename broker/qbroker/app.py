@@ -33,7 +33,6 @@ from qclient.wire import (
     FailRequest,
     Health,
     JobRecord,
-    JobSpec,
     LeasedJob,
     LeaseReply,
     LeaseRequest,
@@ -58,7 +57,7 @@ from qbroker.protocol import (
 )
 from qbroker.readers import ReadThreads
 from qbroker.store import Defaults, Reader, Store
-from qbroker.writer import Writer
+from qbroker.writer import Call, Writer
 
 MAX_RESULT_WAIT = 300.0  #: seconds a result long-poll may ask for
 _EMPTY = b"{}"
@@ -224,15 +223,26 @@ class Broker:
             if name.startswith("on_")
         }
 
-    async def handle(self, req: Request) -> Response:
-        """Answer one routed request. Raises errors.QBrokerError for error replies."""
+    def start(self, req: Request) -> Awaitable[Response]:
+        """Begin answering one routed request; await the result for its reply.
+
+        A small enqueue is decoded and its write submitted to the writer now, before
+        this returns, so that pipelined enqueues commit in the order they came (the
+        server starts a batch of them before it awaits the first). Other requests
+        do all their work when awaited.
+
+        Raises (here or when awaited):
+            errors.QBrokerError for error replies.
+        """
         if self._token is not None and req.route != "healthz":
             given = req.headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + self._token):
                 raise errors.Unauthorized(
                     "a valid 'Authorization: Bearer <token>' is needed"
                 )
-        return await self._handlers[req.route](req)
+        if req.route == "enqueue" and len(req.body) <= BIG_BODY:
+            return self._enqueue(req, decode(req, EnqueueBody))
+        return self._handlers[req.route](req)
 
     def poke_reaper(self, due: float) -> None:
         """Wake the reaper early when something falls due before its next sweep."""
@@ -255,12 +265,19 @@ class Broker:
     # ---------------------------------------------------------------- producer
 
     async def on_enqueue(self, req: Request) -> Response:
+        # a big batch takes long to decode: off the loop, so others are served
+        # (`start` takes a small body the quick way)
+        body = await trio.to_thread.run_sync(decode, req, EnqueueBody)
+        return await self._enqueue(req, body)
+
+    def _enqueue(self, req: Request, body: EnqueueBody) -> Awaitable[Response]:
+        """Submit the enqueue's write now; the awaitable waits for its commit.
+
+        Jobs ready at once may go straight to parked lease long-polls (`takers`),
+        leased for them in the enqueue's own commit: one commit and no second
+        writer round trip between a job's arrival and its delivery to an idle worker.
+        """
         queue = req.params["queue"]
-        if len(req.body) > BIG_BODY:
-            # a big batch takes long to decode: off the loop, so others are served
-            body = await trio.to_thread.run_sync(decode, req, EnqueueBody)
-        else:
-            body = decode(req, EnqueueBody)
         specs = body.jobs if body.jobs is not None else [body]
         now = self.clock.now()
         ready = 0
@@ -275,12 +292,46 @@ class Broker:
             if spec.expires is not None:
                 due.append(now + spec.expires)
         takers = self.queue_waiters.claim(queue, ready) if ready else []
-        if takers:
-            ids = await self._enqueue_and_hand_off(queue, specs, takers, now)
-        else:
-            ids = await self.writer.call(
+        if not takers:
+            call = self.writer.submit(
                 self.store.enqueue, queue, specs, defaults=self.defaults, now=now
             )
+            return self._enqueued(req, body, call, takers, ready, due)
+        requests: list[LeaseRequest] = []
+        for t in takers:
+            assert t.request is not None  # claim() takes lease long-polls only
+            requests.append(t.request)
+
+        def enqueue_and_lease() -> tuple[list[str], list[Leased]]:
+            ids = self.store.enqueue(queue, specs, defaults=self.defaults, now=now)
+            return ids, [self._lease_for(r, now)() for r in requests]
+
+        call = self.writer.submit(enqueue_and_lease)
+        return self._enqueued(req, body, call, takers, ready, due)
+
+    async def _enqueued(
+        self,
+        req: Request,
+        body: EnqueueBody,
+        call: Call,
+        takers: list[Slot],
+        ready: int,
+        due: list[float],
+    ) -> Response:
+        """The rest of `_enqueue`, once its write is durable."""
+        queue = req.params["queue"]
+        if not takers:
+            ids: list[str] = await self.writer.wait(call)
+        else:
+            leased: list[Leased] = [([], False) for _ in takers]
+            try:
+                ids, leased = await self.writer.wait(call)
+            finally:  # on failure too: the long-polls go back to leasing on their own
+                for slot, got in zip(takers, leased, strict=True):
+                    slot.value = got
+                    assert slot.handoff is not None
+                    slot.handoff.set()
+                    slot.event.set()
         metrics.jobs_enqueued(queue).inc(len(ids))
         if due:
             self.poke_reaper(min(due))
@@ -290,32 +341,6 @@ class Broker:
         if body.jobs is not None:
             return encode(req, EnqueueManyReply(ids=ids), 201)
         return encode(req, EnqueueReply(id=ids[0]), 201)
-
-    async def _enqueue_and_hand_off(
-        self, queue: str, specs: Sequence[JobSpec], takers: list[Slot], now: float
-    ) -> list[str]:
-        """Enqueue, and in the same commit lease jobs for the claimed long-polls
-        `takers` (each as its own request asks): one commit and no second writer
-        round trip between a job's arrival and its delivery to an idle worker."""
-        requests: list[LeaseRequest] = []
-        for t in takers:
-            assert t.request is not None  # claim() takes lease long-polls only
-            requests.append(t.request)
-
-        def call() -> tuple[list[str], list[Leased]]:
-            ids = self.store.enqueue(queue, specs, defaults=self.defaults, now=now)
-            return ids, [self._lease_for(r, now)() for r in requests]
-
-        leased: list[Leased] = [([], False) for _ in takers]
-        try:
-            ids, leased = await self.writer.call(call)
-        finally:  # on failure too: the long-polls go back to leasing on their own
-            for slot, got in zip(takers, leased, strict=True):
-                slot.value = got
-                assert slot.handoff is not None
-                slot.handoff.set()
-                slot.event.set()
-        return ids
 
     async def on_get_job(self, req: Request) -> Response:
         record = await self.reads.call(self.reader.get_job, req.params["id"])

@@ -28,6 +28,7 @@ import math
 import signal
 import socket
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import h11
@@ -46,6 +47,7 @@ from qbroker.writer import Writer
 log = structlog.get_logger("qbroker.server")
 READ_SIZE = 65536  #: bytes per socket read
 EAGER_READS = 16  #: reads in a row that found bytes waiting before one yields anyway
+PIPELINE_MAX = 64  #: pipelined enqueues answered as one batch (see `_buffered_batch`)
 _SERVER_HEADER = (b"server", b"qbroker")
 #: what a send or receive raises when the client has gone
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
@@ -123,11 +125,15 @@ class _Conn:
             return False
 
     async def send(self, resp: protocol.Response, *, head: bool = False) -> None:
+        await self.send_bytes(self.render(resp, head=head))
+
+    def render(self, resp: protocol.Response, *, head: bool = False) -> bytes:
+        """The bytes of a reply to the request `self.h11` has read."""
         out = [self.h11.send(_response_event(resp))]
         if resp.body and not head:
             out.append(self.h11.send(h11.Data(data=resp.body)))
         out.append(self.h11.send(_END))
-        await self.send_bytes(b"".join(out))
+        return b"".join(out)
 
 
 #: one EndOfMessage for every reply (h11 events are immutable)
@@ -288,11 +294,21 @@ class Server:
                 if req is None:
                     return  # the client closed the connection
                 req.peer_alive = conn.peer_alive
-                resp = await self._dispatch(req)
+                batch = (
+                    self._buffered_batch(conn.h11, req)
+                    if conn.h11.trailing_data[0]
+                    else None
+                )
+                reading = False
+                if batch is None:
+                    resp = await self._dispatch(req)
+                    out = conn.render(resp, head=req.method == "HEAD")
+                else:
+                    out, resp = await self._answer_batch(conn, batch)
                 # a client that does not read its reply is dropped like a slow sender
-                reading, sending = False, (req.route, resp.status)
+                sending = (req.route, resp.status)
                 timer.deadline = trio.current_time() + cfg.request_timeout
-                await conn.send(resp, head=req.method == "HEAD")
+                await conn.send_bytes(out)
                 sending = None
                 if resp.close or conn.h11.our_state is h11.MUST_CLOSE:
                     return
@@ -314,30 +330,94 @@ class Server:
             return  # an idle keep-alive connection: close quietly
         await self._respond_error(conn, None, errors.RequestTimeout(msg))
 
+    def _buffered_batch(
+        self, parser: h11.Connection, req: protocol.Request
+    ) -> list[tuple[h11.Connection, protocol.Request]] | None:
+        """`req` and the pipelined enqueues after it whose bytes are all buffered
+        already, each with the h11 connection that parsed it (h11 reads a request
+        only after the reply to the one before; a fresh one per request reads on).
+
+        A request that is not whole yet, or not an enqueue, ends the batch: the
+        last taken request's parser still holds its bytes, for the keep-alive loop.
+        """
+        try:
+            protocol.route(req)
+        except errors.QBrokerError:
+            return None  # answered as it is
+        if not _pipelinable(parser, req):
+            return None
+        batch = [(parser, req)]
+        while len(batch) < PIPELINE_MAX:
+            rest = parser.trailing_data[0]
+            if not rest:
+                break
+            parser = h11.Connection(
+                h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES
+            )
+            parser.receive_data(rest)
+            try:
+                nxt = self._whole_request(parser)
+            except (h11.RemoteProtocolError, errors.QBrokerError):
+                break  # answered where it is read again, after the batch
+            if nxt is None or not _pipelinable(parser, nxt):
+                break
+            nxt.peer_alive = req.peer_alive
+            batch.append((parser, nxt))
+        return batch if len(batch) > 1 else None
+
+    def _whole_request(self, parser: h11.Connection) -> protocol.Request | None:
+        """The request at the start of `parser`'s buffer, if all of it is there."""
+        event = parser.next_event()
+        if type(event) is not h11.Request:
+            return None
+        req = self._request_head(event)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = parser.next_event()
+            if type(event) is h11.Data:
+                size += len(event.data)
+                if size > self.config.max_body:
+                    return None
+                chunks.append(event.data)
+            elif type(event) is h11.EndOfMessage:
+                req.body = b"".join(chunks)
+                protocol.route(req)
+                return req
+            else:
+                return None
+
+    async def _answer_batch(
+        self, conn: _Conn, batch: list[tuple[h11.Connection, protocol.Request]]
+    ) -> tuple[bytes, protocol.Response]:
+        """The replies to pipelined enqueues, in order, all their writes submitted
+        before the first is awaited, so one commit can cover them; and the last reply.
+
+        Each write is submitted in `_begin` (see `Broker.start`), so they commit
+        in the order the requests came, and every reply still follows its commit.
+        """
+        started = [self._begin(req) for _, req in batch]
+        # no await between the begins and here, and none of the ends can be cancelled
+        # out of its write: every submitted enqueue is settled before a reply is sent
+        replies = [
+            await self._end(req, *begun)
+            for (_, req), begun in zip(batch, started, strict=True)
+        ]
+        out = []
+        for (parser, _), resp in zip(batch, replies, strict=True):
+            conn.h11 = parser
+            out.append(conn.render(resp))
+            if resp.close or parser.our_state is h11.MUST_CLOSE:
+                break
+        return b"".join(out), resp
+
     async def _read_request(self, conn: _Conn) -> protocol.Request | None:
         # h11 events are plain final classes: `type(e) is` spares ABCMeta.__instancecheck__
         event = await conn.next_event()
         if type(event) is h11.ConnectionClosed:
             return None
         assert type(event) is h11.Request, event
-        # h11 only bounds a head that arrives in pieces; bound one that came whole, too
-        headers: dict[bytes, bytes] = {}
-        head_size = len(event.target)
-        for k, v in event.headers:  # h11 gives the names lower-cased
-            headers[k] = v
-            head_size += len(k) + len(v) + 4
-        if head_size > MAX_HEADER_BYTES:
-            raise errors.HeadersTooLarge("the request head is over 16 KiB")
-        req = protocol.Request.from_target(
-            event.method.decode("ascii", "replace"),
-            event.target.decode("ascii", "replace"),
-            headers,
-        )
-        declared = headers.get(b"content-length")
-        if declared is not None and int(declared) > self.config.max_body:
-            raise errors.BodyTooLarge(
-                f"the body is {int(declared)} bytes; the limit is {self.config.max_body}"
-            )
+        req = self._request_head(event)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -356,14 +436,67 @@ class Server:
         req.body = b"".join(chunks)
         return req
 
+    def _request_head(self, event: h11.Request) -> protocol.Request:
+        """A Request for an h11 request head, refused if too large (the head) or
+        declared too large (the body).
+
+        Raises:
+            errors.HeadersTooLarge, errors.BodyTooLarge
+        """
+        # h11 only bounds a head that arrives in pieces; bound one that came whole, too
+        headers: dict[bytes, bytes] = {}
+        head_size = len(event.target)
+        for k, v in event.headers:  # h11 gives the names lower-cased
+            headers[k] = v
+            head_size += len(k) + len(v) + 4
+        if head_size > MAX_HEADER_BYTES:
+            raise errors.HeadersTooLarge("the request head is over 16 KiB")
+        req = protocol.Request.from_target(
+            event.method.decode("ascii", "replace"),
+            event.target.decode("ascii", "replace"),
+            headers,
+        )
+        declared = headers.get(b"content-length")
+        if declared is not None and int(declared) > self.config.max_body:
+            raise errors.BodyTooLarge(
+                f"the body is {int(declared)} bytes; the limit is {self.config.max_body}"
+            )
+        return req
+
     async def _dispatch(self, req: protocol.Request) -> protocol.Response:
+        return await self._end(req, *self._begin(req))
+
+    def _begin(
+        self, req: protocol.Request
+    ) -> tuple[float, Awaitable[protocol.Response] | protocol.Response]:
+        """Start answering `req` (see `Broker.start`): its reply, or what to await
+        for it. Pair with `_end`, which settles the count of requests in flight."""
         start = time.perf_counter()
         self.active_requests += 1
         try:
             if self.broker.closing and req.route != "healthz":
                 raise errors.ShuttingDown("the broker is stopping")
             protocol.route(req)
-            resp = await self.broker.handle(req)
+            return start, self.broker.start(req)
+        except errors.QBrokerError as exc:
+            return start, protocol.error_response(req, exc)
+        except Exception:
+            log.exception("request.failed", route=req.route, method=req.method)
+            return start, protocol.error_response(
+                req, errors.InternalError("internal error")
+            )
+
+    async def _end(
+        self,
+        req: protocol.Request,
+        start: float,
+        work: Awaitable[protocol.Response] | protocol.Response,
+    ) -> protocol.Response:
+        try:
+            if isinstance(work, protocol.Response):
+                resp = work
+            else:
+                resp = await work
         except errors.QBrokerError as exc:
             resp = protocol.error_response(req, exc)
         except Exception:
@@ -394,6 +527,16 @@ class Server:
             trio.ClosedResourceError,
         ):
             pass
+
+
+def _pipelinable(parser: h11.Connection, req: protocol.Request) -> bool:
+    """Whether `req` (just read by `parser`) may join a batch of pipelined requests:
+    a small enqueue on a connection that stays open."""
+    return (
+        req.route == "enqueue"
+        and len(req.body) <= protocol.BIG_BODY
+        and parser.their_state is h11.DONE
+    )
 
 
 def _raise_fd_limit() -> None:

@@ -31,21 +31,20 @@ T = TypeVar("T")
 log = structlog.get_logger("qbroker.writer")
 
 
-class _Call:
-    __slots__ = ("args", "fn", "kwargs", "result", "task")
+class Call:
+    """One submitted store call: its result once committed (see `Writer.submit`)."""
+
+    __slots__ = ("args", "done", "fn", "kwargs", "result", "task")
 
     def __init__(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        task: Any,
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
-        self.task = task
-        self.result: outcome.Outcome[Any] | None = None
+        self.result: outcome.Outcome[Any] | None = None  #: set by the writer thread
+        self.done = False  #: set on the trio thread once `result` is committed
+        self.task: Any = None  #: the trio task waiting for it, if any
 
 
 _STOP = object()
@@ -76,14 +75,30 @@ class Writer:
             whatever `fn` raised (its savepoint rolled back), or errors.DiskFull /
             errors.InternalError when the commit itself failed.
         """
-        item = _Call(fn, args, kwargs, trio.lowlevel.current_task())
+        result: T = await self.wait(self.submit(fn, *args, **kwargs))
+        return result
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Call:
+        """Queue a call for the next group commit without waiting (trio thread only).
+
+        Calls run and commit in the order they were submitted, so once a call is
+        `done`, every call submitted before it is done too.
+        """
+        item = Call(fn, args, kwargs)
         self._queue.put(item)
+        return item
+
+    async def wait(self, call: Call) -> Any:
+        """The result of a `submit`ted call once it is durable (see `call`)."""
+        if call.done:
+            assert call.result is not None
+            return call.result.unwrap()
+        call.task = trio.lowlevel.current_task()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             return trio.lowlevel.Abort.FAILED
 
-        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
-        return result
+        return await trio.lowlevel.wait_task_rescheduled(abort)
 
     def stop(self) -> None:
         """Commit what is pending and end the thread (blocking; call off the loop)."""
@@ -97,7 +112,7 @@ class Writer:
             first = self._queue.get()
             if first is _STOP:
                 break
-            batch: list[_Call] = [first]
+            batch: list[Call] = [first]
             while len(batch) < WRITER_MAX_BATCH:
                 try:
                     nxt = self._queue.get_nowait()
@@ -114,7 +129,7 @@ class Writer:
         self.store.close()
 
     @staticmethod
-    def _commit(conn: sqlite3.Connection, batch: list[_Call]) -> None:
+    def _commit(conn: sqlite3.Connection, batch: list[Call]) -> None:
         # A call alone in its transaction needs no savepoint: ROLLBACK undoes it alone.
         alone = len(batch) == 1
         begun = 0  # index of the first call in the open transaction
@@ -156,7 +171,9 @@ class Writer:
                 c.result = outcome.Error(err)
 
 
-def _wake_all(batch: list[_Call]) -> None:
+def _wake_all(batch: list[Call]) -> None:
     for c in batch:
         assert c.result is not None
-        trio.lowlevel.reschedule(c.task, c.result)
+        c.done = True
+        if c.task is not None:
+            trio.lowlevel.reschedule(c.task, c.result)
