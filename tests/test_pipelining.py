@@ -4,8 +4,10 @@ reply, are answered in order; pipelined enqueues share group commits."""
 from __future__ import annotations
 
 import json
+import random
 import re
 import socket
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -134,3 +136,67 @@ def test_a_bad_request_in_a_pipeline_is_answered_after_those_before_it(
         assert w.ok("GET", "/v1/queues/bad")["counts"]["queued"] == 1
     finally:
         w.close()
+
+
+def _chunked_post(path: str, body: object) -> bytes:
+    data = json.dumps(body).encode()
+    half = len(data) // 2
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (data[:half], data[half:]))
+    return (
+        b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n%s0\r\n\r\n" % (path.encode(), chunks)
+    )
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_a_pipeline_cut_anywhere_gets_every_reply_in_order(
+    broker: BrokerProcess, wire: Wire, seed: int
+) -> None:
+    # Enqueues (plain, chunked, repeated ids, malformed, invalid) with reads between,
+    # written in random pieces: every reply comes, in order, and the queue holds the
+    # jobs that got 201 in the order they were sent.
+    rnd = random.Random(seed)
+    queue = f"cut-{seed}"
+    path = f"/v1/queues/{queue}/jobs"
+    requests: list[bytes] = []
+    expect: list[tuple[int, str | None]] = []  # status, and the id of a 201
+    stored: list[str] = []
+    for i in range(80):
+        kind = rnd.choice(
+            ["plain"] * 6 + ["chunked", "repeat", "malformed", "invalid", "read"]
+        )
+        job_id = f"{queue}-{i}"
+        if kind == "repeat" and stored:
+            requests.append(_post(path, {"id": rnd.choice(stored)}))
+            expect.append((409, None))
+        elif kind == "malformed":
+            requests.append(_post(path, "x")[:-3] + b'{"i')
+            expect.append((400, None))
+        elif kind == "invalid":
+            requests.append(_post(path, {"id": job_id, "priority": "high"}))
+            expect.append((422, None))
+        elif kind == "read":
+            requests.append(_get(f"/v1/queues/{queue}"))
+            expect.append((200, None))
+        else:
+            make = _chunked_post if kind == "chunked" else _post
+            requests.append(make(path, {"id": job_id}))
+            expect.append((201, job_id))
+            stored.append(job_id)
+    stream = b"".join(requests)
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        at = 0
+        while at < len(stream):
+            step = rnd.choice([1, 7, 60, 300, 2000, 9000])
+            sock.sendall(stream[at : at + step])
+            at += step
+            if rnd.random() < 0.2:
+                time.sleep(0.002)
+        replies = _replies(sock, len(requests))
+    assert [status for status, _ in replies] == [status for status, _ in expect]
+    for (_, body), (_, stored_id) in zip(replies, expect, strict=True):
+        if stored_id is not None:
+            assert body == {"id": stored_id}
+    jobs = wire.ok("POST", "/v1/lease", {"queues": [queue], "max": 100})["jobs"]
+    assert [j["id"] for j in jobs] == stored
