@@ -10,6 +10,8 @@ its first byte; refuse a declared body over --max-body with 413 before reading i
 body within the same deadline; answer, closing the connection if the client has not taken
 the reply within REQUEST_TIMEOUT; keep the connection for the next request, closing it
 after IDLE_TIMEOUT of silence. A connection past --max-connections gets 429 and is closed.
+Pipelined enqueues already buffered behind the one just read are answered as one batch
+whose writes share commits (`_buffered_batch`, `_answer_batch`); anything else, in turn.
 
 Timeouts cost no cancel scope per request: each connection enters one CancelScope once
 and keeps a float deadline (the end of the current wait for request bytes, or inf while
