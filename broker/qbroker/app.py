@@ -292,11 +292,6 @@ class Broker:
             if spec.expires is not None:
                 due.append(now + spec.expires)
         takers = self.queue_waiters.claim(queue, ready) if ready else []
-        if not takers:
-            call = self.writer.submit(
-                self.store.enqueue, queue, specs, defaults=self.defaults, now=now
-            )
-            return self._enqueued(req, body, call, takers, ready, due)
         requests: list[LeaseRequest] = []
         for t in takers:
             assert t.request is not None  # claim() takes lease long-polls only
@@ -320,18 +315,15 @@ class Broker:
     ) -> Response:
         """The rest of `_enqueue`, once its write is durable."""
         queue = req.params["queue"]
-        if not takers:
-            ids: list[str] = await self.writer.wait(call)
-        else:
-            leased: list[Leased] = [([], False) for _ in takers]
-            try:
-                ids, leased = await self.writer.wait(call)
-            finally:  # on failure too: the long-polls go back to leasing on their own
-                for slot, got in zip(takers, leased, strict=True):
-                    slot.value = got
-                    assert slot.handoff is not None
-                    slot.handoff.set()
-                    slot.event.set()
+        leased: list[Leased] = [([], False) for _ in takers]
+        try:
+            ids, leased = await self.writer.wait(call)
+        finally:  # on failure too: the long-polls go back to leasing on their own
+            for slot, got in zip(takers, leased, strict=True):
+                slot.value = got
+                assert slot.handoff is not None
+                slot.handoff.set()
+                slot.event.set()
         metrics.jobs_enqueued(queue).inc(len(ids))
         if due:
             self.poke_reaper(min(due))

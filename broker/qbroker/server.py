@@ -368,7 +368,12 @@ class Server:
         return batch if len(batch) > 1 else None
 
     def _whole_request(self, parser: h11.Connection) -> protocol.Request | None:
-        """The request at the start of `parser`'s buffer, if all of it is there."""
+        """The request at the start of `parser`'s buffer, routed, if all of it is
+        there.
+
+        Raises:
+            as `_request_head`, `_body_size` and `protocol.route` do
+        """
         event = parser.next_event()
         if type(event) is not h11.Request:
             return None
@@ -378,9 +383,7 @@ class Server:
         while True:
             event = parser.next_event()
             if type(event) is h11.Data:
-                size += len(event.data)
-                if size > self.config.max_body:
-                    return None
+                size = self._body_size(size, event.data)
                 chunks.append(event.data)
             elif type(event) is h11.EndOfMessage:
                 req.body = b"".join(chunks)
@@ -425,11 +428,7 @@ class Server:
         while True:
             event = await conn.next_event()
             if type(event) is h11.Data:
-                size += len(event.data)
-                if size > self.config.max_body:
-                    raise errors.BodyTooLarge(
-                        f"the body is over the limit of {self.config.max_body} bytes"
-                    )
+                size = self._body_size(size, event.data)
                 chunks.append(event.data)
             elif type(event) is h11.EndOfMessage:
                 break
@@ -437,6 +436,19 @@ class Server:
                 return None
         req.body = b"".join(chunks)
         return req
+
+    def _body_size(self, size: int, data: bytes) -> int:
+        """The size of a body read so far once `data` is added to its `size` bytes.
+
+        Raises:
+            errors.BodyTooLarge: over --max-body.
+        """
+        size += len(data)
+        if size > self.config.max_body:
+            raise errors.BodyTooLarge(
+                f"the body is over the limit of {self.config.max_body} bytes"
+            )
+        return size
 
     def _request_head(self, event: h11.Request) -> protocol.Request:
         """A Request for an h11 request head, refused if too large (the head) or
@@ -476,9 +488,10 @@ class Server:
         start = time.perf_counter()
         self.active_requests += 1
         try:
-            if self.broker.closing and req.route != "healthz":
+            if self.broker.closing:
                 raise errors.ShuttingDown("the broker is stopping")
-            protocol.route(req)
+            if req.route == "unmatched":  # not yet routed (a batch's requests are)
+                protocol.route(req)
             return start, self.broker.start(req)
         except errors.QBrokerError as exc:
             return start, protocol.error_response(req, exc)
