@@ -17,7 +17,9 @@ Scenarios (`--scenarios`, comma-separated; default all):
             drives every multi-connection row (skipped when --client names one)
   enqueue   durable enqueue, one job per request, 1 and 8 connections, each reply
             awaited before the next request; then 1 connection with 32 requests in
-            flight (HTTP/1.1 pipelining)
+            flight (HTTP/1.1 pipelining). First, with the same client and request, the
+            ceiling for one connection in turn: bench/floor.py's bare trio+h11 server
+            without disk, and committing one row per request inline (no threads)
   batch     enqueue in batches of 100, 1 and 4 connections
   leaseack  lease max=100 + batch ack of 100 until empty, 1 and 4 connections; then
             the same with each batch's acks carried on the next lease (qworker's form)
@@ -68,12 +70,14 @@ if str(BENCH_DIR) not in sys.path:
 
 import _rawhttp as rh  # noqa: E402
 import e2e  # noqa: E402  (the Broker subprocess wrapper)
+import floor  # noqa: E402  (the bare trio+h11 servers)
 
 QUEUE = "bench"
 KWARGS = {"to": "user@example.com", "subject": "hello", "n": 42}
 JOB = {"task": "send_email", "kwargs": KWARGS}
 PIPELINE_DEPTH = 32  #: requests in flight on the pipelined enqueue row
 PIPELINED = f"enqueue 1/request, {PIPELINE_DEPTH} pipelined"
+CEILING = "bare trio+h11 (ceiling)"  #: rows of bench/floor.py's servers
 CLIENT_MODES = ("threads", "epoll", "procs", "procs-threads")
 TARGETS = {
     "enqueue-1": 4000.0,
@@ -535,6 +539,16 @@ def sc_enqueue(rep: Report, root: Path, secs: float, prof: Path | None) -> None:
     def make(i: int) -> Repeat:
         return Repeat(req, 1, 201, seconds=secs)
 
+    # the ceiling for one connection in turn: a bare trio+h11 server (bench/floor.py)
+    # with no disk, and with one inline commit per request, driven the same way
+    for mode, name in ((m, f"{CEILING}, {m}") for m in floor.MODES):
+        with floor.running(mode, root) as b:
+            drive(b.addr, lambda i: Repeat(req, 1, 201, seconds=0.5), 1, "blocking")
+            st, bcpu, ccpu, raw = bracketed(
+                rep, "a", b, drive, b.addr, make, 1, "blocking"
+            )
+            rep.row(name, 1, st.jobs, st.seconds, raw_key="a", raw=raw,
+                    broker_cpu=bcpu, client_cpu=ccpu, client="blocking", unit="req/s")  # fmt: skip
     for conns in (1, 8):
         with broker(root, f"enqueue{conns}") as b:
             drive(
@@ -755,6 +769,13 @@ def verdicts(rep: Report) -> list[str]:
         out.append(line)
 
     v("single enqueue, 1 conn", best("enqueue 1/request", 1), TARGETS["enqueue-1"])
+    ceiling = best(f"{CEILING}, commit", 1)
+    if ceiling is not None:
+        t = TARGETS["enqueue-1"]
+        out.append(
+            f"  ceiling for 1 conn in turn, a bare trio+h11 server committing inline:"
+            f" {ceiling['rate']:,.0f} req/s ({ceiling['rate'] / t:.2f}x of target)"
+        )
     v(f"single enqueue, 1 conn, {PIPELINE_DEPTH} pipelined", best(PIPELINED, 1),
       TARGETS["enqueue-1"])  # fmt: skip
     v("batch enqueue, best", best("enqueue batch of 100"), TARGETS["batch"])

@@ -145,12 +145,15 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
-    def start(self) -> Broker:
-        cmd = [
+    def command(self) -> list[str]:
+        return [
             sys.executable, "-m", "qbroker", "serve", "--host", "127.0.0.1",
             "--port", "0", "--data-dir", str(self.data), "--ready-file", str(self.ready),
             "--log-level", "warning",
         ]  # fmt: skip
+
+    def start(self) -> Broker:
+        cmd = self.command()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
