@@ -63,6 +63,12 @@ def test_bad_input_gets_clear_errors_and_keeps_stored_jobs(
         ("POST", "/v1/queues/q/jobs", b'{"priority": 10000000}', {}, 422, "invalid_field"),
         ("POST", "/v1/queues/q/jobs", b'{"timeout": -1}', {}, 422, "invalid_field"),
         ("POST", "/v1/queues/q/jobs", b'{"id": "bad id!"}', {}, 422, "invalid_field"),
+        # a name may not end in a newline (a regex `$` alone would let one through)
+        ("POST", "/v1/queues/q/jobs", b'{"id": "nl\\n"}', {}, 422, "invalid_field"),
+        ("POST", "/v1/queues/q/jobs", b'{"task": "t\\n"}', {}, 422, "invalid_field"),
+        ("POST", "/v1/queues/q/jobs", b'{"dedup_key": "k\\n"}', {}, 422,
+         "invalid_field"),
+        ("POST", "/v1/lease", b'{"queues": ["q\\n"]}', {}, 422, "invalid_field"),
         ("POST", "/v1/queues/q/jobs", b'[1, 2]', {}, 422, "invalid_field"),
         ("POST", "/v1/queues/q/jobs", b'{"jobs": []}', {}, 422, "invalid_field"),
         ("POST", "/v1/queues/q/jobs", b"<xml/>", {"Content-Type": "text/xml"}, 415,

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import BrokerFactory, BrokerProcess
-from tests.wirehttp import Wire
+from tests.wirehttp import Wire, get_request, post_request, read_replies
 
 
 @pytest.fixture
@@ -22,37 +22,6 @@ def wire(broker: BrokerProcess) -> Iterator[Wire]:
     w = Wire(broker.url)
     yield w
     w.close()
-
-
-def _post(path: str, body: object, extra: bytes = b"") -> bytes:
-    data = json.dumps(body).encode()
-    return (
-        b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-        b"%sContent-Length: %d\r\n\r\n%s" % (path.encode(), extra, len(data), data)
-    )
-
-
-def _get(path: str) -> bytes:
-    return b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path.encode()
-
-
-def _replies(sock: socket.socket, n: int) -> list[tuple[int, object]]:
-    """Read `n` replies (each with a Content-Length) off `sock`: (status, JSON body)."""
-    buf = b""
-    out: list[tuple[int, object]] = []
-    while len(out) < n:
-        head, sep, rest = buf.partition(b"\r\n\r\n")
-        if sep:
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
-            if len(rest) >= length:
-                out.append((int(head.split(b" ", 2)[1]), json.loads(rest[:length])))
-                buf = rest[length:]
-                continue
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed after {len(out)} of {n} replies"
-        buf += chunk
-    assert buf == b"", "more bytes than replies"
-    return out
 
 
 def _commits(url: str) -> float:
@@ -70,17 +39,18 @@ def test_pipelined_enqueues_are_answered_in_order_and_share_commits(
     n = 60
     ids = [f"pipe-{i}" for i in range(n)]
     requests = [
-        _post("/v1/queues/pipe/jobs", {"id": i, "args": [k]}) for k, i in enumerate(ids)
+        post_request("/v1/queues/pipe/jobs", {"id": i, "args": [k]})
+        for k, i in enumerate(ids)
     ]
     # a repeated id in the middle fails alone; a read after the enqueues sees them all,
     # and an enqueue after that read is answered too
-    requests.insert(30, _post("/v1/queues/pipe/jobs", {"id": "pipe-3"}))
-    requests.append(_get("/v1/jobs/pipe-59"))
-    requests.append(_post("/v1/queues/pipe/jobs", {"id": "pipe-last"}))
+    requests.insert(30, post_request("/v1/queues/pipe/jobs", {"id": "pipe-3"}))
+    requests.append(get_request("/v1/jobs/pipe-59"))
+    requests.append(post_request("/v1/queues/pipe/jobs", {"id": "pipe-last"}))
     before = _commits(broker.url)
     with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as sock:
         sock.sendall(b"".join(requests))
-        replies = _replies(sock, len(requests))
+        replies = read_replies(sock, len(requests))
     commits = _commits(broker.url) - before
 
     enqueued = replies[:30] + replies[31 : n + 1]
@@ -103,18 +73,18 @@ def test_pipelined_enqueues_are_answered_in_order_and_share_commits(
 def test_a_pipelined_request_cut_short_is_read_when_the_rest_comes(
     broker: BrokerProcess, wire: Wire
 ) -> None:
-    first = _post("/v1/queues/cut/jobs", {"id": "cut-0"})
-    second = _post("/v1/queues/cut/jobs", {"id": "cut-1"})
-    closing = _post(
+    first = post_request("/v1/queues/cut/jobs", {"id": "cut-0"})
+    second = post_request("/v1/queues/cut/jobs", {"id": "cut-1"})
+    closing = post_request(
         "/v1/queues/cut/jobs", {"id": "cut-2"}, extra=b"Connection: close\r\n"
     )
     with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as sock:
         sock.sendall(first + second[:40])
-        assert _replies(sock, 1) == [(201, {"id": "cut-0"})]
+        assert read_replies(sock, 1) == [(201, {"id": "cut-0"})]
         sock.sendall(
-            second[40:] + closing + _post("/v1/queues/cut/jobs", {"id": "cut-3"})
+            second[40:] + closing + post_request("/v1/queues/cut/jobs", {"id": "cut-3"})
         )
-        assert _replies(sock, 2) == [(201, {"id": "cut-1"}), (201, {"id": "cut-2"})]
+        assert read_replies(sock, 2) == [(201, {"id": "cut-1"}), (201, {"id": "cut-2"})]
         assert sock.recv(65536) == b""  # closed after the request that asked for it
     assert wire.ok("GET", "/v1/queues/cut")["counts"]["queued"] == 3
 
@@ -123,11 +93,11 @@ def test_a_bad_request_in_a_pipeline_is_answered_after_those_before_it(
     broker_factory: BrokerFactory,
 ) -> None:
     b = broker_factory(name="small", args=("--max-body", "200")).start()
-    big = _post("/v1/queues/bad/jobs", {"id": "bad-1", "args": ["x" * 300]})
-    after = _post("/v1/queues/bad/jobs", {"id": "bad-2"})
+    big = post_request("/v1/queues/bad/jobs", {"id": "bad-1", "args": ["x" * 300]})
+    after = post_request("/v1/queues/bad/jobs", {"id": "bad-2"})
     with socket.create_connection(("127.0.0.1", b.port), timeout=10) as sock:
-        sock.sendall(_post("/v1/queues/bad/jobs", {"id": "bad-0"}) + big + after)
-        (first, (status, err)) = _replies(sock, 2)
+        sock.sendall(post_request("/v1/queues/bad/jobs", {"id": "bad-0"}) + big + after)
+        (first, (status, err)) = read_replies(sock, 2)
         assert first == (201, {"id": "bad-0"})
         assert status == 413 and err["error"] == "body_too_large"  # type: ignore[index]
         assert sock.recv(65536) == b""  # a 413 closes: what came after is not done
@@ -167,19 +137,19 @@ def test_a_pipeline_cut_anywhere_gets_every_reply_in_order(
         )
         job_id = f"{queue}-{i}"
         if kind == "repeat" and stored:
-            requests.append(_post(path, {"id": rnd.choice(stored)}))
+            requests.append(post_request(path, {"id": rnd.choice(stored)}))
             expect.append((409, None))
         elif kind == "malformed":
-            requests.append(_post(path, "x")[:-3] + b'{"i')
+            requests.append(post_request(path, "x")[:-3] + b'{"i')
             expect.append((400, None))
         elif kind == "invalid":
-            requests.append(_post(path, {"id": job_id, "priority": "high"}))
+            requests.append(post_request(path, {"id": job_id, "priority": "high"}))
             expect.append((422, None))
         elif kind == "read":
-            requests.append(_get(f"/v1/queues/{queue}"))
+            requests.append(get_request(f"/v1/queues/{queue}"))
             expect.append((200, None))
         else:
-            make = _chunked_post if kind == "chunked" else _post
+            make = _chunked_post if kind == "chunked" else post_request
             requests.append(make(path, {"id": job_id}))
             expect.append((201, job_id))
             stored.append(job_id)
@@ -193,7 +163,7 @@ def test_a_pipeline_cut_anywhere_gets_every_reply_in_order(
             at += step
             if rnd.random() < 0.2:
                 time.sleep(0.002)
-        replies = _replies(sock, len(requests))
+        replies = read_replies(sock, len(requests))
     assert [status for status, _ in replies] == [status for status, _ in expect]
     for (_, body), (_, stored_id) in zip(replies, expect, strict=True):
         if stored_id is not None:

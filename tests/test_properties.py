@@ -38,7 +38,7 @@ from hypothesis.stateful import (
     rule,
 )
 from qbroker import errors, protocol
-from qbroker.store import Defaults, Reader, Store
+from qbroker.store import SWEEP_BATCH, Defaults, Reader, Store
 from qbroker.writer import Call, Writer
 from qclient.wire import (
     NAME_PATTERN,
@@ -998,4 +998,30 @@ def test_lease_order_is_priority_then_ready_time_then_fifo(tmp_path: Path) -> No
     run_call(store, store.tick, now=now)
     # one at a time, so the SQL's ORDER BY decides, not a sort of the reply
     assert [lease(1)[0].id for _ in range(4)] == [urgent, plain, retried, late]
+    store.close()
+
+
+def test_a_sweep_changes_at_most_one_batch_and_asks_for_the_next_at_once(
+    tmp_path: Path,
+) -> None:
+    """A backlog falling due at once is worked off over several writer calls."""
+    store = Store(tmp_path / "qbroker.db", synchronous="OFF")
+    n = SWEEP_BATCH * 2 + 5
+    for start in range(0, n, 5000):
+        specs = [JobSpec(eta=T0 + 1) for _ in range(min(5000, n - start))]
+        run_call(store, store.enqueue, "q", specs, defaults=SM_DEFAULTS, now=T0)
+    reader = Reader(tmp_path / "qbroker.db")
+    now = T0 + 2
+
+    def queued() -> int:
+        return int(reader.queue_stats("q", now=now).counts["queued"])
+
+    seen = []
+    for _ in range(3):
+        result = run_call(store, store.tick, now=now)
+        seen.append(queued())
+        if seen[-1] < n:  # more is due: the reaper is asked to sweep again at once
+            assert result.next_due is not None and result.next_due <= now
+    assert seen == [SWEEP_BATCH, 2 * SWEEP_BATCH, n]
+    reader.close()
     store.close()

@@ -33,7 +33,8 @@ async def _run(chunks: list[tuple[float, bytes]]) -> Client:
     """Serve one connection whose client writes `chunks` as (time to wait, bytes), then
     says nothing; returns once the server has closed it."""
     config = Config(request_timeout=REQUEST_TIMEOUT, idle_timeout=IDLE_TIMEOUT)
-    broker: Any = SimpleNamespace(closing=False)  # GET of an unknown path needs no more
+    # a GET of an unknown path needs no more of a broker (it has no token)
+    broker: Any = SimpleNamespace(closing=False, authorize=lambda req: None)
     server = Server(config, broker)
     ours, theirs = trio.socket.socketpair()
     client = Client()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,3 +83,39 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+# raw requests and replies, for tests that write bytes on a socket themselves
+
+
+def post_request(path: str, body: object, extra: bytes = b"") -> bytes:
+    """The bytes of a POST of `body` as JSON (`extra`: more header lines)."""
+    data = json.dumps(body).encode()
+    return (
+        b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"%sContent-Length: %d\r\n\r\n%s" % (path.encode(), extra, len(data), data)
+    )
+
+
+def get_request(path: str) -> bytes:
+    """The bytes of a GET."""
+    return b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path.encode()
+
+
+def read_replies(sock: socket.socket, n: int) -> list[tuple[int, object]]:
+    """Read `n` replies (each with a Content-Length) off `sock`: (status, JSON body)."""
+    buf = b""
+    out: list[tuple[int, object]] = []
+    while len(out) < n:
+        head, sep, rest = buf.partition(b"\r\n\r\n")
+        if sep:
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+            if len(rest) >= length:
+                out.append((int(head.split(b" ", 2)[1]), json.loads(rest[:length])))
+                buf = rest[length:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {len(out)} of {n} replies"
+        buf += chunk
+    assert buf == b"", "more bytes than replies"
+    return out

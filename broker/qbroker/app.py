@@ -120,7 +120,13 @@ class Waiters:
 
     def notify(self, key: str, n: int | None = None, value: Any = None) -> None:
         """Wake up to `n` waiters of `key` (all when None), oldest first, handing
-        each `value` (when not None)."""
+        each `value` (when not None).
+
+        Counted against `n` are only the waiters that will act on the wake-up: not
+        one an enqueue has claimed (it gets that enqueue's jobs anyway), nor one
+        whose client has gone (woken to end, it leases nothing). Either would take
+        the wake-up from a live long-poll behind it, leaving jobs ready and it asleep.
+        """
         waiting = self._by_key.get(key)
         if not waiting:
             return
@@ -131,10 +137,12 @@ class Waiters:
                 slot.values[key] = value
                 slot.event.set()
             elif not slot.event.is_set():
+                if n is not None and slot.handoff is not None:
+                    continue
                 if value is not None:
                     slot.value = value
                 slot.event.set()
-                if n is not None:
+                if n is not None and (slot.alive is None or slot.alive()):
                     n -= 1
 
     def claim(self, key: str, jobs: int) -> list[Slot]:
@@ -223,8 +231,26 @@ class Broker:
             if name.startswith("on_")
         }
 
+    def authorize(self, req: Request) -> None:
+        """Refuse a request without the broker's token (if it has one), before it
+        is routed: a client without it learns nothing, not even which paths exist.
+
+        Raises:
+            errors.Unauthorized
+        """
+        if self._token is None or (
+            req.path == "/healthz" and req.method in ("GET", "HEAD")
+        ):
+            return
+        given = req.headers.get(b"authorization", b"")
+        if not hmac.compare_digest(given, b"Bearer " + self._token):
+            raise errors.Unauthorized(
+                "a valid 'Authorization: Bearer <token>' is needed"
+            )
+
     def start(self, req: Request) -> Awaitable[Response]:
-        """Begin answering one routed request; await the result for its reply.
+        """Begin answering one routed, `authorize`d request; await the result for
+        its reply.
 
         A small enqueue is decoded and its write submitted to the writer now, before
         this returns, so that pipelined enqueues commit in the order they came (the
@@ -234,12 +260,6 @@ class Broker:
         Raises (here or when awaited):
             errors.QBrokerError for error replies.
         """
-        if self._token is not None and req.route != "healthz":
-            given = req.headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + self._token):
-                raise errors.Unauthorized(
-                    "a valid 'Authorization: Bearer <token>' is needed"
-                )
         if req.route == "enqueue" and len(req.body) <= BIG_BODY:
             return self._enqueue(req, decode(req, EnqueueBody))
         return self._handlers[req.route](req)
@@ -283,10 +303,10 @@ class Broker:
         ready = 0
         due: list[float] = []  #: when the reaper must look at these jobs
         for spec in specs:
-            if spec.delay or (spec.eta is not None and spec.eta > now):
-                due.append(
-                    spec.eta if spec.eta is not None else now + (spec.delay or 0)
-                )
+            # the store's test, to the float: a delay too small to move `now` is none
+            at = now + spec.delay if spec.delay is not None else spec.eta
+            if at is not None and at > now:
+                due.append(at)
             else:
                 ready += 1
             if spec.expires is not None:

@@ -302,15 +302,18 @@ class Server:
                     else None
                 )
                 reading = False
-                if batch is None:
-                    resp = await self._dispatch(req)
-                    out = conn.render(resp, head=req.method == "HEAD")
-                else:
-                    out, resp = await self._answer_batch(conn, batch)
-                # a client that does not read its reply is dropped like a slow sender
-                sending = (req.route, resp.status)
-                timer.deadline = trio.current_time() + cfg.request_timeout
-                await conn.send_bytes(out)
+                try:  # in flight, for a graceful stop, until the reply is written
+                    if batch is None:
+                        resp = await self._dispatch(req)
+                        out = conn.render(resp, head=req.method == "HEAD")
+                    else:
+                        out, resp = await self._answer_batch(conn, batch)
+                    # a client that does not read its reply is dropped like a slow sender
+                    sending = (req.route, resp.status)
+                    timer.deadline = trio.current_time() + cfg.request_timeout
+                    await conn.send_bytes(out)
+                finally:
+                    self._done(1 if batch is None else len(batch))
                 sending = None
                 if resp.close or conn.h11.our_state is h11.MUST_CLOSE:
                     return
@@ -484,12 +487,14 @@ class Server:
         self, req: protocol.Request
     ) -> tuple[float, Awaitable[protocol.Response] | protocol.Response]:
         """Start answering `req` (see `Broker.start`): its reply, or what to await
-        for it. Pair with `_end`, which settles the count of requests in flight."""
+        for it (`_end`). It counts as in flight until `_done`, once its reply is
+        written, so a graceful stop does not cut a reply short."""
         start = time.perf_counter()
         self.active_requests += 1
         try:
             if self.broker.closing:
                 raise errors.ShuttingDown("the broker is stopping")
+            self.broker.authorize(req)
             if req.route == "unmatched":  # not yet routed (a batch's requests are)
                 protocol.route(req)
             return start, self.broker.start(req)
@@ -517,12 +522,14 @@ class Server:
         except Exception:
             log.exception("request.failed", route=req.route, method=req.method)
             resp = protocol.error_response(req, errors.InternalError("internal error"))
-        finally:
-            self.active_requests -= 1
-            if self.broker.closing and self.active_requests == 0:
-                self.idle.set()
         metrics.observe_request(req.route, resp.status, time.perf_counter() - start)
         return resp
+
+    def _done(self, n: int) -> None:
+        """`n` requests begun by `_begin` are over: replied to, or given up on."""
+        self.active_requests -= n
+        if self.broker.closing and self.active_requests == 0:
+            self.idle.set()
 
     async def _respond_error(
         self, conn: _Conn, req: protocol.Request | None, exc: errors.QBrokerError

@@ -105,7 +105,10 @@ _FINAL_SQL = ",".join(f"'{s.value}'" for s in sorted(FINAL_STATES))
 _ACKED = ("succeeded",)
 _FAILED = ("scheduled", "queued", "failed")
 _IN_CHUNK = 500  #: ids per `IN (...)` list, well under SQLite's variable limit
-PURGE_BATCH = 10_000  #: rows one sweep deletes at most
+#: rows one sweep changes at most in each of its steps (promote, lease expiry, expiry,
+#: purge): a backlog falling due at once is worked off over several writer calls, so
+#: other writes get their turn between them (the sweep after comes at once)
+SWEEP_BATCH = 10_000
 WRITER_CACHE_KIB = 8192  #: KiB of page cache for the write connection
 WRITER_AUTOCHECKPOINT_PAGES = 8192  #: WAL pages (32 MiB) before the writer checkpoints
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  #: bytes a reset WAL is truncated to
@@ -829,9 +832,10 @@ class Store:
         c = self.conn
         with translate_errors():
             for (queue,) in c.execute(
-                "UPDATE jobs SET state = 'queued' WHERE state = 'scheduled'"
-                " AND available_at <= ? RETURNING queue",
-                (now,),
+                "UPDATE jobs SET state = 'queued' WHERE seq IN (SELECT seq FROM jobs"
+                " WHERE state = 'scheduled' AND available_at <= ? LIMIT ?)"
+                " RETURNING queue",
+                (now, SWEEP_BATCH),
             ).fetchall():
                 out.promoted_queues.add(queue)
             for job_id, queue, state in c.execute(
@@ -842,9 +846,10 @@ class Store:
                 " error = 'LeaseExpired: the lease ran out before an ack (attempt '"
                 "   || attempts || ' of ' || (max_retries + 1) || ')',"
                 " lease = NULL, lease_expires_at = NULL"
-                " WHERE state = 'active' AND lease_expires_at <= ?1"
+                " WHERE seq IN (SELECT seq FROM jobs"
+                "   WHERE state = 'active' AND lease_expires_at <= ?1 LIMIT ?2)"
                 " RETURNING id, queue, state",
-                (now,),
+                (now, SWEEP_BATCH),
             ).fetchall():
                 if state == "dead":
                     out.dead += 1
@@ -854,17 +859,18 @@ class Store:
                     out.promoted_queues.add(queue)
             for (job_id,) in c.execute(
                 "UPDATE jobs SET state = 'expired', finished_at = ?1,"
-                " purge_at = ?1 + result_ttl WHERE expires_at <= ?1"
-                " AND expires_at IS NOT NULL AND state IN ('queued', 'scheduled')"
+                " purge_at = ?1 + result_ttl WHERE seq IN (SELECT seq FROM jobs"
+                "   WHERE expires_at <= ?1 AND expires_at IS NOT NULL"
+                "   AND state IN ('queued', 'scheduled') LIMIT ?2)"
                 " RETURNING id",
-                (now,),
+                (now, SWEEP_BATCH),
             ).fetchall():
                 out.expired += 1
                 out.finished_ids.append(job_id)
             out.purged = c.execute(
                 "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs"
                 " WHERE purge_at IS NOT NULL AND purge_at <= ? LIMIT ?)",
-                (now, PURGE_BATCH),
+                (now, SWEEP_BATCH),
             ).rowcount
             due = c.execute(
                 "SELECT min(t) FROM ("
@@ -963,10 +969,16 @@ class Reader:
 
     def queue_names(self) -> list[str]:
         with translate_errors(), self._conn() as conn:
-            # a skip-scan over jobs_queue_state: one seek per distinct queue
+            # one seek in jobs_queue_state per distinct queue (a plain DISTINCT
+            # reads the whole index, finished jobs included)
             return [
                 r[0]
-                for r in conn.execute("SELECT DISTINCT queue FROM jobs ORDER BY queue")
+                for r in conn.execute(
+                    "WITH RECURSIVE q(name) AS (SELECT min(queue) FROM jobs"
+                    " UNION ALL SELECT (SELECT min(queue) FROM jobs WHERE queue > q.name)"
+                    " FROM q WHERE q.name IS NOT NULL)"
+                    " SELECT name FROM q WHERE name IS NOT NULL"
+                )
             ]
 
     def checkpoint(self) -> int:

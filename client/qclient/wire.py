@@ -81,7 +81,7 @@ FINAL_STATES = frozenset(
 )
 
 #: Queue names, task names, job ids and worker names: 1-200 characters of this set.
-NAME_PATTERN = r"^[A-Za-z0-9_.:@\-]{1,200}$"
+NAME_PATTERN = r"^[A-Za-z0-9_.:@\-]{1,200}(?!\n)$"
 
 #: Items one batch request (enqueue, ack, fail) may carry.
 MAX_BATCH = 10_000
