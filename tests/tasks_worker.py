@@ -62,6 +62,36 @@ def wt_unserializable() -> object:
     return object()
 
 
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str for this one")
+
+
+@task(max_retries=0)
+def wt_unprintable() -> None:
+    raise _Unprintable
+
+
+@task(max_retries=0)
+def wt_too_deep() -> object:
+    value: list[object] = []
+    for _ in range(100_000):
+        value = [value]
+    return value
+
+
+@task(max_retries=0, retry_backoff=0.01)
+def wt_no_retries(path: str) -> None:
+    _note(path, "run")
+    raise ValueError("must not run twice")
+
+
+@task(max_retries=2, retry_for=())
+def wt_retry_far(path: str) -> None:
+    _note(path, "run")
+    raise Retry(delay=1e12)  # over the wire's ten years: retried at ten years
+
+
 @task(max_retries=3, retry_for=())
 def wt_retry_on_purpose(path: str) -> int:
     """`raise Retry(...)` twice, then succeed; `retry_for=()` retries nothing else."""

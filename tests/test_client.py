@@ -604,6 +604,23 @@ async def main_twice_same_client(url: str) -> None:
         await client.health()
 
 
+def test_one_async_client_moves_between_trio_and_asyncio(broker: BrokerProcess) -> None:
+    # Each run's pooled connections are never used by another run; one left by a
+    # trio run is closed without trio when the client is next used from asyncio.
+    import trio  # type: ignore[import-untyped, unused-ignore]  # trio 0.22: no py.typed
+
+    client = qclient.AsyncClient(broker.url)
+
+    async def health() -> str:
+        return (await client.health()).status
+
+    assert trio.run(health) == "ok"
+    assert asyncio.run(health()) == "ok"
+    assert trio.run(health) == "ok"
+    assert asyncio.run(health()) == "ok"
+    asyncio.run(client.aclose())
+
+
 # ---------------------------------------------------------------- pure pieces
 
 

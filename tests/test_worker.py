@@ -524,6 +524,55 @@ def test_worker_keeps_consuming_after_broker_restart(
     assert worker.proc.poll() is None
 
 
+def test_a_task_whose_error_or_result_cannot_be_described_fails_without_losing_its_slot(
+    client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    # With one slot, a run that killed its thread would leave the job active for good
+    # and the jobs behind it queued.
+    bad = [client.send("wt_odd", task=t) for t in ("wt_unprintable", "wt_too_deep")]
+    ok = client.send("wt_odd", task="wt_echo", args=[5])
+    worker = start_worker(
+        "--queue", "wt_odd", "--concurrency", "1", "--pool", "threads"
+    )
+    assert ok.result(timeout=30)[0] == 5  # [x, the pid that ran it]
+    unprintable, too_deep = (client.get_job(j.id) for j in bad)
+    assert (unprintable.state, unprintable.error) == (
+        "failed",
+        "_Unprintable: <unprintable>",
+    )
+    assert too_deep.state == "failed"
+    assert too_deep.error is not None
+    assert too_deep.error.startswith("UnserializableResult: RecursionError"), (
+        too_deep.error
+    )
+    worker.kill()
+
+
+def test_the_tasks_max_retries_bounds_a_job_sent_without_it(
+    tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    # @task(max_retries=0) on a job sent by name, which carries the broker's default
+    # of 3: the task's own bound wins; a task without one keeps the job's.
+    runs = tmp_path / "runs"
+    job = client.send("wt_no_retries", task="wt_no_retries", args=[str(runs)])
+    assert client.get_job(job.id).max_retries == 3
+    assert start_worker("--queue", "wt_no_retries", "--burst").wait(30) == 0
+    record = client.get_job(job.id)
+    assert (record.state, record.attempts) == ("failed", 1)
+    assert len(lines(runs, "run")) == 1
+
+
+def test_a_retry_asked_for_beyond_ten_years_is_scheduled_at_ten_years(
+    tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    runs = tmp_path / "runs"
+    job = tasks_worker.wt_retry_far.send(args=[str(runs)], client=client)
+    assert start_worker("--queue", "wt_retry_far", "--burst").wait(30) == 0
+    record = client.get_job(job.id)
+    assert (record.state, record.attempts) == ("scheduled", 1)
+    assert len(lines(runs, "run")) == 1
+
+
 def test_unregistered_task_fails_clearly_without_retry(
     client: qclient.Client, start_worker: Callable[..., WorkerProc]
 ) -> None:

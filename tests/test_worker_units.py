@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import subprocess
 import sys
@@ -122,7 +123,7 @@ def test_process_slot_takes_a_run_of_quick_jobs_only() -> None:
 def test_task_defaults_follow_the_function() -> None:
     t = Task(_plain)
     assert (t.name, t.queue) == ("_plain", "_plain")
-    assert (t.max_retries, t.retry_backoff, t.retry_backoff_max) == (3, 1.0, 600.0)
+    assert (t.max_retries, t.retry_backoff, t.retry_backoff_max) == (None, 1.0, 600.0)
     assert t.retry_for == (Exception,)
     assert (t.timeout, t.time_limit, t.is_async) == (None, None, False)
     assert t(1) == 2  # calling a task runs it here
@@ -143,6 +144,12 @@ def test_task_defaults_follow_the_function() -> None:
 def test_task_rejects_invalid_options(options: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"."):
         Task(_plain, **options)
+
+
+@pytest.mark.parametrize("delay", [-1.0, math.inf, math.nan])
+def test_retry_rejects_a_delay_that_is_not_finite_seconds(delay: float) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        Retry(delay=delay)
 
 
 def test_retry_policy_retry_for_and_retry() -> None:

@@ -9,8 +9,8 @@ async call, so `import qclient` stays light.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
+import os
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import h11
@@ -103,7 +103,13 @@ class _TrioStream:
         return readable_now(self._stream.socket.fileno())
 
     def abort(self) -> None:
-        self._stream.socket.close()
+        sock = self._stream.socket
+        try:
+            sock.close()
+        except RuntimeError:
+            # outside the trio run that opened it (the client is now used from
+            # asyncio): trio cannot be told, and no task of that run waits on it
+            os.close(sock.detach())
 
     async def aclose(self) -> None:
         await self._stream.aclose()
@@ -234,9 +240,18 @@ class _AsyncioStream:
         return self._eof or bool(self._chunks)
 
     def abort(self) -> None:
-        if self._transport is not None:
-            with contextlib.suppress(RuntimeError):  # its event loop is closed already
-                self._transport.abort()
+        transport = self._transport
+        if transport is None or self._lost:
+            return
+        if not self._loop.is_closed():
+            transport.abort()
+            return
+        # Its event loop has ended (the client is now used under another): the close
+        # a transport schedules on its loop would never run, so run it here. asyncio
+        # has no public call for this; without one the socket waits for the collector.
+        close_now = getattr(transport, "_call_connection_lost", None)
+        if close_now is not None:
+            close_now(None)
 
     async def aclose(self) -> None:
         if self._transport is not None and not self._lost:

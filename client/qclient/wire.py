@@ -21,6 +21,7 @@ __all__ = [
     "FINAL_STATES",
     "MAX_BATCH",
     "MAX_RESULTS",
+    "MAX_SECONDS",
     "NAME_PATTERN",
     "AckItem",
     "AckManyRequest",
@@ -88,7 +89,8 @@ MAX_BATCH = 10_000
 MAX_RESULTS = 1000  #: job ids one `POST /v1/results` may wait for
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
-Seconds = Annotated[float, msgspec.Meta(ge=0, le=10 * 365 * 86400.0)]
+MAX_SECONDS = 10 * 365 * 86400.0  #: the longest delay, lease or retry_in: ten years
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)]
 UnixTime = Annotated[float, msgspec.Meta(ge=0, le=32503680000.0)]  # up to year 3000
 LeaseSeconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 86400.0)]
 Priority = Annotated[int, msgspec.Meta(ge=-1_000_000, le=1_000_000)]

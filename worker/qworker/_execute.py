@@ -57,7 +57,10 @@ def moving_mean(mean: float | None, value: float) -> float:
 
 def describe(exc: BaseException) -> str:
     """`"ExcType: message"` (just `"ExcType"` with no message), cut to MAX_ERROR_CHARS."""
-    text = str(exc)
+    try:
+        text = str(exc)
+    except Exception:  # a task's exception whose __str__ fails is still reported
+        text = "<unprintable>"
     line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return line[:MAX_ERROR_CHARS]
 
@@ -116,7 +119,7 @@ def execute(
     duration = time.monotonic() - start
     try:
         result = msgspec.to_builtins(value)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # TypeError, ValueError; RecursionError when too deep
         return Outcome(
             ok=False,
             error=f"UnserializableResult: {describe(exc)}"[:MAX_ERROR_CHARS],
@@ -152,7 +155,12 @@ class Execution:
     def run(self, run_async: RunAsync) -> Outcome:
         """Run the task in the calling thread, marking when it began."""
         self.started_at = time.monotonic()
-        return execute(self.task, self.job.args, self.job.kwargs, run_async)
+        try:
+            return execute(self.task, self.job.args, self.job.kwargs, run_async)
+        except Exception as exc:  # a gap in `execute`: the slot must live on regardless
+            return Outcome(
+                ok=False, error=f"WorkerError: {describe(exc)}"[:MAX_ERROR_CHARS]
+            )
 
     def __repr__(self) -> str:
         return f"<Execution {self.task.name} {self.job.id} attempt={self.job.attempt}>"

@@ -8,7 +8,8 @@ tasks is all a worker needs to find them.
 Retry policy (the one rule, also in docs/worker.md):
 
 - An exception whose type is in `retry_for` (default: `(Exception,)`, every ordinary
-  exception) retries the job while attempts are left (`attempt <= max_retries`), after
+  exception) retries the job while attempts are left (`attempt <= max_retries`, the
+  job's own and the task's, when it declares one), after
   `backoff(attempt)` seconds. Any other exception fails the job at once.
 - `raise Retry(delay=...)` always retries while attempts are left, whatever `retry_for` says,
   after `delay` seconds (or the backoff when `delay` is None).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +34,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_BACKOFF_BASE",
     "DEFAULT_BACKOFF_MAX",
-    "DEFAULT_MAX_RETRIES",
     "Retry",
     "Task",
     "TimeLimitExceeded",
@@ -43,7 +44,6 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 
-DEFAULT_MAX_RETRIES = 3  #: retries after the first attempt (the broker's default too)
 DEFAULT_BACKOFF_BASE = 1.0  #: seconds before the first retry when retry_backoff=True
 DEFAULT_BACKOFF_MAX = 600.0  #: seconds; no retry waits longer than this
 _MAX_EXPONENT = (
@@ -66,8 +66,8 @@ class Retry(Exception):
     """
 
     def __init__(self, delay: float | None = None, reason: str = "") -> None:
-        if delay is not None and delay < 0:
-            raise ValueError("Retry delay must be >= 0 seconds")
+        if delay is not None and not 0 <= delay < math.inf:
+            raise ValueError("Retry delay must be a finite number of seconds >= 0")
         self.delay = delay
         self.reason = reason
         super().__init__(
@@ -122,7 +122,10 @@ class Task(Generic[P, R]):
         fn: the decorated function (sync or `async def`).
         name: the task name jobs carry; the registry key.
         queue: the queue `delay()`/`send()` enqueue to and a worker consumes by default.
-        max_retries: retries after the first attempt, sent with each job.
+        max_retries: the most retries after the first attempt for any job of this
+            task, however it was sent (a job's own `max_retries` may lower it); sent
+            with each job by `delay()`/`send()`. None: the job's own (the broker's
+            default is 3).
         retry_backoff: base seconds of the exponential backoff (0: retry at once).
         retry_backoff_max: the largest backoff in seconds.
         retry_jitter: use full jitter on the backoff.
@@ -140,7 +143,7 @@ class Task(Generic[P, R]):
         *,
         name: str | None = None,
         queue: str | None = None,
-        max_retries: int = DEFAULT_MAX_RETRIES,
+        max_retries: int | None = None,
         retry_backoff: bool | float = True,
         retry_backoff_max: float = DEFAULT_BACKOFF_MAX,
         retry_jitter: bool = True,
@@ -154,7 +157,7 @@ class Task(Generic[P, R]):
         for what, value in (("name", self.name), ("queue", self.queue)):
             if not _NAME_RE.match(value):
                 raise ValueError(f"task {what} {value!r} does not match {NAME_PATTERN}")
-        if not 0 <= max_retries <= 1000:
+        if max_retries is not None and not 0 <= max_retries <= 1000:
             raise ValueError("max_retries must be between 0 and 1000")
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout (lease seconds) must be > 0")
@@ -237,7 +240,8 @@ class Task(Generic[P, R]):
             job_id: a client-chosen id (a repeat gets `BrokerError` 409 `duplicate_id`).
             headers: free-form metadata passed to the worker.
             result_ttl: seconds the broker keeps the finished job.
-            max_retries: override the task's `max_retries`.
+            max_retries: this job's retries; the task's own `max_retries`, when it
+                declares one, still bounds them.
             timeout: override the task's lease seconds.
             client: the `qclient.Client` to use; default: qclient's module-level one.
 
@@ -276,7 +280,7 @@ def task(
     *,
     name: str | None = None,
     queue: str | None = None,
-    max_retries: int = DEFAULT_MAX_RETRIES,
+    max_retries: int | None = None,
     retry_backoff: bool | float = True,
     retry_backoff_max: float = DEFAULT_BACKOFF_MAX,
     retry_jitter: bool = True,
@@ -292,7 +296,7 @@ def task(
     *,
     name: str | None = None,
     queue: str | None = None,
-    max_retries: int = DEFAULT_MAX_RETRIES,
+    max_retries: int | None = None,
     retry_backoff: bool | float = True,
     retry_backoff_max: float = DEFAULT_BACKOFF_MAX,
     retry_jitter: bool = True,
@@ -306,7 +310,10 @@ def task(
         fn: the function, when used bare.
         name: the task name jobs carry; default: the function's `__name__`.
         queue: the queue `delay()`/`send()` use; default: the task name.
-        max_retries: retries after the first attempt (0..1000); default 3.
+        max_retries: the most retries after the first attempt (0..1000) for any job
+            of this task, however it was sent (`delay()`, `send()`, `qclient.send`);
+            default: the job's own, which is the broker's default (3) unless the
+            producer set one.
         retry_backoff: True for exponential backoff from 1 s, a float for another base
             in seconds, False to retry at once.
         retry_backoff_max: the largest backoff, seconds; default 600.
@@ -314,8 +321,10 @@ def task(
         retry_for: exception types that retry automatically; default `(Exception,)`, so
             every ordinary exception retries while attempts are left. Pass `()` to retry
             only on `raise Retry(...)`.
-        timeout: lease seconds sent with each job; the worker heartbeats at a third of it,
-            so it bounds how soon a dead worker's job comes back, not how long it may run.
+        timeout: lease seconds sent with each job by `delay()`/`send()` (a job sent
+            with `qclient.send` carries its own, or the broker's 30 s); the worker
+            heartbeats at a third of it, so it bounds how soon a dead worker's job
+            comes back, not how long it may run.
         time_limit: hard limit on one run, seconds; over it the run is stopped and fails
             with `TimeLimitExceeded` (retried like any exception in `retry_for`).
 

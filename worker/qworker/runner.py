@@ -65,6 +65,7 @@ import msgspec
 import structlog
 from qclient import BrokerError, Client, JobNotFound, ProtocolError, StaleLease
 from qclient.wire import (
+    MAX_SECONDS,
     NAME_PATTERN,
     AckItem,
     BatchResult,
@@ -710,10 +711,14 @@ class Worker:
                 ack = AckItem(id=job.id, lease=job.lease, result=outcome.result)
                 return _Report(job, ack, "succeeded", outcome.duration)
         retry_in: float | None = None
-        if outcome.retry and ex is not None and job.attempt <= job.max_retries:
+        limit = job.max_retries
+        if ex is not None and ex.task.max_retries is not None:
+            limit = min(limit, ex.task.max_retries)  # the task's bound, however sent
+        if outcome.retry and ex is not None and job.attempt <= limit:
             retry_in = outcome.retry_delay
             if retry_in is None:
                 retry_in = ex.task.backoff(job.attempt)
+            retry_in = min(retry_in, MAX_SECONDS)  # what the wire takes
         fail = FailItem(
             id=job.id,
             lease=job.lease,
