@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from tests.conftest import BrokerProcess
-from tests.wirehttp import Wire, wait_for
+from tests.wirehttp import Wire, read_replies, wait_for
 
 
 @pytest.fixture
@@ -738,3 +738,35 @@ def test_sigterm_exits_cleanly(broker: BrokerProcess, wire: Wire) -> None:
     again = Wire(broker.url)
     assert again.job(job_id)["state"] == "queued"
     again.close()
+
+
+def test_expect_100_continue_gets_the_go_ahead_at_once(broker: BrokerProcess) -> None:
+    # curl sends `Expect: 100-continue` with a body over 1 KiB and waits for the go-ahead
+    # (up to a second) before sending it.
+    body = json.dumps({"args": ["x" * 3000]}).encode()
+    head = (
+        b"POST /v1/queues/expect/jobs HTTP/1.1\r\nHost: t\r\n"
+        b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as sock:
+        sock.sendall(head)
+        sock.settimeout(0.5)  # well before curl's own second
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            chunk = sock.recv(4096)
+            assert chunk
+            interim += chunk
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        sock.settimeout(5)
+        sock.sendall(body)
+        [(status, reply)] = read_replies(sock, 1)
+    assert status == 201 and isinstance(reply, dict)
+    # a body declared too large is refused without the go-ahead
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v1/queues/expect/jobs HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 99999999\r\n\r\n"
+        )
+        [(status, reply)] = read_replies(sock, 1)
+    assert status == 413

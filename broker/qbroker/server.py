@@ -140,6 +140,8 @@ class _Conn:
 
 #: one EndOfMessage for every reply (h11 events are immutable)
 _END = h11.EndOfMessage()
+#: the go-ahead for a client that waits before sending its body (Expect: 100-continue)
+_CONTINUE = h11.InformationalResponse(status_code=100, headers=[_SERVER_HEADER])
 #: (status, content type, body length, close, more headers) -> the h11 Response event,
 #: headers validated once: h11 skips the header checks for a Headers it made itself
 _RESPONSES: dict[
@@ -426,6 +428,10 @@ class Server:
             return None
         assert type(event) is h11.Request, event
         req = self._request_head(event)
+        if conn.h11.they_are_waiting_for_100_continue:
+            # curl sends `Expect: 100-continue` with a body over 1 KiB and waits a
+            # second for this before sending it anyway (a refused body got its 413)
+            await conn.send_bytes(conn.h11.send(_CONTINUE))
         chunks: list[bytes] = []
         size = 0
         while True:
