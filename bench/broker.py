@@ -542,7 +542,7 @@ def sc_enqueue(rep: Report, root: Path, secs: float, prof: Path | None) -> None:
     # the ceiling for one connection in turn: a bare trio+h11 server (bench/floor.py)
     # with no disk, and with one inline commit per request, driven the same way
     for mode, name in ((m, f"{CEILING}, {m}") for m in floor.MODES):
-        with floor.running(mode, root) as b:
+        with floor.Bare(mode, root) as b:
             drive(b.addr, lambda i: Repeat(req, 1, 201, seconds=0.5), 1, "blocking")
             st, bcpu, ccpu, raw = bracketed(
                 rep, "a", b, drive, b.addr, make, 1, "blocking"

@@ -59,7 +59,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -145,6 +145,13 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def command(self) -> list[str]:
         return [
             sys.executable, "-m", "qbroker", "serve", "--host", "127.0.0.1",
@@ -152,7 +159,7 @@ class Broker:
             "--log-level", "warning",
         ]  # fmt: skip
 
-    def start(self) -> Broker:
+    def start(self) -> Self:
         cmd = self.command()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -225,14 +232,9 @@ class Broker:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def running_broker(name: str, root: Path | None = None) -> Iterator[Broker]:
-    b = Broker(name, root)
-    b.start()
-    try:
-        yield b
-    finally:
-        b.stop()
+def running_broker(name: str, root: Path | None = None) -> Broker:
+    """A broker for a `with` block: started on entry, stopped (by PID) on exit."""
+    return Broker(name, root)
 
 
 # ------------------------------------------------------------------ the qworker process

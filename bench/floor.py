@@ -21,11 +21,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -112,7 +110,8 @@ def serve(mode: str, data_dir: Path, ready_file: Path) -> None:
 
 
 class Bare(e2e.Broker):
-    """One bare server subprocess, started and stopped like a broker."""
+    """One bare server subprocess, started and stopped like a broker (a `with`
+    block starts it and stops it by PID)."""
 
     def __init__(self, mode: str, root: Path | None = None) -> None:
         super().__init__(f"floor-{mode}", root)
@@ -121,17 +120,6 @@ class Bare(e2e.Broker):
     def command(self) -> list[str]:
         return [sys.executable, str(Path(__file__).resolve()), "--serve", self.mode,
                 "--data-dir", str(self.data), "--ready-file", str(self.ready)]  # fmt: skip
-
-
-@contextlib.contextmanager
-def running(mode: str, root: Path | None = None) -> Iterator[Bare]:
-    """A bare server in `mode`, stopped (by PID) when the block ends."""
-    b = Bare(mode, root)
-    b.start()
-    try:
-        yield b
-    finally:
-        b.stop()
 
 
 def rate(addr: tuple[str, int], req: bytes, seconds: float) -> float:
@@ -164,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     req = rh.request_bytes("POST", "/v1/queues/bench/jobs", {"task": "t", "args": [1]})
     for mode in MODES:
-        with running(mode) as b:
+        with Bare(mode) as b:
             rate(b.addr, req, 0.5)  # warm up
             r = rate(b.addr, req, a.seconds)
         print(f"bare trio+h11, {mode:6}: {r:8,.0f} requests/s (1 connection, in turn)")

@@ -45,6 +45,15 @@ def _lease_later(
     return thread
 
 
+def _woken_in_time(poll: threading.Thread, got: dict[str, Any], name: str) -> list[str]:
+    """The ids long-poll `name` (`_lease_later`) got, once it is done; it must have
+    been woken well before its wait ran out."""
+    poll.join(WAIT + 10)
+    seconds, ids = got[name]
+    assert seconds < WAIT / 2, seconds
+    return list(ids)
+
+
 def test_a_release_wakes_the_live_long_poll_behind_one_whose_client_has_gone(
     wire: Wire, broker: BrokerProcess
 ) -> None:
@@ -57,10 +66,7 @@ def test_a_release_wakes_the_live_long_poll_behind_one_whose_client_has_gone(
     got: dict[str, Any] = {}
     live = _lease_later(broker.url, "rel", got, "live")
     wire.ok("POST", f"/v1/jobs/{job_id}/release", {"lease": job["lease"]})
-    live.join(WAIT + 10)
-    seconds, ids = got["live"]
-    assert ids == [job_id]
-    assert seconds < WAIT / 2, seconds
+    assert _woken_in_time(live, got, "live") == [job_id]
 
 
 def test_a_wake_up_is_not_spent_on_a_long_poll_an_enqueue_has_claimed(
@@ -108,10 +114,7 @@ def test_a_delay_too_small_to_count_is_none_for_a_waiting_lease(
     got: dict[str, Any] = {}
     poll = _lease_later(broker.url, "tiny", got, "poll")
     job_id = wire.enqueue("tiny", delay=delay)
-    poll.join(WAIT + 10)
-    seconds, ids = got["poll"]
-    assert ids == [job_id]
-    assert seconds < WAIT / 2, seconds
+    assert _woken_in_time(poll, got, "poll") == [job_id]
 
 
 def test_sigterm_lets_a_reply_being_written_finish(
