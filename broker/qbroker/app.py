@@ -265,8 +265,9 @@ class Broker:
         return self._handlers[req.route](req)
 
     def poke_reaper(self, due: float) -> None:
-        """Wake the reaper early when something falls due before its next sweep."""
+        """Bring the reaper's next sweep forward to `due` if that is sooner."""
         if due < self.reaper_due:
+            self.reaper_due = due
             self.reaper_wakeup.set()
 
     def finished(

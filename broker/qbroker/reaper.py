@@ -8,6 +8,8 @@ most REAPER_MAX_SLEEP, and is woken early by handlers that create something due 
 
 from __future__ import annotations
 
+import math
+
 import structlog
 import trio
 
@@ -23,6 +25,9 @@ async def run_reaper(broker: Broker) -> None:
     """Sweep forever. A crash here propagates and stops the server (trio nurseries)."""
     while True:
         now = broker.clock.now()
+        # A poke during the sweep (a write committed after the sweep's read) lowers
+        # reaper_due from infinity, so the next sweep comes no later than it asks.
+        broker.reaper_due = math.inf
         try:
             result = await broker.writer.call(broker.store.tick, now=now)
         except errors.DiskFull:
@@ -45,13 +50,15 @@ async def run_reaper(broker: Broker) -> None:
         if result.requeued or result.dead or result.expired:
             log.info("reaper.swept", requeued=result.requeued, dead=result.dead,
                      expired=result.expired)  # fmt: skip
-        due = now + REAPER_MAX_SLEEP
+        due = min(now + REAPER_MAX_SLEEP, broker.reaper_due)
         if result.next_due is not None:
             due = min(due, result.next_due)
         broker.reaper_due = due
-        broker.reaper_wakeup = trio.Event()
-        with trio.move_on_after(max(0.0, due - broker.clock.now())):
-            await broker.reaper_wakeup.wait()
+        # sleep until reaper_due, which a poke may bring forward meanwhile
+        while (left := broker.reaper_due - broker.clock.now()) > 0:
+            broker.reaper_wakeup = trio.Event()
+            with trio.move_on_after(left):
+                await broker.reaper_wakeup.wait()
 
 
 async def run_checkpointer(broker: Broker) -> None:
