@@ -579,6 +579,12 @@ def _raise_fd_limit() -> None:
         pass
 
 
+async def _watch_writer(writer: Writer) -> None:
+    """Stop the server, with an error, if the writer thread dies."""
+    await writer.died.wait()
+    raise errors.InternalError("the writer thread died") from writer.error
+
+
 async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run the broker until SIGTERM/SIGINT; `task_status.started(port)` once bound.
 
@@ -613,6 +619,7 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
             nursery.start_soon(run_reaper, broker)
             nursery.start_soon(server.watch_timeouts)
             nursery.start_soon(run_checkpointer, broker)
+            nursery.start_soon(_watch_writer, writer)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as conn_nursery:
                     accept_scope = trio.CancelScope()

@@ -9,6 +9,11 @@ COMMIT fails every call of the batch (nothing of it is durable, so nothing is ac
 
 The trio loop never touches SQLite; the writer thread never touches trio objects except
 through the trio token, which is thread-safe.
+
+If the thread itself fails (a ROLLBACK that fails leaves the connection in a state no
+later call can be trusted with), every call pending or submitted later fails with
+InternalError, so no request hangs, and `died` is set: the server then stops with an
+error, for a supervisor to restart it on the database as last committed.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import outcome
 import structlog
 import trio
 
-from qbroker import metrics
+from qbroker import errors, metrics
 from qbroker.config import WRITER_MAX_BATCH
 from qbroker.store import Store, translate_error
 
@@ -60,6 +65,9 @@ class Writer:
             target=self._run, name="qbroker-writer", daemon=True
         )
         self._token: trio.lowlevel.TrioToken | None = None
+        self._lock = threading.Lock()  #: orders `submit` against the thread's death
+        self.error: BaseException | None = None  #: why the thread died, once it has
+        self.died = trio.Event()  #: set on the trio thread once `error` is set
 
     def start(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
@@ -85,7 +93,12 @@ class Writer:
         `done`, every call submitted before it is done too.
         """
         item = Call(fn, args, kwargs)
-        self._queue.put(item)
+        with self._lock:
+            if self.error is None:
+                self._queue.put(item)
+                return item
+        item.result = outcome.Error(_dead(self.error))
+        item.done = True
         return item
 
     async def wait(self, call: Call) -> Any:
@@ -106,13 +119,37 @@ class Writer:
         self._thread.join()
 
     def _run(self) -> None:
+        batch: list[Call] = []
+        try:
+            self._loop(batch)
+        except BaseException as exc:
+            log.critical("writer.died", error=repr(exc))
+            with self._lock:
+                self.error = exc
+                while True:  # nothing is put in the queue after `error` is set
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not _STOP:
+                        batch.append(item)
+            failed = outcome.Error(_dead(exc))
+            for c in batch:  # whether the batch in hand was committed is unknown
+                c.result = failed
+            assert self._token is not None
+            self._token.run_sync_soon(_wake_all, batch)
+            self._token.run_sync_soon(self.died.set)
+
+    def _loop(self, batch: list[Call]) -> None:
+        """Commit batches until stopped; `batch` holds the one in hand, for `_run`."""
         conn = self.store.conn
         stopping = False
         while not stopping:
+            batch.clear()
             first = self._queue.get()
             if first is _STOP:
                 break
-            batch: list[Call] = [first]
+            batch.append(first)
             while len(batch) < WRITER_MAX_BATCH:
                 try:
                     nxt = self._queue.get_nowait()
@@ -125,7 +162,7 @@ class Writer:
             self._commit(conn, batch)
             metrics.COMMIT_BATCH.observe(len(batch))
             assert self._token is not None
-            self._token.run_sync_soon(_wake_all, batch)
+            self._token.run_sync_soon(_wake_all, list(batch))
         self.store.close()
 
     @staticmethod
@@ -169,6 +206,10 @@ class Writer:
             err = translate_error(exc)
             for c in batch[begun:]:
                 c.result = outcome.Error(err)
+
+
+def _dead(exc: BaseException) -> errors.InternalError:
+    return errors.InternalError(f"the writer thread failed: {exc!r}")
 
 
 def _wake_all(batch: list[Call]) -> None:

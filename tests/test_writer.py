@@ -1,0 +1,41 @@
+"""The group-commit writer, in process: what happens when its thread itself fails.
+
+A ROLLBACK that fails (an I/O error) cannot be provoked through the wire; a call that
+closes the connection under the writer fails the same way. Before, the thread died
+silently and every write, then and later, waited forever.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+import trio
+from qbroker import errors
+from qbroker.store import Store
+from qbroker.writer import Writer
+
+
+def test_a_dead_writer_fails_every_call_instead_of_hanging(tmp_path: Path) -> None:
+    store = Store(tmp_path / "qbroker.db", synchronous="OFF")
+    writer = Writer(store)
+
+    def break_the_connection() -> NoReturn:
+        store.conn.close()
+        raise RuntimeError("boom")
+
+    async def main() -> None:
+        writer.start()
+        assert (await writer.call(store.tick, now=0.0)).next_due is None
+        with trio.fail_after(5):
+            with pytest.raises(errors.InternalError, match="writer thread failed"):
+                await writer.call(break_the_connection)
+            await writer.died.wait()
+            with pytest.raises(errors.InternalError, match="writer thread failed"):
+                await writer.call(store.tick, now=0.0)
+
+    trio.run(main)
+    assert isinstance(writer.error, sqlite3.Error)
+    writer.stop()  # returns: the thread has ended
