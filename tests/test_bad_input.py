@@ -78,6 +78,7 @@ def test_bad_input_gets_clear_errors_and_keeps_stored_jobs(
         ("POST", "/v1/jobs/keep-1/ack", b'{}', {}, 422, "invalid_field"),
         ("GET", "/v1/jobs/keep-1/result?wait=abc", b"", {}, 422, "invalid_field"),
         ("GET", "/v1/jobs/keep-1/result?wait=9999", b"", {}, 422, "invalid_field"),
+        ("GET", "/v1/jobs/keep-1/result?wait=1_0", b"", {}, 422, "invalid_field"),
         ("GET", "/v1/nothing", b"", {}, 404, "not_found"),
         ("GET", "/v1/queues/q/jobs", b"", {}, 405, "method_not_allowed"),
         ("DELETE", "/v1/jobs/keep-1", b"", {}, 405, "method_not_allowed"),
@@ -85,6 +86,11 @@ def test_bad_input_gets_clear_errors_and_keeps_stored_jobs(
          "body_too_large"),
         ("POST", "/v1/queues/q/jobs", b"{\"args\": " + b"[" * 2000 + b"]" * 2000 + b"}", {},
          400, "malformed_body"),
+        # a string that is not UTF-8, in JSON and in msgpack
+        ("POST", "/v1/queues/q/jobs", b'{"task": "\xff"}', {}, 400, "malformed_body"),
+        ("POST", "/v1/queues/q/jobs", b"\x81\xa4task\xa1\xff",
+         {"Content-Type": "application/msgpack"}, 400, "malformed_body"),
+        ("POST", "/v1/jobs/keep-1/ack", b'{"lease": "\xff"}', {}, 400, "malformed_body"),
     ]  # fmt: skip
     for method, path, body, headers, want_status, want_reason in cases:
         status, raw, got_headers = w.raw(method, path, body or None, headers)
@@ -103,6 +109,39 @@ def test_bad_input_gets_clear_errors_and_keeps_stored_jobs(
     assert stats["queued"] == 19 and stats["active"] == 1
     assert [w.job(i)["args"] for i in kept] == [[i] for i in range(20)]
     w.ok("POST", f"/v1/jobs/{leased['id']}/ack", {"lease": leased["lease"]})
+    w.close()
+
+
+def test_an_invalid_field_is_named_where_it_is(strict_broker: BrokerProcess) -> None:
+    w = Wire(strict_broker.url)
+    big = 10**30  # JSON carries it; msgpack, and so the store, cannot
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"jobs": [{"id": "r-1"}, {"id": "r-2"}, {"id": "r-1"}]}, "jobs[2].id"),
+        ({"jobs": [{"dedup_key": "k"}, {"dedup_key": "k"}]}, "jobs[1].dedup_key"),
+        ({"args": [big]}, "args"),
+        ({"kwargs": {"n": big}}, "kwargs"),
+        ({"headers": {"n": big}}, "headers"),
+    ]
+    for body, field in cases:
+        status, raw, _ = w.raw(
+            "POST", "/v1/queues/named/jobs", msgspec.json.encode(body)
+        )
+        reply = msgspec.json.decode(raw)
+        assert (status, reply["error"], reply["field"]) == (422, "invalid_field", field)
+    assert w.ok("GET", "/v1/queues/named")["counts"]["queued"] == 0
+    assert w.raw("GET", "/v1/jobs/r-1")[0] == 404
+    # in a batch ack, an unstorable result fails its own item only
+    w.enqueue("named", id="a-1")
+    w.enqueue("named", id="a-2")
+    leased = {j["id"]: j["lease"] for j in w.lease("named", max=2)}
+    acks = [{"id": "a-1", "lease": leased["a-1"], "result": big},
+            {"id": "a-2", "lease": leased["a-2"], "result": 2}]  # fmt: skip
+    results = w.ok("POST", "/v1/ack", {"acks": acks})["results"]
+    assert results == [
+        {"id": "a-1", "ok": False, "error": "invalid_field"},
+        {"id": "a-2", "ok": True, "error": None},
+    ]
+    assert [w.job(i)["state"] for i in ("a-1", "a-2")] == ["active", "succeeded"]
     w.close()
 
 

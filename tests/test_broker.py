@@ -710,6 +710,22 @@ def test_msgpack_in_and_out(wire: Wire) -> None:
     )
     record = msgspec.msgpack.decode(raw)
     assert record["args"] == [b"\x00\x01", 1.5] and record["kwargs"] == {"k": "v"}
+    # every reply follows Accept, the empty ones of ack and release included
+    wire.enqueue("mp")
+    first, second = wire.lease("mp", max=2)
+    mp = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
+    for job, action in ((first, "ack"), (second, "release")):
+        status, raw, headers = wire.raw(
+            "POST", f"/v1/jobs/{job['id']}/{action}",
+            msgspec.msgpack.encode({"lease": job["lease"]}), mp,
+        )  # fmt: skip
+        assert (status, headers["content-type"]) == (200, "application/msgpack")
+        assert msgspec.msgpack.decode(raw) == {}
+    # a msgpack type refused with q=0 gets JSON
+    accept = {"Accept": "application/msgpack;q=0, application/json"}
+    status, raw, headers = wire.raw("GET", f"/v1/jobs/{job_id}", None, accept)
+    assert headers["content-type"] == "application/json"
+    assert msgspec.json.decode(raw)["id"] == job_id
 
 
 def test_healthz_metrics_and_openapi(wire: Wire) -> None:
@@ -719,6 +735,41 @@ def test_healthz_metrics_and_openapi(wire: Wire) -> None:
     assert status == 200 and b'qbroker_jobs_enqueued_total{queue="m"} 1.0' in raw
     doc = wire.ok("GET", "/v1/openapi.json")
     assert "/v1/lease" in doc["paths"] and "JobRecord" in doc["components"]["schemas"]
+    assert {"/metrics", "/v1/openapi.json"} <= doc["paths"].keys()
+    for op in (doc["paths"]["/v1/lease"]["post"], doc["paths"]["/v1/jobs/{id}"]["get"]):
+        assert {"401", "429", "500", "503"} <= op["responses"].keys()
+    assert "507" in doc["paths"]["/v1/lease"]["post"]["responses"]
+
+
+def test_names_in_paths_may_be_percent_encoded(wire: Wire) -> None:
+    # as JavaScript's encodeURIComponent writes "a:b" and "j-1@x"
+    status, reply = wire.call("POST", "/v1/queues/a%3Ab/jobs", {"id": "j-1@x"})
+    assert (status, reply) == (201, {"id": "j-1@x"})
+    assert wire.ok("GET", "/v1/jobs/j-1%40x")["queue"] == "a:b"
+    assert wire.ok("GET", "/v1/jobs/j%2D1@x")["id"] == "j-1@x"
+    assert wire.ok("GET", "/v1/queues/a%3ab")["counts"]["queued"] == 1
+    for bad in ("j-1%2Fx", "j-1%ffx", "j-1%"):  # a slash, bad UTF-8, a lone %
+        assert wire.call("GET", f"/v1/jobs/{bad}")[0] == 404
+
+
+def test_metrics_count_every_final_state_and_promoted_jobs(wire: Wire) -> None:
+    wire.enqueue("fin", id="c-1")
+    wire.ok("POST", "/v1/jobs/c-1/cancel")
+    wire.enqueue("fin", id="e-1", delay=0.2, expires=0.1)  # expires before it is due
+    for i in range(3):
+        wire.enqueue("fin", id=f"d-{i}", delay=0.1, max_retries=0)
+    [job] = wire.lease("fin", wait=5, timeout=0.2)  # then the lease runs out:
+    deadline = time.monotonic() + 10  # its only attempt, so the job ends dead
+    while wire.job(job["id"])["state"] != "dead" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    raw = wire.raw("GET", "/metrics")[1]
+    for line in (
+        b'qbroker_jobs_finished_total{queue="fin",state="cancelled"} 1.0',
+        b'qbroker_jobs_finished_total{queue="fin",state="expired"} 1.0',
+        b'qbroker_jobs_finished_total{queue="fin",state="dead"} 1.0',
+        b'qbroker_reaped_total{outcome="promoted"} 3.0',
+    ):
+        assert line in raw, (line, raw)
 
 
 def test_token_is_required_when_configured(broker_factory: Any) -> None:

@@ -23,6 +23,7 @@ import itertools
 import json
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -596,7 +597,8 @@ class JobMachine(RuleBasedStateMachine):
 
     @rule(queue=st.sampled_from(QUEUES), specs=st.lists(SPECS, min_size=1, max_size=4))
     def enqueue(self, queue: str, specs: list[dict[str, Any]]) -> None:
-        # the first row that clashes decides the error (the INSERTs stop there)
+        # a repeat inside the batch, else the first row that clashes with a stored
+        # job decides the error (the INSERTs stop there)
         ids: set[str] = {j.id for j in self.model.values()}
         keys: set[str] = {
             j.dedup_key
@@ -604,13 +606,17 @@ class JobMachine(RuleBasedStateMachine):
             if j.queue == queue and j.state in UNFINISHED and j.dedup_key is not None
         }
         clash: set[type[errors.QBrokerError]] = set()
+        for name in ("id", "dedup_key"):  # a repeat inside the batch is bad input
+            given = [s[name] for s in specs if s[name] is not None]
+            if len(set(given)) < len(given):
+                clash.add(errors.InvalidField)
         for s in specs:
+            if clash:
+                break
             if s["id"] is not None and s["id"] in ids:
                 clash.add(errors.DuplicateId)
             if s["dedup_key"] is not None and s["dedup_key"] in keys:
                 clash.add(errors.DuplicateDedupKey)
-            if clash:
-                break
             if s["id"] is not None:
                 ids.add(s["id"])
             if s["dedup_key"] is not None:
@@ -664,10 +670,14 @@ class JobMachine(RuleBasedStateMachine):
             with pytest.raises(errors.JobNotFound):
                 self.run(self.store.cancel, job_id, now=self.now)
             return
-        state = self.run(self.store.cancel, job_id, now=self.now)
+        counts: Counter[tuple[str, str]] = Counter()
+        state = self.run(self.store.cancel, job_id, now=self.now, counts=counts)
         if job.state in UNFINISHED:
             # an active job keeps its token, so its worker learns of it at extend
             job.state, job.finished_at = "cancelled", self.now
+            assert counts == {(job.queue, "cancelled"): 1}
+        else:
+            assert not counts
         assert state == job.state
 
     # -------------------------------------------------------- rules: worker
@@ -865,11 +875,13 @@ class JobMachine(RuleBasedStateMachine):
         now = self.now
         got = self.run(self.store.tick, now=now)
         promoted: set[str] = set()
-        requeued = dead = expired = purged = 0
+        requeued = dead = expired = purged = promoted_jobs = 0
+        finished: Counter[tuple[str, str]] = Counter()
         for j in self.model.values():
             if j.state == "scheduled" and j.available_at <= now:
                 j.state = "queued"
                 promoted.add(j.queue)
+                promoted_jobs += 1
         for j in self.model.values():
             if (
                 j.state == "active"
@@ -879,6 +891,7 @@ class JobMachine(RuleBasedStateMachine):
                 if j.attempts > j.max_retries:
                     j.finish("dead", now)
                     dead += 1
+                    finished[j.queue, "dead"] += 1
                 else:
                     j.state, j.lease, j.lease_expires_at = "queued", None, None
                     requeued += 1
@@ -891,6 +904,7 @@ class JobMachine(RuleBasedStateMachine):
             ):
                 j.finish("expired", now, keep_lease=True)  # a failed try's token stays
                 expired += 1
+                finished[j.queue, "expired"] += 1
         for job_id in [
             i
             for i, j in self.model.items()
@@ -906,6 +920,7 @@ class JobMachine(RuleBasedStateMachine):
             requeued, dead, expired, purged
         )  # fmt: skip
         assert got.promoted_queues == promoted
+        assert (got.promoted, got.finished) == (promoted_jobs, finished)
         due = [
             t
             for j in self.model.values()

@@ -60,7 +60,7 @@ from qbroker.store import Defaults, Reader, Store
 from qbroker.writer import Call, Writer
 
 MAX_RESULT_WAIT = 300.0  #: seconds a result long-poll may ask for
-_EMPTY = b"{}"
+_EMPTY: dict[str, Any] = {}  #: the reply of an ack or a release
 T = TypeVar("T")
 #: what a lease got, and whether more was ready in its queues than it asked for
 Leased = tuple[list[LeasedJob], bool]
@@ -427,7 +427,12 @@ class Broker:
 
     async def on_cancel(self, req: Request) -> Response:
         job_id = req.params["id"]
-        state = await self.writer.call(self.store.cancel, job_id, now=self.clock.now())
+        counts: Counter[tuple[str, str]] = Counter()
+        state = await self.writer.call(
+            self.store.cancel, job_id, now=self.clock.now(), counts=counts
+        )
+        for (queue, final), n in counts.items():
+            metrics.jobs_finished(queue, final).inc(n)
         self.finished([job_id])
         return encode(req, CancelReply(id=job_id, state=state))
 
@@ -504,7 +509,7 @@ class Broker:
         if queue is not None:  # else a resent ack: counted the first time
             metrics.jobs_finished(queue, "succeeded").inc()
         self.finished([job_id], records)
-        return Response(200, _EMPTY)
+        return encode(req, _EMPTY)
 
     async def on_fail(self, req: Request) -> Response:
         body = decode(req, FailRequest)
@@ -587,7 +592,7 @@ class Broker:
             self.store.release, req.params["id"], body.lease, now=self.clock.now()
         )
         self.queue_waiters.notify(queue, 1)
-        return Response(200, _EMPTY)
+        return encode(req, _EMPTY)
 
     async def on_release_many(self, req: Request) -> Response:
         body = decode(req, ReleaseManyRequest)

@@ -22,7 +22,7 @@ JOBS_LEASED = Counter(
 )
 JOBS_FINISHED = Counter(
     "qbroker_jobs_finished_total",
-    "Jobs that reached a final state (or were scheduled for retry).",
+    "Jobs that reached a final state, or were scheduled for a retry (state=scheduled).",
     ["queue", "state"],
     registry=REGISTRY,
 )
@@ -50,7 +50,7 @@ CONNECTIONS = Gauge(
 )
 REAPED = Counter(
     "qbroker_reaped_total",
-    "Jobs changed by the reaper.",
+    "Jobs the reaper changed, by outcome.",
     ["outcome"],  # requeued, dead, expired, promoted, purged
     registry=REGISTRY,
 )

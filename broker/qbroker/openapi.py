@@ -19,15 +19,30 @@ _ID = {
 _QUEUE = {**_ID, "name": "queue"}
 _WAIT = {"name": "wait", "in": "query", "required": False,
          "schema": {"type": "number", "minimum": 0, "maximum": 300}}  # fmt: skip
-_OK = {"type": "object"}
+_EMPTY = {"type": "object", "maxProperties": 0}
+_FAIL_REPLY = {
+    "type": "object",
+    "properties": {"state": {"enum": ["scheduled", "failed"]}},
+    "required": ["state"],
+}
+#: the errors any request may get (protocol.md, section 4)
 _ERRORS = {
-    "400": "malformed body",
+    "400": "malformed request or body",
+    "401": "token missing or wrong",
     "404": "unknown job or path",
-    "409": "stale lease or duplicate",
+    "405": "method not allowed (see the Allow header)",
+    "408": "request timeout",
+    "429": "too many connections",
+    "431": "headers too large",
+    "500": "internal error",
+    "503": "shutting down",
+}
+_BODY_ERRORS = {
     "413": "body too large",
     "415": "unsupported media type",
     "422": "invalid field",
 }
+_CONFLICTS = {"enqueue", "ack", "fail", "extend", "release"}  #: ops that can get 409
 
 # path -> method -> (operationId, params, request struct, reply struct or schema, status)
 _OPERATIONS: dict[str, dict[str, tuple[str, list[Any], Any, Any, str]]] = {
@@ -35,13 +50,15 @@ _OPERATIONS: dict[str, dict[str, tuple[str, list[Any], Any, Any, str]]] = {
         "post": ("enqueue", [_QUEUE], "enqueue", "enqueue", "201")
     },
     "/v1/lease": {"post": ("lease", [], wire.LeaseRequest, wire.LeaseReply, "200")},
-    "/v1/jobs/{id}/ack": {"post": ("ack", [_ID], wire.AckRequest, _OK, "200")},
-    "/v1/jobs/{id}/fail": {"post": ("fail", [_ID], wire.FailRequest, _OK, "200")},
+    "/v1/jobs/{id}/ack": {"post": ("ack", [_ID], wire.AckRequest, _EMPTY, "200")},
+    "/v1/jobs/{id}/fail": {
+        "post": ("fail", [_ID], wire.FailRequest, _FAIL_REPLY, "200")
+    },
     "/v1/jobs/{id}/extend": {
         "post": ("extend", [_ID], wire.ExtendRequest, wire.ExtendReply, "200")
     },
     "/v1/jobs/{id}/release": {
-        "post": ("release", [_ID], wire.ReleaseRequest, _OK, "200")
+        "post": ("release", [_ID], wire.ReleaseRequest, _EMPTY, "200")
     },
     "/v1/jobs/{id}/cancel": {"post": ("cancel", [_ID], None, wire.CancelReply, "200")},
     "/v1/ack": {"post": ("ack_many", [], wire.AckManyRequest, wire.BatchReply, "200")},
@@ -103,7 +120,14 @@ def document() -> dict[str, Any]:
             responses: dict[str, Any] = {
                 status: {"description": "success", "content": _content(reply_schema)}
             }
-            for code, text in _ERRORS.items():
+            codes = dict(_ERRORS)
+            if request is not None or op_id == "job_result":  # a body, or ?wait=
+                codes.update(_BODY_ERRORS)
+            if op_id in _CONFLICTS:
+                codes["409"] = "stale lease or duplicate"
+            if method == "post":
+                codes["507"] = "disk full"
+            for code, text in sorted(codes.items()):
                 responses[code] = {
                     "description": text,
                     "content": _content(_ref(wire.ErrorBody)),
@@ -119,6 +143,19 @@ def document() -> dict[str, Any]:
                     "content": _content(_ref(request)),
                 }
             paths[path][method] = op
+    for path, op_id, ctype in (
+        ("/metrics", "metrics", "text/plain"),
+        ("/v1/openapi.json", "openapi", "application/json"),
+    ):
+        paths[path] = {
+            "get": {
+                "operationId": op_id,
+                "responses": {
+                    "200": {"description": "success", "content": {ctype: {}}},
+                    "401": {"description": "token missing or wrong"},
+                },
+            }
+        }
     return {
         "openapi": "3.1.0",
         "info": {"title": "qbroker", "version": __version__},

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 import msgspec
 from qclient.wire import MAX_BATCH, NAME_PATTERN, ErrorBody, JobSpec
@@ -70,7 +70,26 @@ class Request:
         accept = self.headers.get(b"accept")
         if accept is None:
             return self.body_is_msgpack
-        return any(t in accept for t in _MSGPACK_TYPES)
+        if b"q=" not in accept:
+            return any(t in accept for t in _MSGPACK_TYPES)
+        return _accepts_msgpack(accept)
+
+
+def _accepts_msgpack(accept: bytes) -> bool:
+    """Whether an Accept header with q-values names a msgpack type with q > 0."""
+    for media_range in accept.split(b","):
+        kind, *params = media_range.split(b";")
+        if kind.strip().lower() not in _MSGPACK_TYPES:
+            continue
+        for param in params:
+            name, _, value = param.partition(b"=")
+            if name.strip().lower() == b"q":
+                try:
+                    return float(value) > 0
+                except ValueError:
+                    return False
+        return True
+    return False
 
 
 @dataclass(slots=True)
@@ -122,6 +141,11 @@ def _shape(path: str) -> tuple[str, str | None, str | None]:
     if len(parts) >= 4 and parts[1] == "v1" and parts[2] in ("jobs", "queues"):
         param = "id" if parts[2] == "jobs" else "queue"
         value = parts[3]
+        if "%" in value:  # a name percent-encoded (JavaScript's encodeURIComponent)
+            try:
+                value = unquote(value, errors="strict")
+            except UnicodeDecodeError:
+                value = ""  # matches no name
         parts[3] = "{" + param + "}"
         return "/".join(parts), param, value
     return path, None, None
@@ -205,6 +229,8 @@ def decode(req: Request, type_: type[T]) -> T:
         raise errors.InvalidField(str(exc), field=_field_of(str(exc))) from exc
     except msgspec.DecodeError as exc:
         raise errors.MalformedBody(f"the body is not valid: {exc}") from exc
+    except UnicodeDecodeError as exc:  # msgspec raises it for a string's bad UTF-8
+        raise errors.MalformedBody(f"the body is not valid UTF-8: {exc}") from exc
     except RecursionError as exc:
         raise errors.MalformedBody("the body nests too deeply") from exc
 
@@ -260,7 +286,7 @@ def _check_lengths(body: bytes, msgpack: bool, type_: Any) -> None:
         lengths = (msgspec.msgpack if msgpack else msgspec.json).decode(
             body, type=struct
         )
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return
     for name, limit in limits.items():
         items = getattr(lengths, name)
@@ -287,6 +313,9 @@ def _check_json_safe(value: Any) -> None:
         ) from exc
 
 
+_DECIMAL_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\Z", re.ASCII)
+
+
 def query_float(
     req: Request, name: str, *, default: float, low: float, high: float
 ) -> float:
@@ -298,10 +327,9 @@ def query_float(
     raw = req.query.get(name)
     if raw is None:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise errors.InvalidField(f"{name} must be a number", field=name) from None
+    if _DECIMAL_RE.match(raw) is None:  # float() alone would take "1_0" and " nan"
+        raise errors.InvalidField(f"{name} must be a number", field=name)
+    value = float(raw)
     if not low <= value <= high:
         raise errors.InvalidField(f"{name} must be within [{low}, {high}]", field=name)
     return value

@@ -38,8 +38,10 @@ async def run_reaper(broker: Broker) -> None:
         for queue in result.promoted_queues:
             broker.queue_waiters.notify(queue)
         broker.finished(result.finished_ids)
+        for (queue, state), n in result.finished.items():
+            metrics.jobs_finished(queue, state).inc(n)
         for outcome, n in (
-            ("promoted", len(result.promoted_queues)),
+            ("promoted", result.promoted),
             ("requeued", result.requeued),
             ("dead", result.dead),
             ("expired", result.expired),

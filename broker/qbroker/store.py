@@ -153,6 +153,44 @@ def _pack(value: Any, name: str) -> bytes:
         ) from exc
 
 
+def _pack_payload(spec: JobSpec) -> bytes:
+    """A job's (args, kwargs, headers), packed as one value.
+
+    Raises:
+        errors.InvalidField: naming the part with an integer msgpack cannot carry.
+    """
+    try:
+        return _encode((spec.args, spec.kwargs, spec.headers))
+    except OverflowError:
+        for name in ("args", "kwargs", "headers"):
+            _pack(getattr(spec, name), name)
+        raise
+
+
+def _refuse_repeats(specs: Sequence[JobSpec], ids: list[str]) -> None:
+    """Name a batch's item whose id or dedup_key repeats an earlier item's: its
+    IntegrityError is no duplicate of a stored job (nothing of the batch is stored).
+
+    Raises:
+        errors.InvalidField: for the first repeat, as `jobs[i].id` or `.dedup_key`.
+    """
+    seen_ids: dict[str, int] = {}
+    seen_keys: dict[str, int] = {}
+    for i, (spec, job_id) in enumerate(zip(specs, ids, strict=True)):
+        first = seen_ids.setdefault(job_id, i)
+        if first != i:
+            raise errors.InvalidField(
+                f"jobs[{i}] repeats the id of jobs[{first}]", field=f"jobs[{i}].id"
+            )
+        if spec.dedup_key is not None:
+            first = seen_keys.setdefault(spec.dedup_key, i)
+            if first != i:
+                raise errors.InvalidField(
+                    f"jobs[{i}] repeats the dedup_key of jobs[{first}]",
+                    field=f"jobs[{i}].dedup_key",
+                )
+
+
 @dataclass(frozen=True)
 class Defaults:
     """Per-job defaults applied at enqueue."""
@@ -170,6 +208,9 @@ class TickResult:
         default_factory=set
     )  #: queues with new ready jobs
     finished_ids: list[str] = field(default_factory=list)  #: jobs that became final
+    #: (queue, "dead" | "expired") -> jobs that became final so
+    finished: Counter[tuple[str, str]] = field(default_factory=Counter)
+    promoted: int = 0  #: scheduled jobs that became queued
     requeued: int = 0
     dead: int = 0
     expired: int = 0
@@ -435,7 +476,7 @@ class Store:
                 spec.task or queue,
                 "scheduled" if available > now else "queued",
                 spec.priority,
-                _pack((spec.args, spec.kwargs, spec.headers), "args"),
+                _pack_payload(spec),
                 defaults.max_retries if spec.max_retries is None else spec.max_retries,
                 spec.timeout or lease_seconds,
                 defaults.result_ttl if spec.result_ttl is None else spec.result_ttl,
@@ -457,6 +498,7 @@ class Store:
                     )
                     done += size
         except sqlite3.IntegrityError as exc:
+            _refuse_repeats(specs, ids)
             if "dedup_key" in str(exc):
                 raise errors.DuplicateDedupKey(
                     "an unfinished job with this dedup_key is in the queue",
@@ -469,8 +511,15 @@ class Store:
             raise translate_error(exc) from exc
         return ids
 
-    def cancel(self, job_id: str, *, now: float) -> JobState:
-        """Cancel an unfinished job; a finished one is left alone.
+    def cancel(
+        self,
+        job_id: str,
+        *,
+        now: float,
+        counts: Counter[tuple[str, str]] | None = None,
+    ) -> JobState:
+        """Cancel an unfinished job; a finished one is left alone. `counts`, if
+        given, gets (queue, "cancelled") when this call cancelled it.
 
         Returns:
             the job's state after the call.
@@ -482,9 +531,11 @@ class Store:
             row = self.conn.execute(
                 "UPDATE jobs SET state = 'cancelled', finished_at = ?1,"
                 " purge_at = ?1 + result_ttl WHERE id = ?2"
-                " AND state IN ('scheduled', 'queued', 'active') RETURNING state",
+                " AND state IN ('scheduled', 'queued', 'active') RETURNING state, queue",
                 (now, job_id),
             ).fetchone()
+            if row is not None and counts is not None:
+                counts[row[1], "cancelled"] += 1
             if row is None:
                 row = self.conn.execute(
                     "SELECT state FROM jobs WHERE id = ?", (job_id,)
@@ -685,13 +736,20 @@ class Store:
         done: dict[str, str] = {}  #: job id -> queue
         repeated = {i for i, n in Counter(it.id for it in items).items() if n > 1}
         batch = [it for it in items if it.id not in repeated] if repeated else items
+        packed: list[tuple[str, str, bytes]] = []
+        invalid: set[str] = set()  #: ids whose result msgpack cannot carry
+        for it in batch:
+            try:
+                packed.append((it.id, it.lease, _pack(it.result, "result")))
+            except errors.InvalidField:
+                invalid.add(it.id)
         with translate_errors():
-            for start in range(0, len(batch), ACK_CHUNK):
-                chunk = batch[start : start + ACK_CHUNK]
+            for start in range(0, len(packed), ACK_CHUNK):
+                chunk = packed[start : start + ACK_CHUNK]
                 values = ",".join(["(?,?,?)"] * len(chunk))
                 params: list[Any] = []
-                for it in chunk:
-                    params += (it.id, it.lease, _pack(it.result, "result"))
+                for row in chunk:
+                    params += row
                 rows = self.conn.execute(
                     "UPDATE jobs SET state = 'succeeded', result = v.column3,"
                     " finished_at = ?1, purge_at = ?1 + result_ttl,"
@@ -705,10 +763,16 @@ class Store:
                 done.update(rows)
         out = []
         for it in items:
-            if it.id in repeated:
+            if it.id in invalid:
+                out.append(BatchResult(id=it.id, ok=False, error="invalid_field"))
+            elif it.id in repeated:
                 try:
                     queue = self.ack(it.id, it.lease, it.result, now=now)
-                except (errors.StaleLease, errors.JobNotFound) as exc:
+                except (
+                    errors.StaleLease,
+                    errors.JobNotFound,
+                    errors.InvalidField,
+                ) as exc:
                     out.append(BatchResult(id=it.id, ok=False, error=exc.reason))
                 else:
                     out.append(BatchResult(id=it.id, ok=True))
@@ -838,6 +902,7 @@ class Store:
                 (now, SWEEP_BATCH),
             ).fetchall():
                 out.promoted_queues.add(queue)
+                out.promoted += 1
             for job_id, queue, state in c.execute(
                 "UPDATE jobs SET"
                 " state = CASE WHEN attempts > max_retries THEN 'dead' ELSE 'queued' END,"
@@ -854,19 +919,21 @@ class Store:
                 if state == "dead":
                     out.dead += 1
                     out.finished_ids.append(job_id)
+                    out.finished[queue, "dead"] += 1
                 else:
                     out.requeued += 1
                     out.promoted_queues.add(queue)
-            for (job_id,) in c.execute(
+            for job_id, queue in c.execute(
                 "UPDATE jobs SET state = 'expired', finished_at = ?1,"
                 " purge_at = ?1 + result_ttl WHERE seq IN (SELECT seq FROM jobs"
                 "   WHERE expires_at <= ?1 AND expires_at IS NOT NULL"
                 "   AND state IN ('queued', 'scheduled') LIMIT ?2)"
-                " RETURNING id",
+                " RETURNING id, queue",
                 (now, SWEEP_BATCH),
             ).fetchall():
                 out.expired += 1
                 out.finished_ids.append(job_id)
+                out.finished[queue, "expired"] += 1
             out.purged = c.execute(
                 "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs"
                 " WHERE purge_at IS NOT NULL AND purge_at <= ? LIMIT ?)",
