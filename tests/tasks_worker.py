@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,3 +127,21 @@ def wt_die_once(path: str, x: int, die: bool) -> int:
         os._exit(3)
     _note(path, f"ran {x}")
     return x
+
+
+@task(max_retries=0)
+def wt_stop_a_program() -> int:
+    """Start a program and stop it with SIGTERM: its exit code, as Popen reports it."""
+    program = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    program.terminate()
+    return program.wait(timeout=10)
+
+
+@task(max_retries=0)
+def wt_fork_exit(path: str) -> int:
+    """Fork a child that calls sys.exit(3) at once: its exit code."""
+    _note(path, "run")
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(3)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

@@ -573,6 +573,32 @@ def test_a_retry_asked_for_beyond_ten_years_is_scheduled_at_ten_years(
     assert len(lines(runs, "run")) == 1
 
 
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+def test_a_task_may_start_stop_and_fork_processes(
+    pool: str,
+    tmp_path: Path,
+    client: qclient.Client,
+    start_worker: Callable[..., WorkerProc],
+) -> None:
+    # A program a task starts stops on SIGTERM (pool children used to ignore SIGTERM,
+    # and so did every program they started). A fork of the task that calls
+    # sys.exit() ends there: it used to go on as a copy of the worker.
+    runs = tmp_path / "runs"
+    stop = tasks_worker.wt_stop_a_program.send(client=client)
+    fork = tasks_worker.wt_fork_exit.send(args=[str(runs)], client=client)
+    after = [tasks_worker.wt_echo.send(args=[i], client=client) for i in range(4)]
+    worker = start_worker(
+        "--queue", "wt_stop_a_program", "--queue", "wt_fork_exit", "--queue", "wt_echo",
+        "--pool", pool, "-c", "1", "--burst",
+    )  # fmt: skip
+    assert worker.wait(60) == 0
+    assert stop.result(timeout=5) == -signal.SIGTERM
+    assert fork.result(timeout=5) == 3
+    assert [j.result(timeout=5)[0] for j in after] == [0, 1, 2, 3]
+    assert len(lines(runs, "run")) == 1
+    assert [client.get_job(j.id).attempts for j in (stop, fork, *after)] == [1] * 6
+
+
 def test_unregistered_task_fails_clearly_without_retry(
     client: qclient.Client, start_worker: Callable[..., WorkerProc]
 ) -> None:

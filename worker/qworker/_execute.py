@@ -9,10 +9,11 @@ the task's policy asks for a retry.
 from __future__ import annotations
 
 import inspect
+import os
 import time
 import traceback as tb
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
 
@@ -108,14 +109,19 @@ def execute(
         failure with no retry (it would fail the same way every time).
     """
     start = time.monotonic()
+    pid = os.getpid()
     try:
         value = task.fn(*args, **kwargs)
         if inspect.iscoroutine(value):
             value = run_async(value)
     except BaseException as exc:  # the task's failure, whatever it is, is data here
+        if os.getpid() != pid:
+            _end_fork(exc)
         return failure(
             exc, retry=task.should_retry(exc), duration=time.monotonic() - start
         )
+    if os.getpid() != pid:
+        _end_fork(None)
     duration = time.monotonic() - start
     try:
         result = msgspec.to_builtins(value)
@@ -126,6 +132,18 @@ def execute(
             duration=duration,
         )
     return Outcome(ok=True, result=result, duration=duration)
+
+
+def _end_fork(exc: BaseException | None) -> NoReturn:
+    """End a process the task forked that came back out of the task (its code did
+    not exit, or called sys.exit): a copy of the worker must never run worker code."""
+    code = 0
+    if isinstance(exc, SystemExit):
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    elif exc is not None:
+        tb.print_exception(exc)
+        code = 1
+    os._exit(code)
 
 
 class Execution:

@@ -42,6 +42,7 @@ import time
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from multiprocessing.context import BaseContext
+from types import FrameType
 from typing import Any, Protocol
 
 import msgspec
@@ -300,6 +301,15 @@ _READY = b"ready"
 _PIPE, _EXITED = "pipe", "exited"  #: what a slot's selector watches
 
 
+def _not_now(signum: int, frame: FrameType | None) -> None:
+    """A pool child's SIGINT and SIGTERM: left to the parent (see `_child_main`)."""
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _child_main(
     conn: multiprocessing.connection.Connection,
     modules: list[str],
@@ -313,9 +323,13 @@ def _child_main(
     the calls of the current run begun so far: if the child dies mid-run, the parent
     learns from it which call it died in."""
     # The parent decides when children stop: a Ctrl-C to the process group, or a
-    # SIGTERM to the whole cgroup (systemd), must not kill a task mid-way.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # SIGTERM to the whole cgroup (systemd), must not kill a task mid-way. Caught, not
+    # ignored: an ignored signal stays ignored in every program a task starts (its
+    # `Popen.terminate()` would do nothing), a caught one is reset by exec, and by the
+    # fork hook in a process the task forks (a multiprocessing.Pool's workers).
+    signal.signal(signal.SIGINT, _not_now)
+    signal.signal(signal.SIGTERM, _not_now)
+    os.register_at_fork(after_in_child=_default_signals)
     try:
         import_modules(modules, path=path)
     except BaseException:
