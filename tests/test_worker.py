@@ -599,6 +599,20 @@ def test_a_task_may_start_stop_and_fork_processes(
     assert [client.get_job(j.id).attempts for j in (stop, fork, *after)] == [1] * 6
 
 
+def test_a_pool_whose_children_cannot_start_fails_without_leasing(
+    tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    job = client.send("wt_childfail")
+    worker = start_worker(
+        "--queue", "wt_childfail", "--module", "tasks_childfail", "--pool", "processes",
+    )  # fmt: skip
+    assert worker.wait(60) == 2
+    [failed] = worker.events("worker.pool_failed")
+    assert "no pool child could start" in failed["error"]
+    record = client.get_job(job.id)
+    assert (record.state, record.attempts) == ("queued", 0)
+
+
 def test_unregistered_task_fails_clearly_without_retry(
     client: qclient.Client, start_worker: Callable[..., WorkerProc]
 ) -> None:

@@ -18,7 +18,7 @@ from qclient.wire import NAME_PATTERN
 
 from qworker import __version__
 from qworker._logs import LOG_FORMATS, configure
-from qworker.pools import POOL_KINDS
+from qworker.pools import POOL_KINDS, PoolStartError
 from qworker.runner import DEFAULT_GRACE, PREFETCH_HOLD, Worker, default_concurrency
 
 __all__ = ["build_parser", "main"]
@@ -145,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker.run(burst=ns.burst)
     except ValueError as exc:
         parser.error(str(exc))
+    except PoolStartError as exc:
+        log.error("worker.pool_failed", error=str(exc))
+        return 2
     except Exception as exc:  # a task module failed to import: say which and why
         log.error(
             "worker.import_failed",

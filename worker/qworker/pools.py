@@ -415,6 +415,11 @@ def _watch_parent(
             os._exit(1)
 
 
+class PoolStartError(RuntimeError):
+    """No child of a processes pool could start: a task module that imports in the
+    worker fails in a child (say, a setting the child does not have)."""
+
+
 class _ProcessSlot:
     def __init__(self, pool: ProcessPool, index: int) -> None:
         self.pool = pool
@@ -431,6 +436,7 @@ class _ProcessSlot:
         #: made once per child, so a run costs one select, not a new poll object
         self.watch: selectors.BaseSelector | None = None
         self.tasks_run = 0
+        self.failure = ""  #: why the last child failed to start
         self.thread = threading.Thread(
             target=self.run, name=f"qworker-slot-{index}", daemon=True
         )
@@ -445,7 +451,14 @@ class _ProcessSlot:
             args=(child_conn, list(pool.modules), list(sys.path), self.progress),
             name=f"qworker-child-{self.index}",
         )
-        proc.start()
+        try:
+            proc.start()
+        except Exception as exc:  # the fork server died (a module raised in preload)
+            child_conn.close()
+            parent_conn.close()
+            self.failure = describe(exc)
+            log.error("pool.child_failed", slot=self.index, error=self.failure)
+            return False
         child_conn.close()
         ready = multiprocessing.connection.wait(
             [parent_conn, proc.sentinel], CHILD_START_TIMEOUT
@@ -460,6 +473,7 @@ class _ProcessSlot:
             proc.kill()
             proc.join(CHILD_STOP_TIMEOUT)
             parent_conn.close()
+            self.failure = f"exited with code {proc.exitcode}"
             log.error("pool.child_failed", slot=self.index, exitcode=proc.exitcode)
             return False
         watch = selectors.DefaultSelector()
@@ -673,10 +687,11 @@ class ProcessPool:
     def start(self) -> None:
         if self.ctx.get_start_method() == "forkserver":
             # Import qworker and the task modules once in the fork server, so each new
-            # child starts as a cheap fork with them loaded (errors there are ignored
-            # and show up in the child instead).
+            # child starts as a cheap fork with them loaded (an ImportError there is
+            # ignored and shows up in the child; any other error ends the server).
             self.ctx.set_forkserver_preload(["qworker.pools", *self.modules])
-        # Start the children side by side; a slot whose child failed retries later.
+        # Start the children side by side; a slot whose child failed retries later,
+        # but when none starts, the worker must not lease jobs it cannot run.
         starters = [
             threading.Thread(target=slot.spawn, daemon=True) for slot in self._slots
         ]
@@ -684,6 +699,11 @@ class ProcessPool:
             t.start()
         for t in starters:
             t.join()
+        if all(slot.proc is None for slot in self._slots):
+            raise PoolStartError(
+                f"no pool child could start (the last {self._slots[-1].failure}); "
+                "its error is above"
+            )
         for slot in self._slots:
             slot.thread.start()
 
