@@ -562,6 +562,25 @@ def test_the_tasks_max_retries_bounds_a_job_sent_without_it(
     assert len(lines(runs, "run")) == 1
 
 
+def test_the_tasks_max_retries_bounds_deliveries_after_a_lease_ran_out(
+    tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
+) -> None:
+    # The broker requeues the job (its own max_retries is 3); the task allows one run.
+    runs = tmp_path / "runs"
+    job = client.send("wt_no_retries", task="wt_no_retries", args=[str(runs)])
+    assert len(client.lease(["wt_no_retries"], timeout=0.1)) == 1  # never reported
+    deadline = time.monotonic() + 10
+    while client.get_job(job.id).state != "queued" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert start_worker("--queue", "wt_no_retries", "--burst").wait(30) == 0
+    record = client.get_job(job.id)
+    assert (record.state, record.attempts) == ("failed", 2)
+    assert record.error == (
+        "TooManyAttempts: attempt 2, but the task allows 1 (max_retries=0)"
+    )
+    assert not runs.exists()
+
+
 def test_a_retry_asked_for_beyond_ten_years_is_scheduled_at_ten_years(
     tmp_path: Path, client: qclient.Client, start_worker: Callable[..., WorkerProc]
 ) -> None:

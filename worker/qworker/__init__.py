@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qworker._task import Retry, Task, TimeLimitExceeded, task
+from qworker._task import Retry, Task, TimeLimitExceeded, TooManyAttempts, task
 from qworker.registry import NotRegistered, Registry, default_registry
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ __all__ = [
     "Retry",
     "Task",
     "TimeLimitExceeded",
+    "TooManyAttempts",
     "Worker",
     "WorkerLost",
     "default_registry",

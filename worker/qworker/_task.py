@@ -79,6 +79,11 @@ class TimeLimitExceeded(Exception):
     """The task ran longer than its `time_limit` and was stopped (or, in a thread, abandoned)."""
 
 
+class TooManyAttempts(Exception):
+    """The job came back (a lease ran out) more often than the task's `max_retries`
+    allows; it fails without running."""
+
+
 def backoff_delay(
     attempt: int,
     *,
