@@ -727,6 +727,8 @@ def test_grace_expiry_releases_the_running_job_uncounted(
     assert (record.state, record.attempts) == ("queued", 0)  # back, attempt not counted
     [released] = worker.events("job.released")
     assert (released["job_id"], released["reason"]) == (job.id, "grace_expired")
+    [finished] = worker.events("job.finished")  # every delivery ends with one
+    assert (finished["job_id"], finished["outcome"]) == (job.id, "abandoned")
 
 
 def test_cancel_kills_the_running_child(

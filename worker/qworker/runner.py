@@ -363,8 +363,11 @@ class Worker:
         if leftover:
             self._log.warning("worker.grace_expired", running=len(leftover))
             stopped = self._unsettle(leftover)
+            now = time.monotonic()
             for ex in stopped:
                 pool.stop_execution(ex)
+                ran = now - ex.started_at if ex.started_at is not None else 0.0
+                self._log_finished(ex.job, "abandoned", ran, reason="grace_expired")
             self._release(stopped, "grace_expired")
         if lease is not None and not stuck:
             lease.join(self.lease_wait + HTTP_TIMEOUT + 1)
