@@ -11,6 +11,7 @@ import trio  # type: ignore[import-untyped, unused-ignore]  # trio 0.22: no py.t
 from qclient.wire import JobState
 
 from .conftest import BrokerFactory, BrokerProcess
+from .lossyproxy import LossyProxy
 
 DEADLINE = 10.0  #: seconds any single wait in these tests may take
 
@@ -30,6 +31,24 @@ async def test_send_info_and_status(client: qclient.AsyncClient) -> None:
     assert await job.status() is JobState.QUEUED
     assert (await client.health()).status == "ok"
     assert "t-emails" in {q.queue for q in await client.queues()}
+
+
+async def test_a_resent_enqueue_is_success_only_if_its_own_jobs_are_stored(
+    broker: BrokerProcess,
+) -> None:
+    proxy = LossyProxy(broker.port)  # see test_client.py's test of the same name
+    try:
+        async with qclient.AsyncClient(proxy.url) as client:
+            proxy.lose_replies(1)
+            jobs = await client.send_many("lossy", [{"args": [i]} for i in range(3)])
+            assert [(await j.info()).args for j in jobs] == [[0], [1], [2]]
+            await client.send("lossy", ["old"], job_id="taken")
+            proxy.swallow(1)
+            with pytest.raises(qclient.DuplicateJob):
+                await client.send_many("lossy", [{"args": [7]}, {"id": "taken"}])
+            assert (await client.queue("lossy")).counts["queued"] == 4
+    finally:
+        proxy.close()
 
 
 async def test_send_many_and_lease_many(client: qclient.AsyncClient) -> None:

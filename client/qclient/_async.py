@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from qclient._backends import TRANSPORT_ERRORS, Backend, Stream, current_backend
-from qclient._errors import DuplicateJob, JobNotFound, ProtocolError
+from qclient._errors import DuplicateJob, ProtocolError
 from qclient._http import (
     BATCH_REPLY,
     CANCEL_REPLY,
@@ -55,6 +55,7 @@ from qclient._job import (
     outcomes,
     results_timeout,
     specs_from_items,
+    stored_as_sent,
     unfinished,
 )
 from qclient.wire import (
@@ -304,21 +305,24 @@ class AsyncClient:
         path = f"/v1/queues/{path_name(queue)}/jobs"
         response = await self._request(b"POST", path, self._codec.encode(spec))
         if response.status == 409 and response.retried:
-            await self._accept_duplicate(response, spec)
+            await self._accept_duplicate(response, queue, [spec])
             return AsyncJob(spec.id or "", queue, self)
         return AsyncJob(self._codec.decode(response, ENQUEUE_REPLY).id, queue, self)
 
-    async def _accept_duplicate(self, response: Response, spec: JobSpec) -> None:
+    async def _accept_duplicate(
+        self, response: Response, queue: str, specs: list[JobSpec]
+    ) -> None:
+        """Accept a 409 after a resend as our lost first attempt's success only if
+        every job is stored as sent (`stored_as_sent`); else raise the 409."""
         error = self._codec.error(response)
-        if error.reason == "duplicate_id":
-            return
-        if isinstance(error, DuplicateJob) and spec.id is not None:
-            try:
-                await self.get_job(spec.id)
-            except JobNotFound:
-                raise error from None
-            return
-        raise error
+        if not isinstance(error, DuplicateJob):
+            raise error
+        ids = [spec.id or "" for spec in specs]
+        records: list[JobRecord | None] = []
+        for start in range(0, len(ids), MAX_RESULTS):
+            records += await self.wait_jobs(ids[start : start + MAX_RESULTS], 0.0)
+        if not stored_as_sent(records, queue, specs, self._codec.roundtrip):
+            raise error
 
     async def send_many(
         self, queue: str, items: Iterable[JobSpec | Mapping[str, Any]]
@@ -328,21 +332,22 @@ class AsyncClient:
         path = f"/v1/queues/{path_name(queue)}/jobs"
         jobs: list[AsyncJob] = []
         for start in range(0, len(specs), SEND_MANY_CHUNK):
-            ids = await self._enqueue_batch(
-                path, specs[start : start + SEND_MANY_CHUNK]
-            )
+            chunk = specs[start : start + SEND_MANY_CHUNK]
+            ids = await self._enqueue_batch(queue, path, chunk)
             jobs.extend(AsyncJob(job_id, queue, self) for job_id in ids)
         return jobs
 
-    async def _enqueue_batch(self, path: str, specs: list[JobSpec]) -> list[str]:
+    async def _enqueue_batch(
+        self, queue: str, path: str, specs: list[JobSpec]
+    ) -> list[str]:
         body = self._codec.encode(EnqueueManyRequest(jobs=specs))
         response = await self._request(b"POST", path, body)
         if response.status == 413 and len(specs) > 1:
             half = len(specs) // 2
-            first = await self._enqueue_batch(path, specs[:half])
-            return first + await self._enqueue_batch(path, specs[half:])
+            first = await self._enqueue_batch(queue, path, specs[:half])
+            return first + await self._enqueue_batch(queue, path, specs[half:])
         if response.status == 409 and response.retried:
-            await self._accept_duplicate(response, specs[0])
+            await self._accept_duplicate(response, queue, specs)
             return [spec.id or "" for spec in specs]
         return self._codec.decode(response, ENQUEUE_MANY_REPLY).ids
 

@@ -254,6 +254,7 @@ class Codec:
         "_encode",
         "_get_headers",
         "_heads",
+        "_json",
         "_post_headers",
         "host",
         "port",
@@ -276,9 +277,8 @@ class Codec:
             base.append((b"Authorization", b"Bearer " + token.encode("latin-1")))
         self._get_headers = base
         self._post_headers = [*base, (b"Content-Type", mime)]
-        self._encode = (
-            _MSGPACK_ENCODER.encode if encoding == "msgpack" else _JSON_ENCODER.encode
-        )
+        self._json = encoding == "json"
+        self._encode = _JSON_ENCODER.encode if self._json else _MSGPACK_ENCODER.encode
         #: (method, target, body length) -> its h11 request event. Events are
         #: immutable, and h11 checks the headers of each one it is handed a list for
         #: (a fifth of what a small request costs it), not of one it made itself.
@@ -287,6 +287,11 @@ class Codec:
     def encode(self, obj: Any) -> bytes:
         """The request body for a wire struct (or any msgspec-encodable value)."""
         return self._encode(obj)
+
+    def roundtrip(self, value: Any) -> Any:
+        """`value` as it comes back from the broker once sent in this encoding."""
+        decode = msgspec.json.decode if self._json else msgspec.msgpack.decode
+        return decode(self._encode(value))
 
     def head(self, method: bytes, target: bytes, body: bytes) -> h11.Request:
         """The request head for a body (GET carries none, POST always a length).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -101,6 +101,31 @@ def specs_from_items(items: Iterable[JobSpec | Mapping[str, Any]]) -> list[JobSp
         s if s.id is not None else msgspec.structs.replace(s, id=next(fresh))
         for s in specs
     ]
+
+
+def stored_as_sent(
+    records: Sequence[JobRecord | None],
+    queue: str,
+    specs: Sequence[JobSpec],
+    roundtrip: Callable[[Any], Any],
+) -> bool:
+    """Whether every spec's job is stored as sent: after a resend got 409, the sign
+    that the lost first attempt stored them, not that an id or dedup_key met
+    another job (a batch is all or nothing, so then none of it is stored).
+
+    `roundtrip(value)` is `value` as the broker hands it back (through the wire's
+    encoding: tuples become lists, and so on).
+    """
+    for record, spec in zip(records, specs, strict=True):
+        if (
+            record is None
+            or record.queue != queue
+            or record.task != (spec.task or queue)
+            or record.args != roundtrip(spec.args)
+            or record.kwargs != roundtrip(spec.kwargs)
+        ):
+            return False
+    return True
 
 
 def outcome(record: JobRecord) -> Any:

@@ -8,8 +8,9 @@ so one `Client` can be shared by any number of threads.
 Failures before a reply (refused, reset, EOF mid-reply) and replies 408/429/503 are
 retried with exponential backoff (`_http.backoff`). A reply timeout is not retried:
 the broker may be busy applying the request, and waiting again would double the
-caller's deadline. Every job id is chosen here, so a resent enqueue that meets
-409 `duplicate_id` is the first attempt's success, not an error.
+caller's deadline. Every job id is chosen here, so a resent enqueue that meets 409
+is the first attempt's success, not an error, once the jobs are found stored as sent
+(a 409 can also mean that an id or dedup_key met another job, and nothing was stored).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import h11
 
-from qclient._errors import DuplicateJob, JobNotFound, ProtocolError
+from qclient._errors import DuplicateJob, ProtocolError
 from qclient._http import (
     BATCH_REPLY,
     CANCEL_REPLY,
@@ -64,6 +65,7 @@ from qclient._job import (
     outcomes,
     results_timeout,
     specs_from_items,
+    stored_as_sent,
     unfinished,
 )
 from qclient.wire import (
@@ -387,22 +389,24 @@ class Client:
         path = f"/v1/queues/{path_name(queue)}/jobs"
         response = self._request(b"POST", path, self._codec.encode(spec))
         if response.status == 409 and response.retried:
-            self._accept_duplicate(response, spec)
+            self._accept_duplicate(response, queue, [spec])
             return Job(spec.id or "", queue, self)
         return Job(self._codec.decode(response, ENQUEUE_REPLY).id, queue, self)
 
-    def _accept_duplicate(self, response: Response, spec: JobSpec) -> None:
-        """Accept a 409 after a resend as our first attempt's success, or raise."""
+    def _accept_duplicate(
+        self, response: Response, queue: str, specs: list[JobSpec]
+    ) -> None:
+        """Accept a 409 after a resend as our lost first attempt's success only if
+        every job is stored as sent (`stored_as_sent`); else raise the 409."""
         error = self._codec.error(response)
-        if error.reason == "duplicate_id":
-            return  # the id was stored by the attempt whose reply we lost
-        if isinstance(error, DuplicateJob) and spec.id is not None:
-            try:
-                self.get_job(spec.id)  # dedup_key clash with ourselves?
-            except JobNotFound:
-                raise error from None
-            return
-        raise error
+        if not isinstance(error, DuplicateJob):
+            raise error
+        ids = [spec.id or "" for spec in specs]
+        records: list[JobRecord | None] = []
+        for start in range(0, len(ids), MAX_RESULTS):
+            records += self.wait_jobs(ids[start : start + MAX_RESULTS], 0.0)
+        if not stored_as_sent(records, queue, specs, self._codec.roundtrip):
+            raise error
 
     def send_many(
         self, queue: str, items: Iterable[JobSpec | Mapping[str, Any]]
@@ -429,20 +433,19 @@ class Client:
         jobs: list[Job] = []
         for start in range(0, len(specs), SEND_MANY_CHUNK):
             chunk = specs[start : start + SEND_MANY_CHUNK]
-            ids = self._enqueue_batch(path, chunk)
+            ids = self._enqueue_batch(queue, path, chunk)
             jobs.extend(Job(job_id, queue, self) for job_id in ids)
         return jobs
 
-    def _enqueue_batch(self, path: str, specs: list[JobSpec]) -> list[str]:
+    def _enqueue_batch(self, queue: str, path: str, specs: list[JobSpec]) -> list[str]:
         body = self._codec.encode(EnqueueManyRequest(jobs=specs))
         response = self._request(b"POST", path, body)
         if response.status == 413 and len(specs) > 1:  # nothing stored: halve it
             half = len(specs) // 2
-            return self._enqueue_batch(path, specs[:half]) + self._enqueue_batch(
-                path, specs[half:]
-            )
+            first = self._enqueue_batch(queue, path, specs[:half])
+            return first + self._enqueue_batch(queue, path, specs[half:])
         if response.status == 409 and response.retried:
-            self._accept_duplicate(response, specs[0])
+            self._accept_duplicate(response, queue, specs)
             return [spec.id or "" for spec in specs]
         return self._codec.decode(response, ENQUEUE_MANY_REPLY).ids
 

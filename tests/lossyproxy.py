@@ -1,0 +1,86 @@
+"""A TCP proxy in front of a real broker that can lose one request or one reply.
+
+`swallow(n)`: the next n requests are read and dropped (never reach the broker), and
+their connection closed, as when the broker closes an idle connection just as a
+request goes out. `lose_replies(n)`: the next n requests reach the broker, which
+applies them, and their replies are dropped with the connection, as when a network
+blip cuts the reply. Either way the client sees its connection end without a reply.
+One request per connection at a time, as qclient sends them.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+
+class LossyProxy:
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._swallow = 0
+        self._lose = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def swallow(self, n: int = 1) -> None:
+        with self._lock:
+            self._swallow += n
+
+    def lose_replies(self, n: int = 1) -> None:
+        with self._lock:
+            self._lose += n
+
+    def _take(self, which: str) -> bool:
+        with self._lock:
+            left = getattr(self, which)
+            if left:
+                setattr(self, which, left - 1)
+            return bool(left)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self.upstream)
+        with client, upstream:
+            while True:
+                request = _read_message(client)
+                if request is None or self._take("_swallow"):
+                    return
+                upstream.sendall(request)
+                reply = _read_message(upstream)
+                if reply is None or self._take("_lose"):
+                    return
+                client.sendall(reply)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _read_message(sock: socket.socket) -> bytes | None:
+    """One HTTP/1.1 message with a Content-Length body (or none); None at EOF."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        body += chunk
+    return head + b"\r\n\r\n" + body
