@@ -1,4 +1,5 @@
-"""A TCP proxy in front of a real broker that can lose one request or one reply.
+"""Network trouble for client tests: a TCP proxy in front of a real broker that can
+lose one request or one reply, and an address whose connects hang.
 
 `swallow(n)`: the next n requests are read and dropped (never reach the broker), and
 their connection closed, as when the broker closes an idle connection just as a
@@ -10,8 +11,10 @@ One request per connection at a time, as qclient sends them.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+import time
 
 
 class LossyProxy:
@@ -84,3 +87,18 @@ def _read_message(sock: socket.socket) -> bytes | None:
             return None
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+def unanswered_address() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose backlog is full, so a new connect hangs (no SYN-ACK): a
+    broker too busy to accept. Returns it and the connections that fill it."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    filling = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(listener.getsockname())
+        filling.append(s)
+    time.sleep(0.2)
+    return listener, filling

@@ -18,7 +18,7 @@ from qclient import _api, _errors, _http
 from qclient.wire import CROCKFORD, JobState, crockford26, new_job_id, new_job_ids
 
 from .conftest import BrokerFactory, BrokerProcess, child_env
-from .lossyproxy import LossyProxy
+from .lossyproxy import LossyProxy, unanswered_address
 
 DEADLINE = 10.0  #: seconds any single wait in these tests may take
 
@@ -402,6 +402,22 @@ def test_unreachable_broker_raises_protocol_error() -> None:
             client.send("nowhere")
         assert time.monotonic() - start < 2.0
         assert isinstance(info.value.__cause__, ConnectionRefusedError)
+
+
+def test_a_call_ends_within_its_timeout_when_connects_hang() -> None:
+    listener, filling = unanswered_address()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        start = time.monotonic()
+        with (
+            qclient.Client(url, timeout=1) as client,
+            pytest.raises(qclient.ProtocolError),
+        ):
+            client.health()  # each of its 10 retries used to wait the whole second
+        assert time.monotonic() - start < 3
+    finally:
+        for s in (listener, *filling):
+            s.close()
 
 
 def test_a_resent_enqueue_is_success_only_if_its_own_jobs_are_stored(

@@ -11,7 +11,7 @@ import trio  # type: ignore[import-untyped, unused-ignore]  # trio 0.22: no py.t
 from qclient.wire import JobState
 
 from .conftest import BrokerFactory, BrokerProcess
-from .lossyproxy import LossyProxy
+from .lossyproxy import LossyProxy, unanswered_address
 
 DEADLINE = 10.0  #: seconds any single wait in these tests may take
 
@@ -49,6 +49,20 @@ async def test_a_resent_enqueue_is_success_only_if_its_own_jobs_are_stored(
             assert (await client.queue("lossy")).counts["queued"] == 4
     finally:
         proxy.close()
+
+
+async def test_a_call_ends_within_its_timeout_when_connects_hang() -> None:
+    listener, filling = unanswered_address()  # see test_client.py
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        start = time.monotonic()
+        async with qclient.AsyncClient(url, timeout=1) as client:
+            with pytest.raises(qclient.ProtocolError):
+                await client.health()
+        assert time.monotonic() - start < 3
+    finally:
+        for s in (listener, *filling):
+            s.close()
 
 
 async def test_send_many_and_lease_many(client: qclient.AsyncClient) -> None:

@@ -113,7 +113,8 @@ class AsyncClient:
             http://127.0.0.1:7733.
         token: a bearer token for `Authorization`; default: env QBROKER_TOKEN.
         timeout: seconds allowed to connect and, beyond any long-poll wait, for a
-            reply to arrive.
+            reply to arrive; a call, its retries included, gives up after about
+            `timeout` plus its wait.
         retries: how many times to resend after a connection error, 408, 429 or 503.
         encoding: "msgpack" (default) or "json" on the wire.
 
@@ -172,7 +173,9 @@ class AsyncClient:
 
     # ------------------------------------------------------------ transport
 
-    async def _checkout(self, backend: Backend, owner: object) -> _AsyncConn:
+    async def _checkout(
+        self, backend: Backend, owner: object, connect_timeout: float
+    ) -> _AsyncConn:
         if self._closed:
             raise RuntimeError("this qclient.AsyncClient is closed")
         idle = self._idle
@@ -184,7 +187,7 @@ class AsyncClient:
             conn.reused = True
             return conn
         codec = self._codec
-        stream = await backend.connect(codec.host, codec.port, self.timeout)
+        stream = await backend.connect(codec.host, codec.port, connect_timeout)
         return _AsyncConn(stream, owner)
 
     def _checkin(self, conn: _AsyncConn) -> None:
@@ -212,6 +215,9 @@ class AsyncClient:
         target = codec.target(path)
         head = codec.head(method, target, body)
         reply_timeout = self.timeout + wait
+        # retries included, a call ends within about `timeout + wait`: one connect
+        # that hangs (a full listen backlog) must not take `timeout` per retry
+        give_up = time.monotonic() + reply_timeout
         attempt = 0
         maybe_applied = False
         free_retry = True
@@ -219,7 +225,10 @@ class AsyncClient:
             error: BaseException | None = None
             response: Response | None = None
             try:
-                conn = await self._checkout(backend, owner)
+                connect_timeout = max(
+                    0.01, min(self.timeout, give_up - time.monotonic())
+                )
+                conn = await self._checkout(backend, owner, connect_timeout)
             except OSError as exc:  # refused, unreachable, connect timeout
                 error = exc
             else:
@@ -250,14 +259,15 @@ class AsyncClient:
                     if not should_retry(response.status):
                         response.retried = maybe_applied
                         return response
-            if attempt >= self.retries:
+            pause = backoff(attempt)
+            if attempt >= self.retries or time.monotonic() + pause > give_up:
                 if response is not None:
                     raise codec.error(response)
                 raise ProtocolError(
                     f"{method.decode()} {path} to {self.url} failed after "
                     f"{attempt} retries: {error!r}"
                 ) from error
-            await backend.sleep(backoff(attempt))
+            await backend.sleep(pause)
             attempt += 1
 
     # ------------------------------------------------------------ producer

@@ -128,7 +128,8 @@ class Client:
             http://127.0.0.1:7733.
         token: a bearer token for `Authorization`; default: env QBROKER_TOKEN.
         timeout: seconds allowed to connect and, beyond any long-poll wait, for a
-            reply to arrive.
+            reply to arrive; a call, its retries included, gives up after about
+            `timeout` plus its wait.
         retries: how many times to resend after a connection error, 408, 429 or 503
             (exponential backoff from 0.05 s, capped at 2 s, with jitter).
         encoding: "msgpack" (default, faster) or "json" on the wire.
@@ -188,7 +189,7 @@ class Client:
 
     # ------------------------------------------------------------ transport
 
-    def _checkout(self) -> _Conn:
+    def _checkout(self, connect_timeout: float) -> _Conn:
         if self._pid != os.getpid():
             self._after_fork()
         lock = self._lock
@@ -204,7 +205,7 @@ class Client:
                 continue
             conn.reused = True
             return conn
-        sock = socket.create_connection(self._address, timeout=self.timeout)
+        sock = socket.create_connection(self._address, timeout=connect_timeout)
         with contextlib.suppress(OSError):  # not a TCP socket
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return _Conn(sock, self.timeout)
@@ -249,6 +250,9 @@ class Client:
         target = codec.target(path)
         head = codec.head(method, target, body)
         reply_timeout = self.timeout + wait
+        # retries included, a call ends within about `timeout + wait`: one connect
+        # that hangs (a full listen backlog) must not take `timeout` per retry
+        give_up = time.monotonic() + reply_timeout
         attempt = 0
         maybe_applied = False
         free_retry = True  # one immediate retry for a pooled socket found dead
@@ -256,7 +260,10 @@ class Client:
             error: BaseException | None = None
             response: Response | None = None
             try:
-                conn = self._checkout()
+                connect_timeout = max(
+                    0.01, min(self.timeout, give_up - time.monotonic())
+                )
+                conn = self._checkout(connect_timeout)
             except OSError as exc:  # refused, unreachable, connect timeout: not sent
                 error = exc
             else:
@@ -283,14 +290,15 @@ class Client:
                     if not should_retry(response.status):
                         response.retried = maybe_applied
                         return response
-            if attempt >= self.retries:
+            pause = backoff(attempt)
+            if attempt >= self.retries or time.monotonic() + pause > give_up:
                 if response is not None:
                     raise codec.error(response)
                 raise ProtocolError(
                     f"{method.decode()} {path} to {self.url} failed after "
                     f"{attempt} retries: {error!r}"
                 ) from error
-            time.sleep(backoff(attempt))
+            time.sleep(pause)
             attempt += 1
 
     @staticmethod
