@@ -16,6 +16,8 @@ import socket
 import threading
 import time
 
+from .wirehttp import read_message
+
 
 class LossyProxy:
     def __init__(self, upstream_port: int) -> None:
@@ -54,39 +56,17 @@ class LossyProxy:
         upstream = socket.create_connection(self.upstream)
         with client, upstream:
             while True:
-                request = _read_message(client)
+                request = read_message(client)
                 if request is None or self._take("_swallow"):
                     return
                 upstream.sendall(request)
-                reply = _read_message(upstream)
+                reply = read_message(upstream)
                 if reply is None or self._take("_lose"):
                     return
                 client.sendall(reply)
 
     def close(self) -> None:
         self.listener.close()
-
-
-def _read_message(sock: socket.socket) -> bytes | None:
-    """One HTTP/1.1 message with a Content-Length body (or none); None at EOF."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return None
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return None
-        body += chunk
-    return head + b"\r\n\r\n" + body
 
 
 def unanswered_address() -> tuple[socket.socket, list[socket.socket]]:

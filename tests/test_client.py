@@ -19,6 +19,7 @@ from qclient.wire import CROCKFORD, JobState, crockford26, new_job_id, new_job_i
 
 from .conftest import BrokerFactory, BrokerProcess, child_env
 from .lossyproxy import LossyProxy, unanswered_address
+from .wirehttp import read_message
 
 DEADLINE = 10.0  #: seconds any single wait in these tests may take
 
@@ -467,7 +468,7 @@ class ScriptedServer:
             conn, _ = self.listener.accept()
             with conn:
                 while self.script:
-                    request = self._read_request(conn)
+                    request = read_message(conn)
                     if request is None:
                         break
                     self.requests.append(request)
@@ -475,24 +476,6 @@ class ScriptedServer:
                     if reply is None:
                         break
                     conn.sendall(reply)
-
-    @staticmethod
-    def _read_request(conn: socket.socket) -> bytes | None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return None
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        while len(body) < length:
-            body += conn.recv(65536)
-        return head + b"\r\n\r\n" + body
 
     def close(self) -> None:
         self.listener.close()

@@ -119,3 +119,25 @@ def read_replies(sock: socket.socket, n: int) -> list[tuple[int, object]]:
         buf += chunk
     assert buf == b"", "more bytes than replies"
     return out
+
+
+def read_message(sock: socket.socket) -> bytes | None:
+    """One HTTP/1.1 message with a Content-Length body (or none); None at EOF."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        body += chunk
+    return head + b"\r\n\r\n" + body
