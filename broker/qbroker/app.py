@@ -431,8 +431,7 @@ class Broker:
         state = await self.writer.call(
             self.store.cancel, job_id, now=self.clock.now(), counts=counts
         )
-        for (queue, final), n in counts.items():
-            metrics.jobs_finished(queue, final).inc(n)
+        metrics.count_finished(counts)
         self.finished([job_id])
         return encode(req, CancelReply(id=job_id, state=state))
 
@@ -564,8 +563,7 @@ class Broker:
             return results, out, self.store.final_records(watched) if watched else {}
 
         results, out, records = await self.writer.call(call)
-        for (queue, state), n in counts.items():
-            metrics.jobs_finished(queue, state).inc(n)
+        metrics.count_finished(counts)
         self.finished((r.id for r in results if r.ok), records)
         retries = [f.retry_in for f in fails if f.retry_in is not None]
         if retries:

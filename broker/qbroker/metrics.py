@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -90,3 +91,9 @@ class _Children:
 jobs_enqueued = _Children(JOBS_ENQUEUED)  #: jobs_enqueued(queue).inc(n)
 jobs_leased = _Children(JOBS_LEASED)  #: jobs_leased(queue).inc(n)
 jobs_finished = _Children(JOBS_FINISHED)  #: jobs_finished(queue, state).inc()
+
+
+def count_finished(counts: Mapping[tuple[str, str], int]) -> None:
+    """Count jobs finished, given as (queue, state) -> n (a store call's `counts`)."""
+    for (queue, state), n in counts.items():
+        jobs_finished(queue, state).inc(n)

@@ -38,8 +38,7 @@ async def run_reaper(broker: Broker) -> None:
         for queue in result.promoted_queues:
             broker.queue_waiters.notify(queue)
         broker.finished(result.finished_ids)
-        for (queue, state), n in result.finished.items():
-            metrics.jobs_finished(queue, state).inc(n)
+        metrics.count_finished(result.finished)
         for outcome, n in (
             ("promoted", result.promoted),
             ("requeued", result.requeued),

@@ -504,13 +504,8 @@ class Server:
             if req.route == "unmatched":  # not yet routed (a batch's requests are)
                 protocol.route(req)
             return start, self.broker.start(req)
-        except errors.QBrokerError as exc:
-            return start, protocol.error_response(req, exc)
-        except Exception:
-            log.exception("request.failed", route=req.route, method=req.method)
-            return start, protocol.error_response(
-                req, errors.InternalError("internal error")
-            )
+        except Exception as exc:
+            return start, _error_reply(req, exc)
 
     async def _end(
         self,
@@ -523,11 +518,8 @@ class Server:
                 resp = work
             else:
                 resp = await work
-        except errors.QBrokerError as exc:
-            resp = protocol.error_response(req, exc)
-        except Exception:
-            log.exception("request.failed", route=req.route, method=req.method)
-            resp = protocol.error_response(req, errors.InternalError("internal error"))
+        except Exception as exc:
+            resp = _error_reply(req, exc)
         metrics.observe_request(req.route, resp.status, time.perf_counter() - start)
         return resp
 
@@ -555,6 +547,14 @@ class Server:
             trio.ClosedResourceError,
         ):
             pass
+
+
+def _error_reply(req: protocol.Request, exc: Exception) -> protocol.Response:
+    """The reply for a request whose handler raised (call from its except block)."""
+    if isinstance(exc, errors.QBrokerError):
+        return protocol.error_response(req, exc)
+    log.exception("request.failed", route=req.route, method=req.method)
+    return protocol.error_response(req, errors.InternalError("internal error"))
 
 
 def _pipelinable(parser: h11.Connection, req: protocol.Request) -> bool:

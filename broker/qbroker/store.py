@@ -212,10 +212,16 @@ class TickResult:
     finished: Counter[tuple[str, str]] = field(default_factory=Counter)
     promoted: int = 0  #: scheduled jobs that became queued
     requeued: int = 0
-    dead: int = 0
-    expired: int = 0
     purged: int = 0
     next_due: float | None = None  #: earliest time something becomes due
+
+    @property
+    def dead(self) -> int:
+        return sum(n for (_, state), n in self.finished.items() if state == "dead")
+
+    @property
+    def expired(self) -> int:
+        return sum(n for (_, state), n in self.finished.items() if state == "expired")
 
 
 @dataclass(frozen=True)
@@ -917,7 +923,6 @@ class Store:
                 (now, SWEEP_BATCH),
             ).fetchall():
                 if state == "dead":
-                    out.dead += 1
                     out.finished_ids.append(job_id)
                     out.finished[queue, "dead"] += 1
                 else:
@@ -931,7 +936,6 @@ class Store:
                 " RETURNING id, queue",
                 (now, SWEEP_BATCH),
             ).fetchall():
-                out.expired += 1
                 out.finished_ids.append(job_id)
                 out.finished[queue, "expired"] += 1
             out.purged = c.execute(
