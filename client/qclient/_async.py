@@ -327,10 +327,8 @@ class AsyncClient:
         error = self._codec.error(response)
         if not isinstance(error, DuplicateJob):
             raise error
-        ids = [spec.id or "" for spec in specs]
-        records: list[JobRecord | None] = []
-        for start in range(0, len(ids), MAX_RESULTS):
-            records += await self.wait_jobs(ids[start : start + MAX_RESULTS], 0.0)
+        # one request: a send_many chunk (SEND_MANY_CHUNK) is within MAX_RESULTS
+        records = await self.wait_jobs([spec.id or "" for spec in specs], 0.0)
         if not stored_as_sent(records, queue, specs, self._codec.roundtrip):
             raise error
 
