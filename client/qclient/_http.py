@@ -60,7 +60,7 @@ BACKOFF_MAX: Final = 2.0  #: seconds; the cap of one backoff sleep
 MAX_IDLE_CONNECTIONS: Final = 64  #: keep-alive sockets a client keeps open while idle
 RECV_SIZE: Final = 65536  #: bytes asked of one recv()
 RESULT_POLL_CHUNK: Final = 60.0  #: seconds of one long-poll for a job's result
-SEND_MANY_CHUNK: Final = 1000  #: jobs per enqueue request in send_many(); <= MAX_RESULTS
+SEND_MANY_CHUNK: Final = 1000  #: jobs per send_many() request; <= MAX_RESULTS
 MAX_HEADS: Final = 1024  #: request heads a client keeps built before it starts over
 
 #: Replies that mean "nothing was done, try again later" (protocol.md section 4).

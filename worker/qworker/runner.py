@@ -75,7 +75,7 @@ from qclient.wire import (
 )
 
 from qworker._execute import Execution, Outcome, describe, failure, moving_mean
-from qworker._task import TimeLimitExceeded, TooManyAttempts, backoff_delay
+from qworker._task import Task, TimeLimitExceeded, TooManyAttempts, backoff_delay
 from qworker.pools import POOL_KINDS, Pool, ThreadPool, make_pool
 from qworker.registry import NotRegistered, Registry, default_registry, import_modules
 
@@ -619,6 +619,22 @@ class Worker:
             while not self._stopping and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
 
+    def _runnable(self, job: LeasedJob) -> Task[..., Any]:
+        """The task to run `job` with.
+
+        Raises:
+            NotRegistered: no such task here.
+            TooManyAttempts: an earlier delivery's lease ran out, and the job's own
+                bound (the broker's) is looser than the task's `max_retries`.
+        """
+        t = self.registry.get(job.task)
+        if t.max_retries is not None and job.attempt > t.max_retries + 1:
+            raise TooManyAttempts(
+                f"attempt {job.attempt}, but the task allows"
+                f" {t.max_retries + 1} (max_retries={t.max_retries})"
+            )
+        return t
+
     def _dispatch(
         self, jobs: list[LeasedJob], inline_ok: bool = False
     ) -> Execution | None:
@@ -642,22 +658,9 @@ class Worker:
             if not stopping:
                 for job in jobs:
                     try:
-                        t = self.registry.get(job.task)
-                    except NotRegistered as exc:
+                        t = self._runnable(job)
+                    except (NotRegistered, TooManyAttempts) as exc:
                         outcome = failure(exc, retry=False, with_traceback=False)
-                        self._results.append(self._report(job, outcome, None))
-                        continue
-                    if t.max_retries is not None and job.attempt > t.max_retries + 1:
-                        # an earlier delivery's lease ran out, and the job's own
-                        # bound (the broker's) is looser than the task's
-                        outcome = failure(
-                            TooManyAttempts(
-                                f"attempt {job.attempt}, but the task allows"
-                                f" {t.max_retries + 1} (max_retries={t.max_retries})"
-                            ),
-                            retry=False,
-                            with_traceback=False,
-                        )
                         self._results.append(self._report(job, outcome, None))
                         continue
                     ex = Execution(job, t, now)
