@@ -250,6 +250,27 @@ def test_release_does_not_count_the_attempt(wire: Wire) -> None:
     assert again["attempt"] == 1
 
 
+def test_a_resent_release_is_ok_again_and_changes_nothing(wire: Wire) -> None:
+    job_id = wire.enqueue("q")
+    [job] = wire.lease("q")
+    for _ in range(2):  # the second one: a resend after a lost reply
+        wire.ok("POST", f"/v1/jobs/{job_id}/release", {"lease": job["lease"]})
+        record = wire.job(job_id)
+        assert (record["state"], record["attempts"]) == ("queued", 0)
+    # the released token settles nothing else: not a fail, not an ack, not an extend
+    for action in ("fail", "ack", "extend"):
+        status, body = wire.call(
+            "POST", f"/v1/jobs/{job_id}/{action}", {"lease": job["lease"]}
+        )
+        assert (status, body["error"]) == (409, "stale_lease"), action
+    [again] = wire.lease("q")
+    assert again["attempt"] == 1
+    status, body = wire.call(
+        "POST", f"/v1/jobs/{job_id}/release", {"lease": job["lease"]}
+    )
+    assert (status, body["error"]) == (409, "stale_lease")  # leased again since
+
+
 def test_batch_release_hands_back_each_item_alone(wire: Wire) -> None:
     ids = wire.ok("POST", "/v1/queues/q/jobs", {"jobs": [{}, {}, {}]})["ids"]
     jobs = wire.lease("q", max=3)

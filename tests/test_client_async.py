@@ -134,7 +134,10 @@ async def test_release_and_fail_many(client: qclient.AsyncClient) -> None:
     await client.send_many("t-rel", [{}, {}])
     first, second = await client.lease(["t-rel"], max=2, wait=DEADLINE)
     await client.release(first.id, first.lease)
-    with pytest.raises(qclient.StaleLease):
+    await client.release(first.id, first.lease)  # a resend: ok, nothing changes
+    [again] = await client.lease(["t-rel"], wait=DEADLINE)
+    assert (again.id, again.attempt) == (first.id, 1)
+    with pytest.raises(qclient.StaleLease):  # that token's delivery is over
         await client.release(first.id, first.lease)
     results = await client.fail_many(
         [qclient.FailItem(id=second.id, lease=second.lease, error="E: x")]

@@ -496,6 +496,7 @@ class MJob:
     lease_seconds: float | None = None
     lease_expires_at: float | None = None
     finished_at: float | None = None
+    released: bool = False  #: its last lease ended in a release (the token stays)
 
     @property
     def purge_at(self) -> float | None:
@@ -558,13 +559,23 @@ class JobMachine(RuleBasedStateMachine):
         )
 
     def resent(self, job_id: str, token: str, kind: str) -> bool:
-        """Whether an ack / fail with `token` repeats the one that settled the job."""
+        """Whether an ack / fail / release with `token` repeats the one that settled
+        the job's delivery."""
         job = self.model.get(job_id)
-        states = ("succeeded",) if kind == "ack" else ("scheduled", "queued", "failed")
-        return job is not None and job.lease == token and job.state in states
+        states = {
+            "ack": ("succeeded",),
+            "fail": ("scheduled", "queued", "failed"),
+            "release": ("queued",),
+        }[kind]
+        return (
+            job is not None
+            and job.lease == token
+            and job.state in states
+            and job.released == (kind == "release")
+        )
 
     def expect_resent(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """A resent ack or fail succeeds and changes nothing."""
+        """A resent ack, fail or release succeeds and changes nothing."""
         before = self.raw_rows()
         got = self.run(fn, *args, **kwargs)
         assert self.raw_rows() == before
@@ -727,6 +738,7 @@ class JobMachine(RuleBasedStateMachine):
         for g in got:
             j = self.model[g.id]
             j.state, j.attempts, j.lease = "active", j.attempts + 1, g.lease
+            j.released = False
             j.lease_seconds = lease_seconds or j.timeout
             j.lease_expires_at = self.now + j.lease_seconds
             assert g.attempt == j.attempts
@@ -841,6 +853,12 @@ class JobMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         job_id, token = self.pick_lease(data)
+        if self.resent(job_id, token, "release"):
+            assert (
+                self.expect_resent(self.store.release, job_id, token, now=self.now)
+                is None
+            )
+            return
         if not self.lease_valid(job_id, token):
             self.expect_rejected(
                 job_id, self.store.release, job_id, token, now=self.now
@@ -850,7 +868,7 @@ class JobMachine(RuleBasedStateMachine):
         job = self.model[job_id]
         assert queue == job.queue
         job.state, job.attempts = "queued", max(job.attempts - 1, 0)
-        job.lease = job.lease_expires_at = None
+        job.lease_expires_at, job.released = None, True  # the token stays
 
     @precondition(lambda self: self.ids)
     @rule(data=st.data(), token=st.sampled_from(["", "nope", "0123456789abcdef.1"]))

@@ -589,7 +589,8 @@ class Broker:
         queue = await self.writer.call(
             self.store.release, req.params["id"], body.lease, now=self.clock.now()
         )
-        self.queue_waiters.notify(queue, 1)
+        if queue is not None:
+            self.queue_waiters.notify(queue, 1)
         return encode(req, _EMPTY)
 
     async def on_release_many(self, req: Request) -> Response:

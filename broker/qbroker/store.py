@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at       REAL,                 -- last lease
     finished_at      REAL,
     purge_at         REAL,                 -- finished_at + result_ttl: swept then
-    lease            TEXT,                 -- current lease token, while active
+    lease            TEXT,                 -- current lease token while active, kept after ack, fail, release (resends)
     lease_seconds    REAL,                 -- length of the current lease
     lease_expires_at REAL,
     worker           TEXT,                 -- holder of the current or last lease
@@ -104,6 +104,7 @@ _FINAL_SQL = ",".join(f"'{s.value}'" for s in sorted(FINAL_STATES))
 #: the states a job's own ack / fail leaves it in while it keeps that lease's token
 _ACKED = ("succeeded",)
 _FAILED = ("scheduled", "queued", "failed")
+_RELEASED = ("queued",)  #: and a release's own resend
 _IN_CHUNK = 500  #: ids per `IN (...)` list, well under SQLite's variable limit
 #: rows one sweep changes at most in each of its steps (promote, lease expiry, expiry,
 #: purge): a backlog falling due at once is worked off over several writer calls, so
@@ -637,20 +638,25 @@ class Store:
             return errors.JobNotFound(f"no job {job_id}")
         return errors.StaleLease("this lease is not the job's current lease")
 
-    def _resent(self, job_id: str, lease: str, states: tuple[str, ...]) -> str:
-        """The state of a job that `lease`'s own ack or fail already put in one of
-        `states` (a report resent after its reply was lost: ack and fail keep the token).
+    def _resent(
+        self, job_id: str, lease: str, states: tuple[str, ...], *, released: bool = False
+    ) -> str:
+        """The state of a job that `lease`'s own ack, fail or release (with
+        `released`) already put in one of `states`: a report resent after its reply was
+        lost. Ack, fail and release keep the token; only a release clears `started_at`,
+        which tells a released job from one whose failure was retried.
 
         Raises:
             errors.StaleLease: it is not such a repeat.
             errors.JobNotFound
         """
         row = self.conn.execute(
-            "SELECT state, lease FROM jobs WHERE id = ?", (job_id,)
+            "SELECT state, lease, started_at IS NULL FROM jobs WHERE id = ?",
+            (job_id,),
         ).fetchone()
         if row is None:
             raise errors.JobNotFound(f"no job {job_id}")
-        if row[1] != lease or row[0] not in states:
+        if row[1] != lease or row[0] not in states or bool(row[2]) != released:
             raise errors.StaleLease("this lease is not the job's current lease")
         return str(row[0])
 
@@ -854,11 +860,13 @@ class Store:
                 return now, True
             raise self._stale(job_id)
 
-    def release(self, job_id: str, lease: str, *, now: float) -> str:
-        """Give a leased, unstarted job back; its attempt is not counted.
+    def release(self, job_id: str, lease: str, *, now: float) -> str | None:
+        """Give a leased, unstarted job back; its attempt is not counted. The job keeps
+        the lease token until its next lease, so a resend of this release (its reply
+        lost) is recognised and changes nothing.
 
         Returns:
-            the job's queue.
+            the job's queue; None for a resend of the release that requeued the job.
 
         Raises:
             errors.StaleLease, errors.JobNotFound
@@ -866,13 +874,14 @@ class Store:
         with translate_errors():
             row = self.conn.execute(
                 "UPDATE jobs SET state = 'queued', attempts = max(attempts - 1, 0),"
-                " lease = NULL, lease_expires_at = NULL, started_at = NULL"
+                " lease_expires_at = NULL, started_at = NULL"
                 " WHERE id = ?1 AND lease = ?2 AND state = 'active'"
                 " AND lease_expires_at > ?3 RETURNING queue",
                 (job_id, lease, now),
             ).fetchone()
             if row is None:
-                raise self._stale(job_id)
+                self._resent(job_id, lease, _RELEASED, released=True)
+                return None
         return str(row[0])
 
     def release_many(
@@ -887,11 +896,13 @@ class Store:
         queues: Counter[str] = Counter()
         for it in items:
             try:
-                queues[self.release(it.id, it.lease, now=now)] += 1
+                queue = self.release(it.id, it.lease, now=now)
             except (errors.StaleLease, errors.JobNotFound) as exc:
                 out.append(BatchResult(id=it.id, ok=False, error=exc.reason))
             else:
                 out.append(BatchResult(id=it.id, ok=True))
+                if queue is not None:
+                    queues[queue] += 1
         return out, queues
 
     # ------------------------------------------------------------ reaper
