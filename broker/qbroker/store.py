@@ -639,7 +639,12 @@ class Store:
         return errors.StaleLease("this lease is not the job's current lease")
 
     def _resent(
-        self, job_id: str, lease: str, states: tuple[str, ...], *, released: bool = False
+        self,
+        job_id: str,
+        lease: str,
+        states: tuple[str, ...],
+        *,
+        released: bool = False,
     ) -> str:
         """The state of a job that `lease`'s own ack, fail or release (with
         `released`) already put in one of `states`: a report resent after its reply was
