@@ -451,6 +451,33 @@ def test_a_resent_enqueue_is_success_only_if_its_own_jobs_are_stored(
         proxy.close()
 
 
+def test_a_long_poll_resent_after_a_lost_reply_waits_only_what_is_left(
+    broker: BrokerProcess,
+) -> None:
+    # The broker answers each long-poll after its whole wait and the reply is lost:
+    # the resend must wait only what is left (it used to wait the whole wait again).
+    proxy = LossyProxy(broker.port)
+    try:
+        with qclient.Client(proxy.url, timeout=5) as client:
+            job = client.send("never-run")
+            waits = {
+                "result": lambda: job.result(timeout=1.5),
+                "results": lambda: client.results([job], timeout=1.5),
+            }
+            for name, call in waits.items():
+                proxy.lose_replies(1)
+                start = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    call()
+                assert 1.4 < time.monotonic() - start < 2.5, name
+            proxy.lose_replies(1)
+            start = time.monotonic()
+            assert client.lease(["empty-queue"], wait=1.5) == []
+            assert 1.4 < time.monotonic() - start < 2.5
+    finally:
+        proxy.close()
+
+
 class ScriptedServer:
     """A one-thread HTTP server that answers each request with the next scripted
     reply, or drops the connection (None) after reading the request."""

@@ -51,6 +51,24 @@ async def test_a_resent_enqueue_is_success_only_if_its_own_jobs_are_stored(
         proxy.close()
 
 
+async def test_a_long_poll_resent_after_a_lost_reply_waits_only_what_is_left(
+    broker: BrokerProcess,
+) -> None:
+    proxy = LossyProxy(broker.port)  # see test_client.py's test of the same name
+    try:
+        async with qclient.AsyncClient(proxy.url, timeout=5) as client:
+            job = await client.send("never-run")
+            proxy.lose_replies(1)
+            start = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await job.result(timeout=1.5)
+            proxy.lose_replies(1)
+            assert await client.lease(["empty-queue"], wait=1.5) == []
+            assert 2.8 < time.monotonic() - start < 4.5
+    finally:
+        proxy.close()
+
+
 async def test_a_call_ends_within_its_timeout_when_connects_hang() -> None:
     listener, filling = unanswered_address()  # see test_client.py
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+from msgspec.structs import replace
+
 from qclient._backends import TRANSPORT_ERRORS, Backend, Stream, current_backend
 from qclient._errors import DuplicateJob, ProtocolError
 from qclient._http import (
@@ -42,6 +44,7 @@ from qclient._http import (
     Encoding,
     HTTPConnection,
     Response,
+    Rewait,
     backoff,
     format_wait,
     path_name,
@@ -206,7 +209,12 @@ class AsyncClient:
             conn.stream.abort()
 
     async def _request(
-        self, method: bytes, path: str, body: bytes = _EMPTY, wait: float = 0.0
+        self,
+        method: bytes,
+        path: str,
+        body: bytes = _EMPTY,
+        wait: float = 0.0,
+        rewait: Rewait | None = None,
     ) -> Response:
         """Send one request, retrying per the policy; see `Client._request`."""
         backend = current_backend()
@@ -217,11 +225,19 @@ class AsyncClient:
         reply_timeout = self.timeout + wait
         # retries included, a call ends within about `timeout + wait`: one connect
         # that hangs (a full listen backlog) must not take `timeout` per retry
-        give_up = time.monotonic() + reply_timeout
+        start = time.monotonic()
+        give_up = start + reply_timeout
         attempt = 0
         maybe_applied = False
+        resend = False
         free_retry = True
         while True:
+            if resend and rewait is not None:
+                left = max(0.0, wait - (time.monotonic() - start))
+                path, body = rewait(left)
+                head = codec.head(method, codec.target(path), body)
+                reply_timeout = self.timeout + left
+            resend = True
             error: BaseException | None = None
             response: Response | None = None
             try:
@@ -372,8 +388,14 @@ class AsyncClient:
 
     async def wait_job(self, job_id: str, wait: float) -> JobRecord:
         """A job's record once final, or after `wait` seconds (0 .. 300)."""
-        path = f"/v1/jobs/{path_name(job_id)}/result?wait={format_wait(wait)}"
-        response = await self._request(b"GET", path, wait=wait)
+
+        def build(wait: float) -> tuple[str, bytes]:
+            return (
+                f"/v1/jobs/{path_name(job_id)}/result?wait={format_wait(wait)}",
+                _EMPTY,
+            )
+
+        response = await self._request(b"GET", *build(wait), wait, build)
         return self._codec.decode(response, JOB_RECORD)
 
     async def wait_jobs(
@@ -384,8 +406,12 @@ class AsyncClient:
         One long-poll request (`POST /v1/results`); one record per id, in order,
         None where no job has that id.
         """
-        body = self._codec.encode(ResultsRequest(ids=list(job_ids), wait=wait))
-        response = await self._request(b"POST", "/v1/results", body, wait=wait)
+        ids = list(job_ids)
+
+        def build(wait: float) -> tuple[str, bytes]:
+            return "/v1/results", self._codec.encode(ResultsRequest(ids=ids, wait=wait))
+
+        response = await self._request(b"POST", *build(wait), wait, build)
         return self._codec.decode(response, RESULTS_REPLY).jobs
 
     async def results(
@@ -502,8 +528,11 @@ class AsyncClient:
             acks=list(acks),
             fails=list(fails),
         )
-        body = self._codec.encode(request)
-        response = await self._request(b"POST", "/v1/lease", body, wait)
+
+        def build(wait: float) -> tuple[str, bytes]:
+            return "/v1/lease", self._codec.encode(replace(request, wait=wait))
+
+        response = await self._request(b"POST", *build(wait), wait, build)
         return self._codec.decode(response, LEASE_REPLY)
 
     async def ack(self, job_id: str, lease: str, result: Any = None) -> None:

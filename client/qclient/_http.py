@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 import re
 import select
+from collections.abc import Callable
 from typing import Any, Final, Generic, Literal, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -67,6 +68,10 @@ MAX_HEADS: Final = 1024  #: request heads a client keeps built before it starts 
 RETRY_STATUSES: Final = frozenset({408, 429, 503})
 
 _NAME_RE = re.compile(NAME_PATTERN)
+
+
+#: builds a long-poll's (path, body) for a given wait: a resend waits only what is left
+Rewait = Callable[[float], tuple[str, bytes]]
 
 
 def backoff(attempt: int) -> float:

@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 import h11
+from msgspec.structs import replace
 
 from qclient._errors import DuplicateJob, ProtocolError
 from qclient._http import (
@@ -51,6 +52,7 @@ from qclient._http import (
     Encoding,
     HTTPConnection,
     Response,
+    Rewait,
     backoff,
     format_wait,
     path_name,
@@ -236,11 +238,19 @@ class Client:
             conn.close()
 
     def _request(
-        self, method: bytes, path: str, body: bytes = _EMPTY, wait: float = 0.0
+        self,
+        method: bytes,
+        path: str,
+        body: bytes = _EMPTY,
+        wait: float = 0.0,
+        rewait: Rewait | None = None,
     ) -> Response:
         """Send one request, retrying per the policy; return the final reply.
 
         The reply may be any status except the retried ones (while retries last).
+        A long-poll passes `rewait`, which builds it anew for a shorter wait: a resend
+        waits only what is left of `wait` (the broker may have spent the rest of it
+        before the connection broke).
 
         Raises:
             ProtocolError: the broker could not be reached or the reply timed out.
@@ -252,11 +262,19 @@ class Client:
         reply_timeout = self.timeout + wait
         # retries included, a call ends within about `timeout + wait`: one connect
         # that hangs (a full listen backlog) must not take `timeout` per retry
-        give_up = time.monotonic() + reply_timeout
+        start = time.monotonic()
+        give_up = start + reply_timeout
         attempt = 0
         maybe_applied = False
+        resend = False
         free_retry = True  # one immediate retry for a pooled socket found dead
         while True:
+            if resend and rewait is not None:
+                left = max(0.0, wait - (time.monotonic() - start))
+                path, body = rewait(left)
+                head = codec.head(method, codec.target(path), body)
+                reply_timeout = self.timeout + left
+            resend = True
             error: BaseException | None = None
             response: Response | None = None
             try:
@@ -480,8 +498,14 @@ class Client:
         Raises:
             JobNotFound: no such job.
         """
-        path = f"/v1/jobs/{path_name(job_id)}/result?wait={format_wait(wait)}"
-        response = self._request(b"GET", path, wait=wait)
+
+        def build(wait: float) -> tuple[str, bytes]:
+            return (
+                f"/v1/jobs/{path_name(job_id)}/result?wait={format_wait(wait)}",
+                _EMPTY,
+            )
+
+        response = self._request(b"GET", *build(wait), wait, build)
         return self._codec.decode(response, JOB_RECORD)
 
     def wait_jobs(self, job_ids: Sequence[str], wait: float) -> list[JobRecord | None]:
@@ -490,8 +514,12 @@ class Client:
         One long-poll request (`POST /v1/results`); one record per id, in order,
         None where no job has that id.
         """
-        body = self._codec.encode(ResultsRequest(ids=list(job_ids), wait=wait))
-        response = self._request(b"POST", "/v1/results", body, wait=wait)
+        ids = list(job_ids)
+
+        def build(wait: float) -> tuple[str, bytes]:
+            return "/v1/results", self._codec.encode(ResultsRequest(ids=ids, wait=wait))
+
+        response = self._request(b"POST", *build(wait), wait, build)
         return self._codec.decode(response, RESULTS_REPLY).jobs
 
     def results(
@@ -637,9 +665,11 @@ class Client:
             acks=list(acks),
             fails=list(fails),
         )
-        response = self._request(
-            b"POST", "/v1/lease", self._codec.encode(request), wait
-        )
+
+        def build(wait: float) -> tuple[str, bytes]:
+            return "/v1/lease", self._codec.encode(replace(request, wait=wait))
+
+        response = self._request(b"POST", *build(wait), wait, build)
         return self._codec.decode(response, LEASE_REPLY)
 
     def ack(self, job_id: str, lease: str, result: Any = None) -> None:
