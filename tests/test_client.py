@@ -460,7 +460,7 @@ def test_a_long_poll_resent_after_a_lost_reply_waits_only_what_is_left(
     try:
         with qclient.Client(proxy.url, timeout=5) as client:
             job = client.send("never-run")
-            waits = {
+            waits: dict[str, Callable[[], object]] = {
                 "result": lambda: job.result(timeout=1.5),
                 "results": lambda: client.results([job], timeout=1.5),
             }
