@@ -451,6 +451,34 @@ def test_a_resent_enqueue_is_success_only_if_its_own_jobs_are_stored(
         proxy.close()
 
 
+def test_a_protocol_error_from_send_carries_the_ids_to_send_again_with(
+    broker: BrokerProcess,
+) -> None:
+    proxy = LossyProxy(broker.port)
+    try:
+        with qclient.Client(proxy.url, retries=0) as client:
+            proxy.lose_replies(1)  # stored, its reply lost
+            with pytest.raises(qclient.ProtocolError) as lost:
+                client.send("ids", [1])
+            [stored] = lost.value.job_ids
+            assert client.get_job(stored).args == [1]
+            with pytest.raises(qclient.DuplicateJob):  # sent again: not twice
+                client.send("ids", [1], job_id=stored)
+            proxy.swallow(2)  # never reached the broker (2: the free keep-alive resend)
+            with pytest.raises(qclient.ProtocolError) as unsent:
+                client.send_many("ids", [{"args": [2]}, {"args": [3]}])
+            ids = unsent.value.job_ids
+            assert len(ids) == 2
+            again = client.send_many(
+                "ids",
+                [{"id": i, "args": [n]} for i, n in zip(ids, (2, 3), strict=True)],
+            )
+            assert [j.id for j in again] == ids
+            assert client.queue("ids").counts["queued"] == 3
+    finally:
+        proxy.close()
+
+
 def test_a_long_poll_resent_after_a_lost_reply_waits_only_what_is_left(
     broker: BrokerProcess,
 ) -> None:

@@ -329,7 +329,11 @@ class AsyncClient:
             dedup_key=dedup_key,
         )
         path = f"/v1/queues/{path_name(queue)}/jobs"
-        response = await self._request(b"POST", path, self._codec.encode(spec))
+        try:
+            response = await self._request(b"POST", path, self._codec.encode(spec))
+        except ProtocolError as exc:
+            exc.job_ids = [spec.id or ""]
+            raise
         if response.status == 409 and response.retried:
             await self._accept_duplicate(response, queue, [spec])
             return AsyncJob(spec.id or "", queue, self)
@@ -354,26 +358,33 @@ class AsyncClient:
         """Enqueue many jobs, up to 1,000 per request; see `Client.send_many()`."""
         specs = specs_from_items(items)
         path = f"/v1/queues/{path_name(queue)}/jobs"
-        jobs: list[AsyncJob] = []
-        for start in range(0, len(specs), SEND_MANY_CHUNK):
-            chunk = specs[start : start + SEND_MANY_CHUNK]
-            ids = await self._enqueue_batch(queue, path, chunk)
-            jobs.extend(AsyncJob(job_id, queue, self) for job_id in ids)
-        return jobs
+        stored: list[str] = []
+        try:
+            for start in range(0, len(specs), SEND_MANY_CHUNK):
+                chunk = specs[start : start + SEND_MANY_CHUNK]
+                await self._enqueue_batch(queue, path, chunk, stored)
+        except ProtocolError as exc:
+            exc.job_ids = [spec.id or "" for spec in specs[len(stored) :]]
+            raise
+        return [AsyncJob(job_id, queue, self) for job_id in stored]
 
     async def _enqueue_batch(
-        self, queue: str, path: str, specs: list[JobSpec]
-    ) -> list[str]:
+        self, queue: str, path: str, specs: list[JobSpec], stored: list[str]
+    ) -> None:
+        """Enqueue one batch, halved on 413; appends the ids to `stored` as each
+        request is answered, so they are known stored in order."""
         body = self._codec.encode(EnqueueManyRequest(jobs=specs))
         response = await self._request(b"POST", path, body)
         if response.status == 413 and len(specs) > 1:
             half = len(specs) // 2
-            first = await self._enqueue_batch(queue, path, specs[:half])
-            return first + await self._enqueue_batch(queue, path, specs[half:])
+            await self._enqueue_batch(queue, path, specs[:half], stored)
+            await self._enqueue_batch(queue, path, specs[half:], stored)
+            return
         if response.status == 409 and response.retried:
             await self._accept_duplicate(response, queue, specs)
-            return [spec.id or "" for spec in specs]
-        return self._codec.decode(response, ENQUEUE_MANY_REPLY).ids
+            stored += [spec.id or "" for spec in specs]
+        else:
+            stored += self._codec.decode(response, ENQUEUE_MANY_REPLY).ids
 
     def job(self, job_id: str) -> AsyncJob:
         """An `AsyncJob` handle for an id (no request is made)."""

@@ -91,7 +91,18 @@ class ProtocolError(QClientError):
 
     The request may or may not have been applied (protocol.md section 1, "Durability").
     `__cause__` holds the last underlying error.
+
+    Attributes:
+        job_ids: from `send()` and `send_many()`, the ids chosen for the jobs not
+            known stored, so they can be sent again safely with the same ids;
+            otherwise empty.
     """
+
+    job_ids: list[str]
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.job_ids = []
 
 
 class JobNotSucceeded(QClientError):

@@ -394,7 +394,8 @@ class Client:
             DuplicateJob: the id, or an unfinished job's dedup_key, already exists.
             InvalidRequest: a value was out of range (`.field` names it).
             ProtocolError: the broker could not be reached; the job may or may not
-                be stored, and sending again with the same `job_id` is safe.
+                be stored. Its `job_ids` holds the id chosen for it: sending again
+                with `job_id=exc.job_ids[0]` is safe.
         """
         spec = make_spec(
             payload,
@@ -413,7 +414,11 @@ class Client:
             dedup_key=dedup_key,
         )
         path = f"/v1/queues/{path_name(queue)}/jobs"
-        response = self._request(b"POST", path, self._codec.encode(spec))
+        try:
+            response = self._request(b"POST", path, self._codec.encode(spec))
+        except ProtocolError as exc:
+            exc.job_ids = [spec.id or ""]
+            raise
         if response.status == 409 and response.retried:
             self._accept_duplicate(response, queue, [spec])
             return Job(spec.id or "", queue, self)
@@ -449,29 +454,42 @@ class Client:
             One `Job` per item, in order.
 
         Raises:
-            DuplicateJob, InvalidRequest, ProtocolError: as for `send()`.
+            DuplicateJob, InvalidRequest: as for `send()`.
+            ProtocolError: the broker could not be reached. Its `job_ids` are the
+                ids of the items not known stored, the last `len(job_ids)` items in
+                order (the first of them may be stored): send those again with
+                these ids.
             TypeError: a mapping has a key that is not a JobSpec field.
         """
         specs = specs_from_items(items)
         path = f"/v1/queues/{path_name(queue)}/jobs"
-        jobs: list[Job] = []
-        for start in range(0, len(specs), SEND_MANY_CHUNK):
-            chunk = specs[start : start + SEND_MANY_CHUNK]
-            ids = self._enqueue_batch(queue, path, chunk)
-            jobs.extend(Job(job_id, queue, self) for job_id in ids)
-        return jobs
+        stored: list[str] = []
+        try:
+            for start in range(0, len(specs), SEND_MANY_CHUNK):
+                chunk = specs[start : start + SEND_MANY_CHUNK]
+                self._enqueue_batch(queue, path, chunk, stored)
+        except ProtocolError as exc:
+            exc.job_ids = [spec.id or "" for spec in specs[len(stored) :]]
+            raise
+        return [Job(job_id, queue, self) for job_id in stored]
 
-    def _enqueue_batch(self, queue: str, path: str, specs: list[JobSpec]) -> list[str]:
+    def _enqueue_batch(
+        self, queue: str, path: str, specs: list[JobSpec], stored: list[str]
+    ) -> None:
+        """Enqueue one batch, halved on 413; appends the ids to `stored` as each
+        request is answered, so they are known stored in order."""
         body = self._codec.encode(EnqueueManyRequest(jobs=specs))
         response = self._request(b"POST", path, body)
         if response.status == 413 and len(specs) > 1:  # nothing stored: halve it
             half = len(specs) // 2
-            first = self._enqueue_batch(queue, path, specs[:half])
-            return first + self._enqueue_batch(queue, path, specs[half:])
+            self._enqueue_batch(queue, path, specs[:half], stored)
+            self._enqueue_batch(queue, path, specs[half:], stored)
+            return
         if response.status == 409 and response.retried:
             self._accept_duplicate(response, queue, specs)
-            return [spec.id or "" for spec in specs]
-        return self._codec.decode(response, ENQUEUE_MANY_REPLY).ids
+            stored += [spec.id or "" for spec in specs]
+        else:
+            stored += self._codec.decode(response, ENQUEUE_MANY_REPLY).ids
 
     def job(self, job_id: str) -> Job:
         """A `Job` handle for an id (no request is made)."""
