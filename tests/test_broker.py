@@ -250,6 +250,33 @@ def test_release_does_not_count_the_attempt(wire: Wire) -> None:
     assert again["attempt"] == 1
 
 
+def test_a_resent_lease_gets_the_jobs_its_lost_reply_carried(wire: Wire) -> None:
+    ids = wire.ok("POST", "/v1/queues/q/jobs", {"jobs": [{}, {}, {}]})["ids"]
+    first = wire.lease("q", max=2, request_id="req-0001", timeout=30)
+    again = wire.lease("q", max=2, request_id="req-0001", timeout=30, resend=True)
+    assert [(j["id"], j["lease"], j["attempt"]) for j in again] == [
+        (j["id"], j["lease"], 1) for j in first
+    ]
+    assert [j["id"] for j in first] == ids[:2]
+    assert wire.ok("GET", "/v1/queues/q")["counts"]["queued"] == 1
+    # without `resend`, the same id leases anew; a resend of a request the broker
+    # never saw, or whose jobs are no longer active under it, leases anew too
+    [third] = wire.lease("q", request_id="req-0001")
+    assert third["id"] == ids[2]
+    for job in (*first, third):
+        wire.ok("POST", f"/v1/jobs/{job['id']}/ack", {"lease": job["lease"]})
+    wire.ok("POST", "/v1/queues/q/jobs", {"id": "late"})
+    for rid in ("req-0001", "never-sent"):
+        [job] = wire.lease("q", request_id=rid, resend=True)
+        assert job["id"] == "late"
+        wire.ok("POST", "/v1/jobs/late/release", {"lease": job["lease"]})
+    for bad in ("short", "has:colon", "x" * 65):
+        status, reply = wire.call(
+            "POST", "/v1/lease", {"queues": ["q"], "request_id": bad}
+        )
+        assert (status, reply["field"]) == (422, "request_id"), bad
+
+
 def test_a_resent_release_is_ok_again_and_changes_nothing(wire: Wire) -> None:
     job_id = wire.enqueue("q")
     [job] = wire.lease("q")

@@ -479,6 +479,37 @@ def test_a_protocol_error_from_send_carries_the_ids_to_send_again_with(
         proxy.close()
 
 
+def test_a_lease_whose_reply_was_lost_is_resent_safely(broker: BrokerProcess) -> None:
+    # The first lease is committed and its reply lost; the resend must hand back that
+    # job, not lease another and leave the first active with an attempt counted (a
+    # job allowed no retries would end dead without ever running).
+    proxy = LossyProxy(broker.port)
+    try:
+        with qclient.Client(proxy.url, timeout=5) as client:
+            first, second, _ = client.send_many("once", [{"max_retries": 0}] * 3)
+            proxy.lose_replies(1)
+            [job] = client.lease(["once"], wait=1, timeout=30)
+            assert (job.id, job.attempt) == (first.id, 1)
+            counts = client.queue("once").counts
+            assert (counts["active"], counts["queued"]) == (1, 2)
+            # a worker's form: the ack carried by the next lease, both resent
+            proxy.lose_replies(1)
+            reply = client.settle_and_lease(
+                ["once"], [qclient.AckItem(id=job.id, lease=job.lease, result="ran")]
+            )
+            assert [r.ok for r in reply.results] == [True]
+            assert [(j.id, j.attempt) for j in reply.jobs] == [(second.id, 1)]
+            counts = client.queue("once").counts
+            assert (counts["succeeded"], counts["active"], counts["queued"]) == (
+                1,
+                1,
+                1,
+            )
+            assert first.result(timeout=5) == "ran"
+    finally:
+        proxy.close()
+
+
 def test_a_long_poll_resent_after_a_lost_reply_waits_only_what_is_left(
     broker: BrokerProcess,
 ) -> None:

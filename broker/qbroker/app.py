@@ -442,12 +442,14 @@ class Broker:
         deadline = trio.current_time() + body.wait
         settle = bool(body.acks or body.fails)
         results: list[BatchResult] = []
+        first = True
         while True:
             with self.queue_waiters.register(
                 body.queues, body, alive=req.peer_alive
             ) as slot:
                 now = self.clock.now()
-                lease = self._lease_for(body, now)
+                lease = self._lease_for(body, now, first=first)
+                first = False
                 if settle:  # the outcomes first, in the first pass's commit
                     settle = False
                     results, leased = await self._settle(
@@ -478,18 +480,26 @@ class Broker:
             self.poke_reaper(min(j.lease_expires_at for j in jobs))
         return encode(req, LeaseReply(jobs=jobs, results=results, more=more))
 
-    def _lease_for(self, body: LeaseRequest, now: float) -> Callable[[], Leased]:
+    def _lease_for(
+        self, body: LeaseRequest, now: float, *, first: bool = False
+    ) -> Callable[[], Leased]:
         """The store call (for the writer thread) that leases what `body` asks for,
-        and tells whether more was ready than it got."""
+        and tells whether more was ready than it got. The `first` pass of a resend
+        gives back what the request leased before, if its jobs are still active."""
 
         def lease() -> Leased:
-            jobs = self.store.lease(
-                body.queues,
-                max_jobs=body.max,
-                lease_seconds=body.timeout,
-                worker=body.worker,
-                now=now,
-            )
+            jobs = []
+            if first and body.resend and body.request_id is not None:
+                jobs = self.store.leased_by(body.request_id, body.queues, now=now)
+            if not jobs:
+                jobs = self.store.lease(
+                    body.queues,
+                    max_jobs=body.max,
+                    lease_seconds=body.timeout,
+                    worker=body.worker,
+                    now=now,
+                    request_id=body.request_id,
+                )
             full = len(jobs) >= body.max
             return jobs, full and self.store.more_ready(body.queues, now=now)
 

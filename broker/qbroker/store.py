@@ -49,7 +49,7 @@ from qclient.wire import (
 )
 
 from qbroker import errors
-from qbroker.ids import new_lease_prefix
+from qbroker.ids import new_lease_prefix, request_prefix
 
 SCHEMA_VERSION = 1
 
@@ -324,6 +324,30 @@ _RECORD_COLUMNS = (
 )
 
 
+#: a leased job's columns, as `_leased_job` reads them
+_LEASED_COLUMNS = (
+    "priority, available_at, seq, id, task, payload, lease, attempts, max_retries,"
+    " lease_seconds, lease_expires_at"
+)
+
+
+def _leased_job(r: sqlite3.Row | tuple[Any, ...], queue: str) -> LeasedJob:
+    args, kwargs, headers = _decode_payload(r[5])
+    return LeasedJob(
+        id=r[3],
+        queue=queue,
+        task=r[4],
+        args=args,
+        kwargs=kwargs,
+        headers=headers,
+        lease=r[6],
+        attempt=r[7],
+        max_retries=r[8],
+        timeout=r[9],
+        lease_expires_at=r[10],
+    )
+
+
 def verify(path: Path) -> None:
     """Check an existing database before the broker writes to it, so that a damaged file
     stops the start instead of failing requests later. Reads only: a read-only
@@ -561,13 +585,15 @@ class Store:
         lease_seconds: float | None,
         worker: str,
         now: float,
+        request_id: str | None = None,
     ) -> list[LeasedJob]:
         """Lease up to `max_jobs` ready jobs, trying `queues` in order.
 
         Each job's attempt count goes up by one; its lease token is a random prefix
         shared by this call plus the job's row number, so it is unique per delivery.
+        With `request_id` the tokens start with it, for `leased_by`.
         """
-        prefix = new_lease_prefix()
+        prefix = new_lease_prefix(request_id)
         out: list[LeasedJob] = []
         with translate_errors():
             for queue in queues:
@@ -582,30 +608,33 @@ class Store:
                     " WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued'"
                     "   AND queue = ?5 AND (expires_at IS NULL OR expires_at > ?3)"
                     "   ORDER BY priority DESC, available_at, seq LIMIT ?6)"
-                    " RETURNING priority, available_at, seq, id, task, payload, lease,"
-                    " attempts, max_retries, lease_seconds, lease_expires_at",
+                    f" RETURNING {_LEASED_COLUMNS}",
                     (prefix, lease_seconds, now, worker, queue, want),
                 ).fetchall()
                 # RETURNING order is unspecified (sqlite.org/lang_returning.html)
                 rows.sort(key=lambda r: (-r[0], r[1], r[2]))
-                for r in rows:
-                    args, kwargs, headers = _decode_payload(r[5])
-                    out.append(
-                        LeasedJob(
-                            id=r[3],
-                            queue=queue,
-                            task=r[4],
-                            args=args,
-                            kwargs=kwargs,
-                            headers=headers,
-                            lease=r[6],
-                            attempt=r[7],
-                            max_retries=r[8],
-                            timeout=r[9],
-                            lease_expires_at=r[10],
-                        )
-                    )
+                out += (_leased_job(r, queue) for r in rows)
         return out
+
+    def leased_by(
+        self, request_id: str, queues: Sequence[str], *, now: float
+    ) -> list[LeasedJob]:
+        """The jobs that the lease call with `request_id` leased and that are still
+        active under its tokens, in the order it handed them out: what a resent lease
+        request gets back when its first reply was lost. O(active jobs): the
+        jobs_active index, then each row's token; only resends ask.
+        """
+        start = request_prefix(request_id)
+        end = start[:-1] + chr(ord(start[-1]) + 1)  # every token with that prefix
+        with translate_errors():
+            rows = self.conn.execute(
+                f"SELECT {_LEASED_COLUMNS}, queue FROM jobs WHERE state = 'active'"
+                " AND lease_expires_at > ?1 AND lease >= ?2 AND lease < ?3",
+                (now, start, end),
+            ).fetchall()
+        order = {q: i for i, q in enumerate(queues)}
+        rows.sort(key=lambda r: (order.get(r[11], len(order)), -r[0], r[1], r[2]))
+        return [_leased_job(r, r[11]) for r in rows]
 
     def more_ready(self, queues: Sequence[str], *, now: float) -> bool:
         """Whether any of `queues` has a job ready to lease (after a full lease: so a

@@ -13,6 +13,7 @@ of `_sync.Client`; see its module docstring.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
@@ -538,12 +539,15 @@ class AsyncClient:
             worker=worker,
             acks=list(acks),
             fails=list(fails),
+            request_id=secrets.token_hex(8),
         )
 
         def build(wait: float) -> tuple[str, bytes]:
-            return "/v1/lease", self._codec.encode(replace(request, wait=wait))
+            again = replace(request, wait=wait, resend=True)
+            return "/v1/lease", self._codec.encode(again)
 
-        response = await self._request(b"POST", *build(wait), wait, build)
+        body = self._codec.encode(request)
+        response = await self._request(b"POST", "/v1/lease", body, wait, build)
         return self._codec.decode(response, LEASE_REPLY)
 
     async def ack(self, job_id: str, lease: str, result: Any = None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 import threading
 import time
@@ -669,7 +670,8 @@ class Client:
         `fail_many()`.
 
         The outcomes are committed before any long-poll wait, so a result long-poll
-        sees them at once; their `results` come with the reply's `jobs`.
+        sees them at once; their `results` come with the reply's `jobs`. A resend
+        after a lost reply gets the jobs the lost reply carried (`request_id`).
 
         Returns:
             The leased jobs, and one `BatchResult` per ack, then per fail, in order.
@@ -682,12 +684,15 @@ class Client:
             worker=worker,
             acks=list(acks),
             fails=list(fails),
+            request_id=secrets.token_hex(8),
         )
 
         def build(wait: float) -> tuple[str, bytes]:
-            return "/v1/lease", self._codec.encode(replace(request, wait=wait))
+            again = replace(request, wait=wait, resend=True)
+            return "/v1/lease", self._codec.encode(again)
 
-        response = self._request(b"POST", *build(wait), wait, build)
+        body = self._codec.encode(request)
+        response = self._request(b"POST", "/v1/lease", body, wait, build)
         return self._codec.decode(response, LEASE_REPLY)
 
     def ack(self, job_id: str, lease: str, result: Any = None) -> None:

@@ -89,6 +89,8 @@ MAX_BATCH = 10_000
 MAX_RESULTS = 1000  #: job ids one `POST /v1/results` may wait for
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+#: A lease request's own id, chosen by the client: 8-64 letters, digits, _ and -.
+RequestId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{8,64}(?!\n)$")]
 MAX_SECONDS = 10 * 365 * 86400.0  #: the longest delay, lease or retry_in: ten years
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)]
 UnixTime = Annotated[float, msgspec.Meta(ge=0, le=32503680000.0)]  # up to year 3000
@@ -240,6 +242,9 @@ class LeaseRequest(_Struct, frozen=True):
     worker: Annotated[str, msgspec.Meta(max_length=200)] = ""
     acks: Annotated[list[AckItem], msgspec.Meta(max_length=MAX_BATCH)] = []
     fails: Annotated[list[FailItem], msgspec.Meta(max_length=MAX_BATCH)] = []
+    #: unique per lease request, not per resend: makes a resend safe (protocol.md)
+    request_id: RequestId | None = None
+    resend: bool = False  #: a resend of the request with this `request_id`
 
 
 class LeaseReply(_Struct, frozen=True):
