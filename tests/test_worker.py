@@ -632,6 +632,36 @@ def test_a_pool_whose_children_cannot_start_fails_without_leasing(
     assert (record.state, record.attempts) == ("queued", 0)
 
 
+def test_a_pool_whose_children_stop_starting_holds_no_jobs(
+    client: qclient.Client,
+    start_worker: Callable[..., WorkerProc],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Mid-run, no child can start any more: the worker must not hold jobs it cannot
+    # run (leased, their leases extended for good), and it runs them once children
+    # start again.
+    broken = tmp_path / "broken"
+    monkeypatch.setenv("QW_BREAK_FILE", str(broken))
+    client.send("wt_break")
+    worker = start_worker(
+        "--queue", "wt_break", "--module", "tasks_childbreak", "--pool", "processes",
+        "-c", "1", "--max-tasks-per-child", "1",
+    )  # fmt: skip
+
+    def failures() -> int:
+        return len(worker.events("pool.child_failed"))
+
+    wait_for(lambda: failures() >= 2, 30, "children failing to start")
+    after = client.send("wt_break", task="wt_after")
+    wait_for(lambda: failures() >= 4, 30, "two more failed starts")
+    record = client.get_job(after.id)
+    assert (record.state, record.attempts) == ("queued", 0), worker.output()
+    broken.unlink()
+    assert after.result(timeout=30) == "ran"
+    assert worker.proc.poll() is None
+
+
 def test_unregistered_task_fails_clearly_without_retry(
     client: qclient.Client, start_worker: Callable[..., WorkerProc]
 ) -> None:

@@ -95,6 +95,9 @@ class Pool(Protocol):
     def drain(self) -> list[Execution]:
         """Take back every execution submitted but not yet started."""
 
+    def stalled(self) -> bool:
+        """Whether no slot can start a job now (every child failed to start)."""
+
     def close(self, timeout: float) -> None:
         """Stop the slots once they finish what runs; wait up to `timeout` seconds."""
 
@@ -264,6 +267,9 @@ class ThreadPool:
 
     def drain(self) -> list[Execution]:
         return _take_all(self.queue)
+
+    def stalled(self) -> bool:
+        return False  # a thread slot never fails to start
 
     def run_here(self, execution: Execution) -> None:
         """Run `execution` in the calling thread, outside the slots, and report it.
@@ -437,6 +443,7 @@ class _ProcessSlot:
         self.watch: selectors.BaseSelector | None = None
         self.tasks_run = 0
         self.failure = ""  #: why the last child failed to start
+        self.failing = False  #: its last try to start a child failed: no child
         self.thread = threading.Thread(
             target=self.run, name=f"qworker-slot-{index}", daemon=True
         )
@@ -510,7 +517,9 @@ class _ProcessSlot:
                 return True
             self.stop_child()
             if self.spawn():
+                self.failing = False
                 return True
+            self.failing = True
             time.sleep(backoff)
             backoff = min(backoff * 2, RESPAWN_BACKOFF_MAX)
         return False
@@ -728,6 +737,10 @@ class ProcessPool:
                 held.extend(slot.held)
                 slot.held.clear()
         return held + _take_all(self.queue)
+
+    def stalled(self) -> bool:
+        # a flag per slot, read without the lock: a stale read only delays a look
+        return all(slot.failing for slot in self._slots)
 
     def close(self, timeout: float) -> None:
         self.closing = True

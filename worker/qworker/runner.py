@@ -107,6 +107,7 @@ IDLE_TICK = 1.0  #: seconds the control thread sleeps at most when nothing is du
 POLL_TICK = 0.1  #: seconds between the main thread's looks at signals
 START_POLL = 0.02  #: seconds between looks at whether a time-limited task has started
 PREFETCH_HOLD = 1.0  #: seconds a prefetched job may wait here for a slot
+STALLED_LOOK = 0.5  #: seconds between looks at a stalled pool (no child could start)
 
 log = structlog.get_logger("qworker")
 
@@ -463,7 +464,7 @@ class Worker:
                 self._lease_in_flight = False
                 self._lease_parked = carry
                 while not self._stopping and not (free := self._room(time.monotonic())):
-                    self._cond.wait()
+                    self._cond.wait(STALLED_LOOK if self._stalled() else None)
                 # Runs are short: a moment's wait saves a request.
                 mean = self._mean_run
                 if carry and mean is not None and mean < SHORT_RUN:
@@ -565,7 +566,12 @@ class Worker:
                 self.prefetch, self.concurrency, self._mean_run, longest
             )
         free = self.concurrency + allowance - len(self._running)
+        if self._stalled():
+            return 0  # no child can start a job: lease none to hold here
         return free if free >= max(1, allowance // 2) else 0
+
+    def _stalled(self) -> bool:
+        return self._pool is not None and self._pool.stalled()
 
     def _await_outcomes(self, free: int, moment: float) -> int:
         """The jobs just dispatched drained the queue: wait up to `moment` for an
@@ -985,9 +991,18 @@ class Worker:
                 ex.next_extend = time.monotonic() + job.timeout * HEARTBEAT_FRACTION
 
     def _return_held(self) -> None:
-        """Once a job held for prefetch has waited PREFETCH_HOLD for a slot, give every
-        held job back: the slots are busy with longer runs than the allowance assumed,
-        and other workers may be free. The attempts are not counted."""
+        """Give back every job waiting here for a slot (their attempts not counted)
+        when the pool is stalled (its children fail to start, so nothing would run
+        them), or once a job held for prefetch has waited PREFETCH_HOLD for a slot
+        (the slots are busy with longer runs than the allowance assumed, and other
+        workers may be free)."""
+        assert self._pool is not None
+        if self._pool.stalled():
+            held = self._unsettle(self._pool.drain())
+            if held:
+                self._log.warning("worker.pool_stalled", jobs=len(held))
+                self._release(held, "pool_stalled")
+            return
         if not self.prefetch:
             return
         now = time.monotonic()
@@ -998,7 +1013,6 @@ class Worker:
             )
         if not overdue:
             return
-        assert self._pool is not None
         held = self._unsettle(self._pool.drain())
         if held:
             self._log.info("worker.prefetch_returned", jobs=len(held))
