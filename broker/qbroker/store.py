@@ -324,6 +324,23 @@ _RECORD_COLUMNS = (
 )
 
 
+#: The oldest ready job's available_at in a queue, by seeks in jobs_ready: one per
+#: distinct priority (a skip-scan down the index), then the first available_at of each.
+#: A plain min() over the queue's ready jobs reads all of them: 124 ms at 1M, not 0.2.
+_OLDEST_READY_SQL = """
+WITH RECURSIVE p(pr) AS (
+    SELECT (SELECT priority FROM jobs WHERE state = 'queued' AND queue = ?1
+            ORDER BY priority DESC LIMIT 1)
+    UNION ALL
+    SELECT (SELECT priority FROM jobs WHERE state = 'queued' AND queue = ?1
+            AND priority < p.pr ORDER BY priority DESC LIMIT 1)
+    FROM p WHERE p.pr IS NOT NULL
+)
+SELECT min((SELECT available_at FROM jobs WHERE state = 'queued' AND queue = ?1
+            AND priority = p.pr ORDER BY priority DESC, available_at LIMIT 1))
+FROM p WHERE p.pr IS NOT NULL
+"""
+
 #: a leased job's columns, as `_leased_job` reads them
 _LEASED_COLUMNS = (
     "priority, available_at, seq, id, task, payload, lease, attempts, max_retries,"
@@ -1074,10 +1091,7 @@ class Reader:
                     (queue,),
                 ):
                     counts[state] = n
-                oldest = conn.execute(
-                    "SELECT min(available_at) FROM jobs WHERE queue = ? AND state = 'queued'",
-                    (queue,),
-                ).fetchone()[0]
+                oldest = conn.execute(_OLDEST_READY_SQL, (queue,)).fetchone()[0]
             finally:
                 conn.execute("COMMIT")
         age = None if oldest is None else max(0.0, now - oldest)
