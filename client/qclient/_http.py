@@ -70,7 +70,7 @@ RETRY_STATUSES: Final = frozenset({408, 429, 503})
 _NAME_RE = re.compile(NAME_PATTERN)
 
 
-#: builds a long-poll's (path, body) for a given wait: a resend waits only what is left
+#: builds a request's (path, body) anew for a resend, given what is left of its wait
 Rewait = Callable[[float], tuple[str, bytes]]
 
 

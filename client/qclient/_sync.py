@@ -249,9 +249,9 @@ class Client:
         """Send one request, retrying per the policy; return the final reply.
 
         The reply may be any status except the retried ones (while retries last).
-        A long-poll passes `rewait`, which builds it anew for a shorter wait: a resend
-        waits only what is left of `wait` (the broker may have spent the rest of it
-        before the connection broke).
+        Long-polls and leases pass `rewait`, which builds the request anew for each
+        resend: it waits only what is left of `wait` (the broker may have spent the
+        rest before the connection broke), and a lease says it is a resend.
 
         Raises:
             ProtocolError: the broker could not be reached or the reply timed out.
