@@ -259,6 +259,8 @@ def test_a_resent_lease_gets_the_jobs_its_lost_reply_carried(wire: Wire) -> None
     ]
     assert [j["id"] for j in first] == ids[:2]
     assert wire.ok("GET", "/v1/queues/q")["counts"]["queued"] == 1
+    leased = b'qbroker_jobs_leased_total{queue="q"} 2.0'  # not counted again
+    assert leased in wire.raw("GET", "/metrics")[1]
     # without `resend`, the same id leases anew; a resend of a request the broker
     # never saw, or whose jobs are no longer active under it, leases anew too
     [third] = wire.lease("q", request_id="req-0001")

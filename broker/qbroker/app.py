@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import prometheus_client
 import trio
@@ -62,8 +62,14 @@ from qbroker.writer import Call, Writer
 MAX_RESULT_WAIT = 300.0  #: seconds a result long-poll may ask for
 _EMPTY: dict[str, Any] = {}  #: the reply of an ack or a release
 T = TypeVar("T")
-#: what a lease got, and whether more was ready in its queues than it asked for
-Leased = tuple[list[LeasedJob], bool]
+
+
+class Leased(NamedTuple):
+    """What a lease got, and whether more was ready in its queues than it asked for."""
+
+    jobs: list[LeasedJob]
+    more: bool = False
+    again: bool = False  #: the jobs a resent request leased before (counted then)
 
 
 class Slot:
@@ -336,7 +342,7 @@ class Broker:
     ) -> Response:
         """The rest of `_enqueue`, once its write is durable."""
         queue = req.params["queue"]
-        leased: list[Leased] = [([], False) for _ in takers]
+        leased = [Leased([]) for _ in takers]
         try:
             ids, leased = await self.writer.wait(call)
         finally:  # on failure too: the long-polls go back to leasing on their own
@@ -455,9 +461,10 @@ class Broker:
                     results, leased = await self._settle(
                         body.acks, body.fails, now, lease
                     )
-                    jobs, more = leased or ([], False)
+                    got = leased or Leased([])
                 else:
-                    jobs, more = await self.writer.call(lease)
+                    got = await self.writer.call(lease)
+                jobs = got.jobs
                 if jobs or self.closing or trio.current_time() >= deadline:
                     break
                 slot.parked = True
@@ -469,16 +476,17 @@ class Broker:
                     # are ours whatever the deadline says, or they would be orphaned.
                     with trio.CancelScope(shield=True):
                         await slot.handoff.wait()
-                    jobs, more = slot.value
+                    got = slot.value
+                    jobs = got.jobs
                     if jobs:
                         break
                 if not req.peer_alive():
                     break  # the client has gone: lease nothing more for it
-        if jobs:
+        if jobs and not got.again:
             for queue, n in Counter(job.queue for job in jobs).items():
                 metrics.jobs_leased(queue).inc(n)
             self.poke_reaper(min(j.lease_expires_at for j in jobs))
-        return encode(req, LeaseReply(jobs=jobs, results=results, more=more))
+        return encode(req, LeaseReply(jobs=jobs, results=results, more=got.more))
 
     def _lease_for(
         self, body: LeaseRequest, now: float, *, first: bool = False
@@ -488,20 +496,20 @@ class Broker:
         gives back what the request leased before, if its jobs are still active."""
 
         def lease() -> Leased:
-            jobs = []
             if first and body.resend and body.request_id is not None:
-                jobs = self.store.leased_by(body.request_id, body.queues, now=now)
-            if not jobs:
-                jobs = self.store.lease(
-                    body.queues,
-                    max_jobs=body.max,
-                    lease_seconds=body.timeout,
-                    worker=body.worker,
-                    now=now,
-                    request_id=body.request_id,
-                )
+                again = self.store.leased_by(body.request_id, body.queues, now=now)
+                if again:
+                    return Leased(again, again=True)
+            jobs = self.store.lease(
+                body.queues,
+                max_jobs=body.max,
+                lease_seconds=body.timeout,
+                worker=body.worker,
+                now=now,
+                request_id=body.request_id,
+            )
             full = len(jobs) >= body.max
-            return jobs, full and self.store.more_ready(body.queues, now=now)
+            return Leased(jobs, full and self.store.more_ready(body.queues, now=now))
 
         return lease
 
