@@ -49,6 +49,30 @@ def test_sigkill_loses_no_acknowledged_enqueue(broker: BrokerProcess) -> None:
     w.close()
 
 
+def test_a_lease_resent_to_a_restarted_broker_gets_the_same_jobs(
+    broker: BrokerProcess,
+) -> None:
+    # The broker commits a lease and dies before its reply reaches the worker: the
+    # worker's resend, to the restarted broker, gets those jobs (found by the request's
+    # id in the tokens on disk), not others.
+    w = Wire(broker.url)
+    w.ok("POST", "/v1/queues/rl/jobs", {"jobs": [{}, {}, {}]})
+    first = w.lease("rl", max=2, timeout=60, request_id="crash-0001")
+    w.close()
+    broker.kill()
+    broker.start()
+    w = Wire(broker.url)
+    again = w.lease("rl", max=2, timeout=60, request_id="crash-0001", resend=True)
+    assert [(j["id"], j["lease"], j["attempt"]) for j in again] == [
+        (j["id"], j["lease"], 1) for j in first
+    ]
+    for job in again:
+        w.ok("POST", f"/v1/jobs/{job['id']}/ack", {"lease": job["lease"]})
+    counts = w.ok("GET", "/v1/queues/rl")["counts"]
+    assert (counts["succeeded"], counts["queued"], counts["active"]) == (2, 1, 0)
+    w.close()
+
+
 def test_wal_starts_at_its_working_size_and_a_crash_loses_nothing(
     broker: BrokerProcess,
 ) -> None:
