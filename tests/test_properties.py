@@ -458,6 +458,7 @@ UNFINISHED = {"scheduled", "queued", "active"}
 # the model's arithmetic equals SQLite's
 DELAYS = [None, None, 0.0, 0.5, 2.0, 5.0]
 LEASES = [None, 0.5, 1.0, 3.0, 10.0]
+REQUEST_IDS = ["req-one1", "req-two2"]  #: lease request ids (a client may reuse one)
 #: short leases and result_ttl, so that leases run out and results get swept
 SM_DEFAULTS = Defaults(max_retries=3, lease_seconds=2.0, result_ttl=15.0)
 
@@ -697,9 +698,14 @@ class JobMachine(RuleBasedStateMachine):
         queues=st.lists(st.sampled_from(QUEUES), min_size=1, max_size=3),
         max_jobs=st.integers(1, 4),
         lease_seconds=st.sampled_from(LEASES),
+        request_id=st.sampled_from([None, None, *REQUEST_IDS]),
     )
     def lease(
-        self, queues: list[str], max_jobs: int, lease_seconds: float | None
+        self,
+        queues: list[str],
+        max_jobs: int,
+        lease_seconds: float | None,
+        request_id: str | None,
     ) -> None:
         want: list[MJob] = []
         taken: set[str] = set()
@@ -725,7 +731,7 @@ class JobMachine(RuleBasedStateMachine):
             taken.update(j.id for j in want)
         got = self.run(
             self.store.lease, queues, max_jobs=max_jobs, lease_seconds=lease_seconds,
-            worker="w", now=self.now,
+            worker="w", now=self.now, request_id=request_id,
         )  # fmt: skip
         # priority first, then the job ready first, then FIFO; queues in the order asked
         assert [g.id for g in got] == [j.id for j in want]
@@ -745,6 +751,40 @@ class JobMachine(RuleBasedStateMachine):
             assert g.lease_expires_at == j.lease_expires_at
             assert j.attempts <= j.max_retries + 1
             self.tokens.append((g.id, g.lease))
+
+    @rule(
+        request_id=st.sampled_from(REQUEST_IDS),
+        queues=st.lists(st.sampled_from(QUEUES), min_size=1, max_size=3),
+    )
+    def leased_by(self, request_id: str, queues: list[str]) -> None:
+        """What a resent lease gets back: the active, unexpired jobs leased under its
+        request id, in lease order (queues as first named, priority, readiness, FIFO)."""
+        got = self.run(self.store.leased_by, request_id, queues, now=self.now)
+        first: dict[str, int] = {}
+        for i, q in enumerate(queues):
+            first.setdefault(q, i)
+        want = sorted(
+            (
+                j
+                for j in self.model.values()
+                if j.state == "active"
+                and j.lease is not None
+                and j.lease.startswith(request_id + ":")
+                and j.lease_expires_at is not None
+                and j.lease_expires_at > self.now
+            ),
+            key=lambda j: (
+                first.get(j.queue, len(first)),
+                -j.priority,
+                j.available_at,
+                j.order,
+            ),
+        )
+        if want:
+            event("leased_by: found jobs")
+        assert [(g.id, g.lease, g.attempt) for g in got] == [
+            (j.id, j.lease, j.attempts) for j in want
+        ]
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())

@@ -649,7 +649,9 @@ class Store:
                 " AND lease_expires_at > ?1 AND lease >= ?2 AND lease < ?3",
                 (now, start, end),
             ).fetchall()
-        order = {q: i for i, q in enumerate(queues)}
+        order: dict[str, int] = {}
+        for i, q in enumerate(queues):
+            order.setdefault(q, i)  # a queue named twice gave its jobs the first time
         rows.sort(key=lambda r: (order.get(r[11], len(order)), -r[0], r[1], r[2]))
         return [_leased_job(r, r[11]) for r in rows]
 
