@@ -421,120 +421,107 @@ def test_a_call_ends_within_its_timeout_when_connects_hang() -> None:
             s.close()
 
 
+@pytest.fixture
+def proxy(broker: BrokerProcess) -> Iterator[LossyProxy]:
+    """A proxy in front of the broker that can lose a request or a reply."""
+    p = LossyProxy(broker.port)
+    yield p
+    p.close()
+
+
 def test_a_resent_enqueue_is_success_only_if_its_own_jobs_are_stored(
-    broker: BrokerProcess,
+    proxy: LossyProxy,
 ) -> None:
-    proxy = LossyProxy(broker.port)
-    try:
-        with qclient.Client(proxy.url, timeout=10) as client:
-            # The reply lost after the commit: the resend's 409 is the first attempt's
-            # success, and nothing is stored twice.
-            proxy.lose_replies(1)
-            jobs = client.send_many("lossy", [{"args": [i]} for i in range(5)])
-            assert [client.get_job(j.id).args for j in jobs] == [[i] for i in range(5)]
-            proxy.lose_replies(1)
-            assert client.send("lossy", [5], job_id="mine-1").id == "mine-1"
-            # The request lost before the broker saw it, and an id of the batch meets
-            # a stored job: the resend's 409 is that clash, and nothing was stored.
-            client.send("lossy", ["old"], job_id="taken")
-            proxy.swallow(1)
-            with pytest.raises(qclient.DuplicateJob):
-                client.send_many(
-                    "lossy", [{"args": [7]}, {"id": "taken", "args": ["new"]}]
-                )
-            proxy.swallow(1)
-            with pytest.raises(qclient.DuplicateJob):
-                client.send("lossy", ["new"], job_id="taken")
-            assert client.get_job("taken").args == ["old"]
-            assert client.queue("lossy").counts["queued"] == 7
-    finally:
-        proxy.close()
+    with qclient.Client(proxy.url, timeout=10) as client:
+        # The reply lost after the commit: the resend's 409 is the first attempt's
+        # success, and nothing is stored twice.
+        proxy.lose_replies(1)
+        jobs = client.send_many("lossy", [{"args": [i]} for i in range(5)])
+        assert [client.get_job(j.id).args for j in jobs] == [[i] for i in range(5)]
+        proxy.lose_replies(1)
+        assert client.send("lossy", [5], job_id="mine-1").id == "mine-1"
+        # The request lost before the broker saw it, and an id of the batch meets
+        # a stored job: the resend's 409 is that clash, and nothing was stored.
+        client.send("lossy", ["old"], job_id="taken")
+        proxy.swallow(1)
+        with pytest.raises(qclient.DuplicateJob):
+            client.send_many("lossy", [{"args": [7]}, {"id": "taken", "args": ["new"]}])
+        proxy.swallow(1)
+        with pytest.raises(qclient.DuplicateJob):
+            client.send("lossy", ["new"], job_id="taken")
+        assert client.get_job("taken").args == ["old"]
+        assert client.queue("lossy").counts["queued"] == 7
 
 
 def test_a_protocol_error_from_send_carries_the_ids_to_send_again_with(
-    broker: BrokerProcess,
+    proxy: LossyProxy,
 ) -> None:
-    proxy = LossyProxy(broker.port)
-    try:
-        with qclient.Client(proxy.url, retries=0) as client:
-            proxy.lose_replies(1)  # stored, its reply lost
-            with pytest.raises(qclient.ProtocolError) as lost:
-                client.send("ids", [1])
-            [stored] = lost.value.job_ids
-            assert client.get_job(stored).args == [1]
-            with pytest.raises(qclient.DuplicateJob):  # sent again: not twice
-                client.send("ids", [1], job_id=stored)
-            proxy.swallow(2)  # never reached the broker (2: the free keep-alive resend)
-            with pytest.raises(qclient.ProtocolError) as unsent:
-                client.send_many("ids", [{"args": [2]}, {"args": [3]}])
-            ids = unsent.value.job_ids
-            assert len(ids) == 2
-            again = client.send_many(
-                "ids",
-                [{"id": i, "args": [n]} for i, n in zip(ids, (2, 3), strict=True)],
-            )
-            assert [j.id for j in again] == ids
-            assert client.queue("ids").counts["queued"] == 3
-    finally:
-        proxy.close()
+    with qclient.Client(proxy.url, retries=0) as client:
+        proxy.lose_replies(1)  # stored, its reply lost
+        with pytest.raises(qclient.ProtocolError) as lost:
+            client.send("ids", [1])
+        [stored] = lost.value.job_ids
+        assert client.get_job(stored).args == [1]
+        with pytest.raises(qclient.DuplicateJob):  # sent again: not twice
+            client.send("ids", [1], job_id=stored)
+        proxy.swallow(2)  # never reached the broker (2: the free keep-alive resend)
+        with pytest.raises(qclient.ProtocolError) as unsent:
+            client.send_many("ids", [{"args": [2]}, {"args": [3]}])
+        ids = unsent.value.job_ids
+        assert len(ids) == 2
+        again = client.send_many(
+            "ids",
+            [{"id": i, "args": [n]} for i, n in zip(ids, (2, 3), strict=True)],
+        )
+        assert [j.id for j in again] == ids
+        assert client.queue("ids").counts["queued"] == 3
 
 
-def test_a_lease_whose_reply_was_lost_is_resent_safely(broker: BrokerProcess) -> None:
+def test_a_lease_whose_reply_was_lost_is_resent_safely(proxy: LossyProxy) -> None:
     # The first lease is committed and its reply lost; the resend must hand back that
     # job, not lease another and leave the first active with an attempt counted (a
     # job allowed no retries would end dead without ever running).
-    proxy = LossyProxy(broker.port)
-    try:
-        with qclient.Client(proxy.url, timeout=5) as client:
-            first, second, _ = client.send_many("once", [{"max_retries": 0}] * 3)
-            proxy.lose_replies(1)
-            [job] = client.lease(["once"], wait=1, timeout=30)
-            assert (job.id, job.attempt) == (first.id, 1)
-            counts = client.queue("once").counts
-            assert (counts["active"], counts["queued"]) == (1, 2)
-            # a worker's form: the ack carried by the next lease, both resent
-            proxy.lose_replies(1)
-            reply = client.settle_and_lease(
-                ["once"], [qclient.AckItem(id=job.id, lease=job.lease, result="ran")]
-            )
-            assert [r.ok for r in reply.results] == [True]
-            assert [(j.id, j.attempt) for j in reply.jobs] == [(second.id, 1)]
-            counts = client.queue("once").counts
-            assert (counts["succeeded"], counts["active"], counts["queued"]) == (
-                1,
-                1,
-                1,
-            )
-            assert first.result(timeout=5) == "ran"
-    finally:
-        proxy.close()
+    with qclient.Client(proxy.url, timeout=5) as client:
+        first, second, _ = client.send_many("once", [{"max_retries": 0}] * 3)
+        proxy.lose_replies(1)
+        [job] = client.lease(["once"], wait=1, timeout=30)
+        assert (job.id, job.attempt) == (first.id, 1)
+        counts = client.queue("once").counts
+        assert (counts["active"], counts["queued"]) == (1, 2)
+        # a worker's form: the ack carried by the next lease, both resent
+        proxy.lose_replies(1)
+        reply = client.settle_and_lease(
+            ["once"], [qclient.AckItem(id=job.id, lease=job.lease, result="ran")]
+        )
+        assert [r.ok for r in reply.results] == [True]
+        assert [(j.id, j.attempt) for j in reply.jobs] == [(second.id, 1)]
+        counts = client.queue("once").counts
+        done = (counts["succeeded"], counts["active"], counts["queued"])
+        assert done == (1, 1, 1)
+        assert first.result(timeout=5) == "ran"
 
 
 def test_a_long_poll_resent_after_a_lost_reply_waits_only_what_is_left(
-    broker: BrokerProcess,
+    proxy: LossyProxy,
 ) -> None:
     # The broker answers each long-poll after its whole wait and the reply is lost:
     # the resend must wait only what is left (it used to wait the whole wait again).
-    proxy = LossyProxy(broker.port)
-    try:
-        with qclient.Client(proxy.url, timeout=5) as client:
-            job = client.send("never-run")
-            waits: dict[str, Callable[[], object]] = {
-                "result": lambda: job.result(timeout=1.5),
-                "results": lambda: client.results([job], timeout=1.5),
-            }
-            for name, call in waits.items():
-                proxy.lose_replies(1)
-                start = time.monotonic()
-                with pytest.raises(TimeoutError):
-                    call()
-                assert 1.4 < time.monotonic() - start < 2.5, name
+    with qclient.Client(proxy.url, timeout=5) as client:
+        job = client.send("never-run")
+        waits: dict[str, Callable[[], object]] = {
+            "result": lambda: job.result(timeout=1.5),
+            "results": lambda: client.results([job], timeout=1.5),
+        }
+        for name, call in waits.items():
             proxy.lose_replies(1)
             start = time.monotonic()
-            assert client.lease(["empty-queue"], wait=1.5) == []
-            assert 1.4 < time.monotonic() - start < 2.5
-    finally:
-        proxy.close()
+            with pytest.raises(TimeoutError):
+                call()
+            assert 1.4 < time.monotonic() - start < 2.5, name
+        proxy.lose_replies(1)
+        start = time.monotonic()
+        assert client.lease(["empty-queue"], wait=1.5) == []
+        assert 1.4 < time.monotonic() - start < 2.5
 
 
 class ScriptedServer:
