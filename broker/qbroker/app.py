@@ -464,8 +464,7 @@ class Broker:
                     got = leased or Leased([])
                 else:
                     got = await self.writer.call(lease)
-                jobs = got.jobs
-                if jobs or self.closing or trio.current_time() >= deadline:
+                if got.jobs or self.closing or trio.current_time() >= deadline:
                     break
                 slot.parked = True
                 with trio.move_on_at(deadline):
@@ -477,16 +476,15 @@ class Broker:
                     with trio.CancelScope(shield=True):
                         await slot.handoff.wait()
                     got = slot.value
-                    jobs = got.jobs
-                    if jobs:
+                    if got.jobs:
                         break
                 if not req.peer_alive():
                     break  # the client has gone: lease nothing more for it
-        if jobs and not got.again:
-            for queue, n in Counter(job.queue for job in jobs).items():
+        if got.jobs and not got.again:
+            for queue, n in Counter(job.queue for job in got.jobs).items():
                 metrics.jobs_leased(queue).inc(n)
-            self.poke_reaper(min(j.lease_expires_at for j in jobs))
-        return encode(req, LeaseReply(jobs=jobs, results=results, more=got.more))
+            self.poke_reaper(min(j.lease_expires_at for j in got.jobs))
+        return encode(req, LeaseReply(jobs=got.jobs, results=results, more=got.more))
 
     def _lease_for(
         self, body: LeaseRequest, now: float, *, first: bool = False

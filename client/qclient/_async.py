@@ -49,6 +49,7 @@ from qclient._http import (
     backoff,
     format_wait,
     path_name,
+    rebuild,
     should_retry,
 )
 from qclient._job import (
@@ -234,9 +235,7 @@ class AsyncClient:
         free_retry = True
         while True:
             if resend and rewait is not None:
-                left = max(0.0, wait - (time.monotonic() - start))
-                path, body = rewait(left)
-                head = codec.head(method, codec.target(path), body)
+                body, head, left = rebuild(codec, method, rewait, wait, start)
                 reply_timeout = self.timeout + left
             resend = True
             error: BaseException | None = None

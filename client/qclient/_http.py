@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 import re
 import select
+import time
 from collections.abc import Callable
 from typing import Any, Final, Generic, Literal, TypeVar
 from urllib.parse import quote, urlsplit
@@ -72,6 +73,16 @@ _NAME_RE = re.compile(NAME_PATTERN)
 
 #: builds a request's (path, body) anew for a resend, given what is left of its wait
 Rewait = Callable[[float], tuple[str, bytes]]
+
+
+def rebuild(
+    codec: Codec, method: bytes, rewait: Rewait, wait: float, start: float
+) -> tuple[bytes, h11.Request, float]:
+    """A resend's body and head, built by `rewait` with what is left of `wait` since
+    `start` (time.monotonic()), and that wait."""
+    left = max(0.0, wait - (time.monotonic() - start))
+    path, body = rewait(left)
+    return body, codec.head(method, codec.target(path), body), left
 
 
 def backoff(attempt: int) -> float:

@@ -58,6 +58,7 @@ from qclient._http import (
     format_wait,
     path_name,
     readable_now,
+    rebuild,
     should_retry,
 )
 from qclient._job import (
@@ -271,9 +272,7 @@ class Client:
         free_retry = True  # one immediate retry for a pooled socket found dead
         while True:
             if resend and rewait is not None:
-                left = max(0.0, wait - (time.monotonic() - start))
-                path, body = rewait(left)
-                head = codec.head(method, codec.target(path), body)
+                body, head, left = rebuild(codec, method, rewait, wait, start)
                 reply_timeout = self.timeout + left
             resend = True
             error: BaseException | None = None

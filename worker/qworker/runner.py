@@ -998,25 +998,30 @@ class Worker:
         workers may be free)."""
         assert self._pool is not None
         if self._pool.stalled():
-            held = self._unsettle(self._pool.drain())
-            if held:
-                self._log.warning("worker.pool_stalled", jobs=len(held))
-                self._release(held, "pool_stalled")
-            return
-        if not self.prefetch:
-            return
-        now = time.monotonic()
-        with self._cond:
-            overdue = any(
-                ex.started_at is None and now - ex.leased_at >= PREFETCH_HOLD
-                for ex in self._running.values()
+            say, event, why = self._log.warning, "worker.pool_stalled", "pool_stalled"
+        elif self._prefetch_overdue():
+            say, event, why = (
+                self._log.info,
+                "worker.prefetch_returned",
+                "held_too_long",
             )
-        if not overdue:
+        else:
             return
         held = self._unsettle(self._pool.drain())
         if held:
-            self._log.info("worker.prefetch_returned", jobs=len(held))
-            self._release(held, "held_too_long")
+            say(event, jobs=len(held))
+            self._release(held, why)
+
+    def _prefetch_overdue(self) -> bool:
+        """Whether a job held for prefetch has waited PREFETCH_HOLD for a slot."""
+        if not self.prefetch:
+            return False
+        now = time.monotonic()
+        with self._cond:
+            return any(
+                ex.started_at is None and now - ex.leased_at >= PREFETCH_HOLD
+                for ex in self._running.values()
+            )
 
     def _enforce_time_limits(self) -> None:
         now = time.monotonic()
