@@ -45,6 +45,7 @@ from qclient._errors import (
 )
 from qclient._options import (
     JobOptions as JobOptions,
+    LeaseOptions as LeaseOptions,
     SendOptions as SendOptions,
     spec as spec,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "JobRecord",
     "JobSpec",
     "JobState",
+    "LeaseOptions",
     "LeasedJob",
     "ProtocolError",
     "QClientError",

@@ -10,39 +10,22 @@ connection remembers the loop that opened it and is never reused by another one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
+from typing import Any, ParamSpec, TypeVar, Unpack
 
-from qclient import _ops
+from qclient import _ops, wire
 from qclient._backends import Backend, Stream, current_backend
-from qclient._client import ClientBase, HandleBase, Op, advance
+from qclient._client import ClientBase, HandleBase, Operation, advance
 from qclient._http import (
-    DEFAULT_RETRIES,
-    DEFAULT_TIMEOUT,
     MAX_IDLE_CONNECTIONS,
     TRANSPORT_ERRORS,
-    Codec,
-    Encoding,
     HTTPConnection,
     Response,
 )
 from qclient._job import job_ids
-from qclient._options import SendOptions, make_spec, specs_from_items
+from qclient._options import LeaseOptions, SendOptions, make_spec, specs_from_items
 from qclient._retry import Failure, Request, Retry
-from qclient.wire import (
-    AckItem,
-    BatchResult,
-    ExtendReply,
-    FailItem,
-    Health,
-    JobRecord,
-    JobState,
-    LeasedJob,
-    LeaseReply,
-    QueueStats,
-    ReleaseItem,
-)
 
 __all__ = ["AsyncClient", "AsyncJob"]
 
@@ -71,18 +54,7 @@ class AsyncClient(ClientBase):
         ValueError: the URL is not `http://...` or the encoding is unknown.
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        token: str | None = None,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        retries: int = DEFAULT_RETRIES,
-        encoding: Encoding = "msgpack",
-    ) -> None:
-        super().__init__(
-            url, token, timeout=timeout, retries=retries, encoding=encoding
-        )
+    def _open(self) -> None:
         self._idle: list[_AsyncConn] = []
         self._closed = False
 
@@ -115,7 +87,7 @@ class AsyncClient(ClientBase):
 
     async def _run(
         self,
-        operation: Callable[Concatenate[Codec, P], Op[T]],
+        operation: Operation[P, T],
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
@@ -209,17 +181,17 @@ class AsyncClient(ClientBase):
 
     # ------------------------------------------------------------ reading
 
-    async def get_job(self, job_id: str) -> JobRecord:
+    async def get_job(self, job_id: str) -> wire.JobRecord:
         """A job's whole record. Raises `JobNotFound` for an unknown id."""
         return await self._run(_ops.get_job, job_id)
 
-    async def wait_job(self, job_id: str, wait: float) -> JobRecord:
+    async def wait_job(self, job_id: str, wait: float) -> wire.JobRecord:
         """A job's record once final, or after `wait` seconds (0 .. 300)."""
         return await self._run(_ops.wait_job, job_id, wait)
 
     async def wait_jobs(
         self, job_ids: Sequence[str], wait: float
-    ) -> list[JobRecord | None]:
+    ) -> list[wire.JobRecord | None]:
         """Up to 1,000 jobs' records once all are final, or after `wait` seconds;
         see `Client.wait_jobs()`."""
         return await self._run(_ops.wait_jobs, list(job_ids), wait)
@@ -240,60 +212,45 @@ class AsyncClient(ClientBase):
         self,
         jobs: Iterable[AsyncJob | str],
         timeout: float | None = None,  # noqa: ASYNC109 - as Client.results()
-    ) -> list[JobRecord | None]:
+    ) -> list[wire.JobRecord | None]:
         """Wait for many jobs and return their final records; see
         `Client.final_records()`."""
         return await self._run(_ops.final_records, job_ids(jobs), timeout)
 
-    async def cancel(self, job_id: str) -> JobState:
+    async def cancel(self, job_id: str) -> wire.JobState:
         """Cancel an unfinished job; returns its state after the call."""
         return await self._run(_ops.cancel, job_id)
 
-    async def queues(self) -> list[QueueStats]:
+    async def queues(self) -> list[wire.QueueStats]:
         """Counts by state for every known queue."""
         return await self._run(_ops.queues)
 
-    async def queue(self, name: str) -> QueueStats:
+    async def queue(self, name: str) -> wire.QueueStats:
         """Counts by state for one queue (all zero for an unknown one)."""
         return await self._run(_ops.queue, name)
 
-    async def health(self) -> Health:
+    async def health(self) -> wire.Health:
         """The broker's `/healthz` reply."""
         return await self._run(_ops.health)
 
     # ------------------------------------------------------------ worker
 
     async def lease(
-        self,
-        queues: Sequence[str],
-        *,
-        max: int = 1,
-        wait: float = 0.0,
-        timeout: float | None = None,  # noqa: ASYNC109 - the lease length
-        worker: str = "",
-    ) -> list[LeasedJob]:
+        self, queues: Sequence[str], **options: Unpack[LeaseOptions]
+    ) -> list[wire.LeasedJob]:
         """Lease up to `max` ready jobs from `queues`; see `Client.lease()`."""
-        reply = await self.settle_and_lease(
-            queues, max=max, wait=wait, timeout=timeout, worker=worker
-        )
-        return reply.jobs
+        return (await self.settle_and_lease(queues, **options)).jobs
 
     async def settle_and_lease(
         self,
         queues: Sequence[str],
-        acks: Sequence[AckItem] = (),
-        fails: Sequence[FailItem] = (),
-        *,
-        max: int = 1,
-        wait: float = 0.0,
-        timeout: float | None = None,  # noqa: ASYNC109 - the lease length
-        worker: str = "",
-    ) -> LeaseReply:
+        acks: Sequence[wire.AckItem] = (),
+        fails: Sequence[wire.FailItem] = (),
+        **options: Unpack[LeaseOptions],
+    ) -> wire.LeaseReply:
         """Ack and fail jobs, then lease, in one request and one commit; see
         `Client.settle_and_lease()`."""
-        return await self._run(
-            _ops.settle_and_lease, queues, acks, fails, max, wait, timeout, worker
-        )
+        return await self._run(_ops.settle_and_lease, queues, acks, fails, options)
 
     async def ack(self, job_id: str, lease: str, result: Any = None) -> None:
         """Report success; raises `StaleLease` if the lease moved on."""
@@ -315,7 +272,7 @@ class AsyncClient(ClientBase):
         job_id: str,
         lease: str,
         timeout: float | None = None,  # noqa: ASYNC109 - the new lease length
-    ) -> ExtendReply:
+    ) -> wire.ExtendReply:
         """Renew a lease; `.cancelled` in the reply means: stop the task."""
         return await self._run(_ops.extend, job_id, lease, timeout)
 
@@ -323,15 +280,17 @@ class AsyncClient(ClientBase):
         """Hand back a leased job not started; the attempt is not counted."""
         await self._run(_ops.release, job_id, lease)
 
-    async def release_many(self, items: Sequence[ReleaseItem]) -> list[BatchResult]:
+    async def release_many(
+        self, items: Sequence[wire.ReleaseItem]
+    ) -> list[wire.BatchResult]:
         """Hand back many unstarted jobs in one request; one result per item."""
         return await self._run(_ops.release_many, items)
 
-    async def ack_many(self, items: Sequence[AckItem]) -> list[BatchResult]:
+    async def ack_many(self, items: Sequence[wire.AckItem]) -> list[wire.BatchResult]:
         """Ack many jobs in one request; one result per item, in order."""
         return await self._run(_ops.ack_many, items)
 
-    async def fail_many(self, items: Sequence[FailItem]) -> list[BatchResult]:
+    async def fail_many(self, items: Sequence[wire.FailItem]) -> list[wire.BatchResult]:
         """Fail many jobs in one request; one result per item, in order."""
         return await self._run(_ops.fail_many, items)
 
@@ -347,15 +306,15 @@ class AsyncJob(HandleBase[AsyncClient]):
 
     __slots__ = ()
 
-    async def info(self) -> JobRecord:
+    async def info(self) -> wire.JobRecord:
         """The job's whole record. Raises `JobNotFound` for an unknown id."""
         return await self.client.get_job(self.id)
 
-    async def status(self) -> JobState:
+    async def status(self) -> wire.JobState:
         """The job's current state. Raises `JobNotFound` for an unknown id."""
         return (await self.client.get_job(self.id)).state
 
-    async def cancel(self) -> JobState:
+    async def cancel(self) -> wire.JobState:
         """Cancel the job if unfinished; returns its state after the call."""
         return await self.client.cancel(self.id)
 

@@ -18,21 +18,31 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Generator
-from typing import Generic, TypeVar
+from collections.abc import Callable, Generator
+from typing import Concatenate, Generic, ParamSpec, TypeVar
 
 from qclient._errors import QClientError
-from qclient._http import DEFAULT_URL, Codec, Encoding, Response
+from qclient._http import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    DEFAULT_URL,
+    Codec,
+    Encoding,
+    Response,
+)
 from qclient._retry import Request, Retry
 
-__all__ = ["ClientBase", "Done", "HandleBase", "Op", "advance"]
+__all__ = ["ClientBase", "Done", "HandleBase", "Op", "Operation", "advance"]
 
 T = TypeVar("T")
 C = TypeVar("C")
+P = ParamSpec("P")
 
 #: An operation: yields the requests it needs answered, gets each reply sent back
 #: (or its error thrown in), and returns the call's value.
 Op = Generator[Request, Response, T]
+#: A function of `_ops`: a codec and the call's arguments make an operation.
+Operation = Callable[Concatenate[Codec, P], Op[T]]
 
 
 class Done(Generic[T]):
@@ -62,16 +72,17 @@ def advance(op: Op[T], reply: Response | QClientError | None) -> Request | Done[
 
 
 class ClientBase:
-    """The settings of a client; see `Client` for the arguments."""
+    """The settings of a client; see `Client` for the arguments. A subclass opens
+    its transport in `_open()`."""
 
     def __init__(
         self,
-        url: str | None,
-        token: str | None,
+        url: str | None = None,
+        token: str | None = None,
         *,
-        timeout: float,
-        retries: int,
-        encoding: Encoding,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        encoding: Encoding = "msgpack",
     ) -> None:
         self.url: str = url or os.environ.get("QBROKER_URL") or DEFAULT_URL
         if token is None:
@@ -80,6 +91,11 @@ class ClientBase:
         self.retries = retries
         self.encoding: Encoding = encoding
         self._codec = Codec(self.url, token, encoding)
+        self._open()
+
+    def _open(self) -> None:
+        """Set up the connection pool (no connection is made yet)."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<qclient.{type(self).__name__} {self.url} {self.encoding}>"

@@ -52,6 +52,7 @@ from qclient._job import (
     stored_as_sent,
     unfinished,
 )
+from qclient._options import LeaseOptions, check_keys
 from qclient._retry import Request
 from qclient.wire import (
     FINAL_STATES,
@@ -253,29 +254,25 @@ def settle_and_lease(
     queues: Sequence[str],
     acks: Sequence[AckItem],
     fails: Sequence[FailItem],
-    max: int,
-    wait: float,
-    timeout: float | None,
-    worker: str,
+    options: LeaseOptions,
 ) -> Op[LeaseReply]:
     """One `POST /v1/lease` under a new `request_id`; a resend says so, and waits
     only what is left of `wait`."""
+    check_keys(options, LeaseOptions)
     lease = LeaseRequest(
         queues=list(queues),
-        max=max,
-        wait=wait,
-        timeout=timeout,
-        worker=worker,
         acks=list(acks),
         fails=list(fails),
         request_id=secrets.token_hex(8),
+        **options,
     )
 
     def build(wait: float) -> Request:
         again = codec.encode(replace(lease, wait=wait, resend=True))
         return Request(_POST, "/v1/lease", again, wait, build)
 
-    response = yield Request(_POST, "/v1/lease", codec.encode(lease), wait, build)
+    body = codec.encode(lease)
+    response = yield Request(_POST, "/v1/lease", body, lease.wait, build)
     return codec.decode(response, LEASE_REPLY)
 
 

@@ -12,14 +12,22 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Final, TypedDict, Unpack
+from typing import Any, TypedDict, Unpack
 
 import msgspec
 
 from qclient.tags import tag
 from qclient.wire import JobSpec, new_job_id, new_job_ids
 
-__all__ = ["JobOptions", "SendOptions", "make_spec", "spec", "specs_from_items"]
+__all__ = [
+    "JobOptions",
+    "LeaseOptions",
+    "SendOptions",
+    "check_keys",
+    "make_spec",
+    "spec",
+    "specs_from_items",
+]
 
 Duration = float | timedelta
 
@@ -70,7 +78,30 @@ class SendOptions(JobOptions, total=False):
     kwargs: Mapping[str, Any] | None
 
 
-_KEYS: Final = SendOptions.__optional_keys__
+class LeaseOptions(TypedDict, total=False):
+    """A lease's options, as keywords of `lease()` and `settle_and_lease()` (all
+    optional).
+
+    Attributes:
+        max: 1 .. 1000 jobs at most; default 1.
+        wait: seconds to long-poll when nothing is ready (0 .. 300); default 0.
+        timeout: lease seconds, overriding each job's own.
+        worker: this worker's name, for records and logs.
+    """
+
+    max: int
+    wait: float
+    timeout: float | None
+    worker: str
+
+
+def check_keys(options: Mapping[str, Any], declared: type) -> None:
+    """Raise TypeError for a keyword `declared` (a TypedDict) does not have, as a
+    function with those keywords would."""
+    # typeshed gives a TypedDict class no type of its own to declare this on
+    unknown = options.keys() - declared.__optional_keys__  # type: ignore[attr-defined]
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {min(unknown)!r}")
 
 
 def make_spec(
@@ -91,9 +122,7 @@ def make_spec(
         TypeError: an unknown option, or `payload` together with `args` or `kwargs`.
         ValueError: a naive `datetime` for `eta` or `expires`.
     """
-    unknown = options.keys() - _KEYS
-    if unknown:
-        raise TypeError(f"unexpected keyword argument {min(unknown)!r}")
+    check_keys(options, SendOptions)
     args = options.get("args")
     kwargs = options.get("kwargs")
     if payload is not None:

@@ -8,30 +8,16 @@ request it yields is tried on a pooled socket (`_sockets`), and the retry policy
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, TypeVar, Unpack
+from typing import Any, ParamSpec, TypeVar, Unpack
 
-from qclient import _ops
-from qclient._client import ClientBase, HandleBase, Op, advance
-from qclient._http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, Codec, Encoding
+from qclient import _ops, wire
+from qclient._client import ClientBase, HandleBase, Operation, advance
 from qclient._job import job_ids
-from qclient._options import SendOptions, make_spec, specs_from_items
+from qclient._options import LeaseOptions, SendOptions, make_spec, specs_from_items
 from qclient._retry import Request
 from qclient._sockets import SocketPool
-from qclient.wire import (
-    AckItem,
-    BatchResult,
-    ExtendReply,
-    FailItem,
-    Health,
-    JobRecord,
-    JobState,
-    LeasedJob,
-    LeaseReply,
-    QueueStats,
-    ReleaseItem,
-)
 
 __all__ = ["Client", "Job"]
 
@@ -61,19 +47,8 @@ class Client(ClientBase):
         ValueError: the URL is not `http://...` or the encoding is unknown.
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        token: str | None = None,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        retries: int = DEFAULT_RETRIES,
-        encoding: Encoding = "msgpack",
-    ) -> None:
-        super().__init__(
-            url, token, timeout=timeout, retries=retries, encoding=encoding
-        )
-        self._pool = SocketPool((self._codec.host, self._codec.port), timeout)
+    def _open(self) -> None:
+        self._pool = SocketPool((self._codec.host, self._codec.port), self.timeout)
 
     def close(self) -> None:
         """Close the idle connections; later calls raise RuntimeError.
@@ -95,7 +70,7 @@ class Client(ClientBase):
 
     def _run(
         self,
-        operation: Callable[Concatenate[Codec, P], Op[T]],
+        operation: Operation[P, T],
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
@@ -177,7 +152,7 @@ class Client(ClientBase):
 
     # ------------------------------------------------------------ reading
 
-    def get_job(self, job_id: str) -> JobRecord:
+    def get_job(self, job_id: str) -> wire.JobRecord:
         """A job's whole record.
 
         Raises:
@@ -185,7 +160,7 @@ class Client(ClientBase):
         """
         return self._run(_ops.get_job, job_id)
 
-    def wait_job(self, job_id: str, wait: float) -> JobRecord:
+    def wait_job(self, job_id: str, wait: float) -> wire.JobRecord:
         """A job's record once it is final, or after `wait` seconds, whichever is first.
 
         Args:
@@ -197,7 +172,9 @@ class Client(ClientBase):
         """
         return self._run(_ops.wait_job, job_id, wait)
 
-    def wait_jobs(self, job_ids: Sequence[str], wait: float) -> list[JobRecord | None]:
+    def wait_jobs(
+        self, job_ids: Sequence[str], wait: float
+    ) -> list[wire.JobRecord | None]:
         """The records of up to 1,000 jobs once all are final, or after `wait` seconds.
 
         One long-poll request (`POST /v1/results`); one record per id, in order,
@@ -234,7 +211,7 @@ class Client(ClientBase):
         self,
         jobs: Iterable[Job | str],
         timeout: float | None = None,
-    ) -> list[JobRecord | None]:
+    ) -> list[wire.JobRecord | None]:
         """Wait for many jobs to finish and return their final records, in order
         (None where no job has the id): `results()` without turning them into
         values. One long-poll request per 1,000 jobs.
@@ -244,7 +221,7 @@ class Client(ClientBase):
         """
         return self._run(_ops.final_records, job_ids(jobs), timeout)
 
-    def cancel(self, job_id: str) -> JobState:
+    def cancel(self, job_id: str) -> wire.JobState:
         """Cancel a job that has not finished; returns its state after the call.
 
         An active job's worker learns of it at its next extend.
@@ -254,15 +231,15 @@ class Client(ClientBase):
         """
         return self._run(_ops.cancel, job_id)
 
-    def queues(self) -> list[QueueStats]:
+    def queues(self) -> list[wire.QueueStats]:
         """Counts by state for every known queue."""
         return self._run(_ops.queues)
 
-    def queue(self, name: str) -> QueueStats:
+    def queue(self, name: str) -> wire.QueueStats:
         """Counts by state for one queue (all zero for an unknown one)."""
         return self._run(_ops.queue, name)
 
-    def health(self) -> Health:
+    def health(self) -> wire.Health:
         """The broker's `/healthz` reply.
 
         Raises:
@@ -273,14 +250,8 @@ class Client(ClientBase):
     # ------------------------------------------------------------ worker
 
     def lease(
-        self,
-        queues: Sequence[str],
-        *,
-        max: int = 1,
-        wait: float = 0.0,
-        timeout: float | None = None,
-        worker: str = "",
-    ) -> list[LeasedJob]:
+        self, queues: Sequence[str], **options: Unpack[LeaseOptions]
+    ) -> list[wire.LeasedJob]:
         """Lease up to `max` ready jobs from `queues` (tried in order).
 
         Args:
@@ -296,21 +267,15 @@ class Client(ClientBase):
             extended; otherwise the broker gives it to another worker. Their args
             and kwargs are in the wire's form: `qclient.tags.untag()` them.
         """
-        return self.settle_and_lease(
-            queues, max=max, wait=wait, timeout=timeout, worker=worker
-        ).jobs
+        return self.settle_and_lease(queues, **options).jobs
 
     def settle_and_lease(
         self,
         queues: Sequence[str],
-        acks: Sequence[AckItem] = (),
-        fails: Sequence[FailItem] = (),
-        *,
-        max: int = 1,
-        wait: float = 0.0,
-        timeout: float | None = None,
-        worker: str = "",
-    ) -> LeaseReply:
+        acks: Sequence[wire.AckItem] = (),
+        fails: Sequence[wire.FailItem] = (),
+        **options: Unpack[LeaseOptions],
+    ) -> wire.LeaseReply:
         """Ack and fail jobs, then lease, in one request and one commit: what a
         worker does when a slot frees. Arguments as `lease()`, `ack_many()` and
         `fail_many()`.
@@ -320,11 +285,9 @@ class Client(ClientBase):
         after a lost reply gets the jobs the lost reply carried (`request_id`).
 
         Returns:
-            The leased jobs, and one `BatchResult` per ack, then per fail, in order.
+            The leased jobs, and one `wire.BatchResult` per ack, then per fail, in order.
         """
-        return self._run(
-            _ops.settle_and_lease, queues, acks, fails, max, wait, timeout, worker
-        )
+        return self._run(_ops.settle_and_lease, queues, acks, fails, options)
 
     def ack(self, job_id: str, lease: str, result: Any = None) -> None:
         """Report success; the job becomes `succeeded` with `result` (sent as it is:
@@ -365,7 +328,7 @@ class Client(ClientBase):
 
     def extend(
         self, job_id: str, lease: str, timeout: float | None = None
-    ) -> ExtendReply:
+    ) -> wire.ExtendReply:
         """Renew a lease (heartbeat).
 
         Args:
@@ -391,7 +354,7 @@ class Client(ClientBase):
         """
         self._run(_ops.release, job_id, lease)
 
-    def release_many(self, items: Sequence[ReleaseItem]) -> list[BatchResult]:
+    def release_many(self, items: Sequence[wire.ReleaseItem]) -> list[wire.BatchResult]:
         """Hand back many unstarted jobs in one request (attempts not counted); each
         item succeeds or fails on its own.
 
@@ -400,7 +363,7 @@ class Client(ClientBase):
         """
         return self._run(_ops.release_many, items)
 
-    def ack_many(self, items: Sequence[AckItem]) -> list[BatchResult]:
+    def ack_many(self, items: Sequence[wire.AckItem]) -> list[wire.BatchResult]:
         """Ack many jobs in one request; each item succeeds or fails on its own.
 
         Returns:
@@ -409,7 +372,7 @@ class Client(ClientBase):
         """
         return self._run(_ops.ack_many, items)
 
-    def fail_many(self, items: Sequence[FailItem]) -> list[BatchResult]:
+    def fail_many(self, items: Sequence[wire.FailItem]) -> list[wire.BatchResult]:
         """Fail many jobs in one request; each item succeeds or fails on its own.
 
         Returns:
@@ -432,7 +395,7 @@ class Job(HandleBase[Client]):
 
     __slots__ = ()
 
-    def info(self) -> JobRecord:
+    def info(self) -> wire.JobRecord:
         """The job's whole record (its args, kwargs and result in the wire's form).
 
         Raises:
@@ -440,7 +403,7 @@ class Job(HandleBase[Client]):
         """
         return self.client.get_job(self.id)
 
-    def status(self) -> JobState:
+    def status(self) -> wire.JobState:
         """The job's current state.
 
         Raises:
@@ -448,7 +411,7 @@ class Job(HandleBase[Client]):
         """
         return self.client.get_job(self.id).state
 
-    def cancel(self) -> JobState:
+    def cancel(self) -> wire.JobState:
         """Cancel the job if it has not finished; returns its state after the call.
 
         Raises:
