@@ -140,7 +140,7 @@ def make_spec(
         task=options.get("task"),
         args=tag(list(args)) if args else [],
         kwargs=tag(dict(kwargs)) if kwargs else {},
-        headers=tag(dict(headers)) if headers else {},
+        headers=dict(headers) if headers else {},
         priority=options.get("priority", 0),
         delay=_seconds(options.get("delay")),
         eta=_unix_time(options.get("eta"), "eta"),
