@@ -104,6 +104,9 @@ def check_keys(options: Mapping[str, Any], declared: type) -> None:
         raise TypeError(f"unexpected keyword argument {min(unknown)!r}")
 
 
+_SEND_KEYS = SendOptions.__optional_keys__
+
+
 def make_spec(
     payload: Any, options: SendOptions, *, now: float, new_id: bool = True
 ) -> JobSpec:
@@ -122,7 +125,8 @@ def make_spec(
         TypeError: an unknown option, or `payload` together with `args` or `kwargs`.
         ValueError: a naive `datetime` for `eta` or `expires`.
     """
-    check_keys(options, SendOptions)
+    if options and not options.keys() <= _SEND_KEYS:
+        check_keys(options, SendOptions)
     args = options.get("args")
     kwargs = options.get("kwargs")
     if payload is not None:
@@ -134,12 +138,16 @@ def make_spec(
             args = payload
         else:
             args = [payload]
+    args = tag(args if type(args) is list else list(args)) if args else []
+    kwargs = tag(kwargs if type(kwargs) is dict else dict(kwargs)) if kwargs else {}
+    if not options:  # a payload alone (the usual call): every other field's default
+        return JobSpec(id=new_job_id() if new_id else None, args=args, kwargs=kwargs)
     headers = options.get("headers")
     return JobSpec(
         id=options.get("job_id") or (new_job_id() if new_id else None),
         task=options.get("task"),
-        args=tag(list(args)) if args else [],
-        kwargs=tag(dict(kwargs)) if kwargs else {},
+        args=args,
+        kwargs=kwargs,
         headers=dict(headers) if headers else {},
         priority=options.get("priority", 0),
         delay=_seconds(options.get("delay")),

@@ -99,10 +99,14 @@ def tag(value: Any) -> Any:
     kind = type(value)
     if kind in _PLAIN:
         return value
+    plain = _PLAIN  # the checks inline: most arguments are plain, calls cost
     if kind is list or kind is tuple:
-        return [tag(item) for item in value]
+        return [item if type(item) in plain else tag(item) for item in value]
     if kind is dict:
-        return {key: tag(item) for key, item in value.items()}
+        return {
+            key: item if type(item) in plain else tag(item)
+            for key, item in value.items()
+        }
     found = _encoder(value)
     if found is not None:
         marker, encode = found
