@@ -165,7 +165,14 @@ class _Conn:
         what the client still sends, for LINGER_SECONDS and LINGER_BYTES at most.
         Closing with unread bytes makes the kernel send a reset, which reaches a
         client still writing a body (urllib, requests: no `Expect: 100-continue`)
-        before it can read the error reply that was sent."""
+        before it can read the error reply that was sent. Not when the request was
+        read whole and nothing follows it: then the slot is freed at once."""
+        if (
+            self.h11.their_state in (h11.DONE, h11.MUST_CLOSE)
+            and not self.h11.trailing_data[0]
+            and self.quiet()
+        ):
+            return
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
