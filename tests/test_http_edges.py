@@ -169,7 +169,9 @@ def test_the_bearer_scheme_is_case_insensitive(auth_broker: BrokerProcess) -> No
     for scheme in ("Bearer", "bearer", "BEARER"):
         hdrs = {"Authorization": f"{scheme} {TOKEN}"}
         assert w.raw("GET", "/v1/queues", None, hdrs)[0] == 200, scheme
-    assert w.raw("GET", "/v1/queues", None, {"Authorization": f"Basic {TOKEN}"})[0] == 401
+    assert (
+        w.raw("GET", "/v1/queues", None, {"Authorization": f"Basic {TOKEN}"})[0] == 401
+    )
     w.close()
 
 
@@ -287,7 +289,9 @@ def test_at_the_limit_with_none_idle_a_connection_gets_429_and_a_log_line(
     for s in busy:
         s.close()
     lines = wait_for(
-        lambda: [ln for ln in b.log_path.read_text().splitlines() if "conn.refused" in ln]
+        lambda: [
+            ln for ln in b.log_path.read_text().splitlines() if "conn.refused" in ln
+        ]
     )
     assert len(lines) == 1, lines  # 20 refusals, one line (at most one per 10 s)
 
@@ -302,7 +306,9 @@ def test_dot_and_dot_dot_are_not_names(broker: BrokerProcess) -> None:
         assert w.call("GET", f"/v1/jobs/{name}")[0] == 404
         status, reply = w.call("POST", "/v1/queues/q/jobs", {"id": name})
         assert (status, reply["field"]) == (422, "id"), reply
-    assert w.call("POST", "/v1/queues/q/jobs", {"id": "..."})[0] == 201  # only those two
+    assert (
+        w.call("POST", "/v1/queues/q/jobs", {"id": "..."})[0] == 201
+    )  # only those two
     w.close()
 
 

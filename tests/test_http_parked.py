@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BrokerFactory, BrokerProcess
+from tests.conftest import BrokerProcess
 from tests.wirehttp import Wire, read_message, wait_for
 
 WAITS = 300  #: connections, each parked on the same JOBS jobs
@@ -73,9 +73,12 @@ def test_parked_result_waits_hold_ids_go_with_their_clients_and_end_at_sigterm(
     jobs = [{"args": ["x" * ARG_BYTES, i]} for i in range(JOBS)]
     ids = w.ok("POST", "/v1/queues/parked/jobs", {"jobs": jobs})["ids"]
     body = json.dumps({"ids": ids, "wait": 120}).encode()
-    request = b"POST /v1/results HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (
-        len(body),
-        body,
+    request = (
+        b"POST /v1/results HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+        % (
+            len(body),
+            body,
+        )
     )
     base = _settled_rss(broker)
     waits = []
@@ -105,7 +108,9 @@ def test_parked_result_waits_hold_ids_go_with_their_clients_and_end_at_sigterm(
         s.close()
     start = time.monotonic()
     wait_for(lambda: _connections(w) == len(kept) + 1, timeout=15)
-    print(f"{len(gone)} gone clients' waits dropped in {time.monotonic() - start:.2f} s")
+    print(
+        f"{len(gone)} gone clients' waits dropped in {time.monotonic() - start:.2f} s"
+    )
     w.close()
 
     # SIGTERM: the rest are answered (or dropped) within the grace; their clients
@@ -124,8 +129,36 @@ def test_parked_result_waits_hold_ids_go_with_their_clients_and_end_at_sigterm(
             assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
             answered += 1
         s.close()
-    print(f"SIGTERM with {len(kept)} waits parked: exit 0 in {took:.2f} s, {answered} answered")
+    print(
+        f"SIGTERM with {len(kept)} waits parked: exit 0 in {took:.2f} s, {answered} answered"
+    )
     assert took < GRACE + 5
+
+
+def test_long_polls_whose_clients_have_gone_are_dropped(broker: BrokerProcess) -> None:
+    w = Wire(broker.url)
+    job_id = w.enqueue("unfinished")
+    polls = [
+        ("/v1/results", {"ids": [job_id], "wait": 120}),
+        ("/v1/lease", {"queues": ["empty"], "wait": 120}),
+    ]
+    socks = []
+    for path, body in polls * 10:
+        data = json.dumps(body).encode()
+        s = socket.create_connection(("127.0.0.1", broker.port), timeout=30)
+        s.sendall(
+            b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+            % (path.encode(), len(data), data)
+        )
+        socks.append(s)
+    wait_for(lambda: _connections(w) == len(socks) + 1, timeout=30)
+    for s in socks:
+        s.close()
+    # dropped, not kept until their 120 s are up
+    wait_for(lambda: _connections(w) == 1, timeout=15)
+    assert w.lease("empty") == []  # and nothing was leased for them meanwhile
+    assert w.job(job_id)["state"] == "queued"
+    w.close()
 
 
 LEASE = 5.0  #: lease seconds the stalled worker holds
