@@ -113,8 +113,8 @@ def test_parked_result_waits_hold_ids_go_with_their_clients_and_end_at_sigterm(
     )
     w.close()
 
-    # SIGTERM: the rest are answered (or dropped) within the grace; their clients
-    # read their replies meanwhile, as clients do
+    # SIGTERM: the rest are answered within the grace (503: ask the restarted broker
+    # again); their clients read their replies meanwhile, as clients do
     assert broker.proc is not None
     with ThreadPoolExecutor(max_workers=len(kept)) as pool:
         replies = [pool.submit(read_message, s) for s in kept]
@@ -126,13 +126,15 @@ def test_parked_result_waits_hold_ids_go_with_their_clients_and_end_at_sigterm(
     for s, got in zip(kept, replies, strict=True):
         reply = got.result()
         if reply is not None:
-            assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+            assert reply.startswith(b"HTTP/1.1 503 "), reply[:200]
+            assert b"shutting_down" in reply
             answered += 1
         s.close()
     print(
         f"SIGTERM with {len(kept)} waits parked: exit 0 in {took:.2f} s, {answered} answered"
     )
     assert took < GRACE + 5
+    assert answered == len(kept)
 
 
 def test_long_polls_whose_clients_have_gone_are_dropped(broker: BrokerProcess) -> None:

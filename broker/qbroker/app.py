@@ -397,14 +397,18 @@ class Broker:
         ids = list(dict.fromkeys(body.ids))
         if body.wait > 0:
             with self.job_waiters.register(ids, many=True) as slot:
-                await self._wait_finished(ids, slot, deadline)
+                if await self._wait_finished(ids, slot, deadline) and self.closing:
+                    # cheap, where reading and sending a thousand waits' records
+                    # took minutes; clients resend a 503 to the restarted broker
+                    raise errors.ShuttingDown("the broker is stopping; ask again")
         records = await self.reads.call(self.reader.get_jobs, ids)
         return encode(req, ResultsReply(jobs=[records.get(i) for i in body.ids]))
 
-    async def _wait_finished(self, ids: list[str], slot: Slot, deadline: float) -> None:
+    async def _wait_finished(self, ids: list[str], slot: Slot, deadline: float) -> bool:
         """Wait until every job of `ids` is final or gone, the deadline passes or the
-        broker stops; `slot` is registered under `ids`. Holds ids only: a thousand
-        waits on the same thousand jobs held a record each (973 MiB)."""
+        broker stops; `slot` is registered under `ids`. Returns whether some are
+        still unfinished. Holds ids only: a thousand waits on the same thousand jobs
+        held a record each (973 MiB)."""
         pending = await self.reads.call(self.reader.unfinished, ids)
         values = slot.values
         assert values is not None
@@ -425,6 +429,7 @@ class Broker:
             if again:
                 pending.difference_update(again)
                 pending |= await self.reads.call(self.reader.unfinished, again)
+        return bool(pending)
 
     async def on_cancel(self, req: Request) -> Response:
         job_id = req.params["id"]
