@@ -375,13 +375,10 @@ class Broker:
         deadline = trio.current_time() + wait
         while True:
             with self.job_waiters.register([job_id]) as slot:
-                record: JobRecord | None = await self.reads.call(
-                    self.reader.get_job, job_id
-                )
-                assert record is not None
+                record = await self.reads.call(self.reader.get_job, job_id)
                 if record.state in FINAL_STATES or self.closing:
                     return encode(req, record)
-                record = None  # a parked wait holds the id, not the record
+                del record  # a parked wait holds the id, not the record
                 with trio.move_on_at(deadline):
                     await slot.event.wait()
                 if slot.value is not None:  # the final record, read by the writer

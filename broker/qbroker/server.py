@@ -81,9 +81,7 @@ class _Conn:
             h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES
         )
         self.timer = _Timer()
-        self.waiting = (
-            False  #: blocked until the socket is readable (see `_evict_idle`)
-        )
+        self.waiting = False  #: blocked until the socket is readable
         self.linger_after = False  #: an error reply ends it: close lingering
         #: the number of the request being answered (0: none); `Server.watch_parked`
         #: drops the request if its client has gone
