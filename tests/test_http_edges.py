@@ -280,6 +280,7 @@ def test_at_the_limit_with_none_idle_a_connection_gets_429_and_a_log_line(
         )
         busy.append(s)
     time.sleep(0.5)
+    start = time.monotonic()
     for _ in range(20):
         s = _sock(b)
         reply = read_message(s)
@@ -293,7 +294,8 @@ def test_at_the_limit_with_none_idle_a_connection_gets_429_and_a_log_line(
             ln for ln in b.log_path.read_text().splitlines() if "conn.refused" in ln
         ]
     )
-    assert len(lines) == 1, lines  # 20 refusals, one line (at most one per 10 s)
+    # 20 refusals, one line (at most one per 10 s)
+    assert 1 <= len(lines) <= 1 + (time.monotonic() - start) // 10, lines
 
 
 # ---------------------------------------------------------------- names and paths
