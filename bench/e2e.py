@@ -161,7 +161,7 @@ class Broker:
 
     def start(self) -> Self:
         cmd = self.command()
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=subprocess_env(),
