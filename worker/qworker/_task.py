@@ -239,11 +239,19 @@ class Task(Generic[P, R]):
             self._signature_known = True
         if self._signature is None:
             return
+        signature = self._signature
         try:
-            self._signature.bind(*args, **kwargs)
+            signature.bind(*args, **kwargs)
         except TypeError as exc:
+            why = str(exc)
+            params = signature.parameters
+            if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                # bind names a missing argument first; a misspelt one says more
+                unknown = [repr(k) for k in kwargs if k not in params]
+                if unknown and "unexpected" not in why:
+                    why = f"unexpected keyword argument {', '.join(unknown)}; {why}"
             raise InvalidArguments(
-                f"the job's arguments do not fit {self.name}{self._signature}: {exc}"
+                f"the job's arguments do not fit {self.name}{_bare(signature)}: {why}"
             ) from None
 
     def backoff(self, attempt: int) -> float:
@@ -326,6 +334,13 @@ class Task(Generic[P, R]):
             result_ttl=result_ttl,
             headers=dict(headers) if headers is not None else None,
         )
+
+
+def _bare(signature: inspect.Signature) -> inspect.Signature:
+    """`signature` without annotations: what a sender needs to see, and short."""
+    empty = inspect.Parameter.empty
+    params = [p.replace(annotation=empty) for p in signature.parameters.values()]
+    return signature.replace(parameters=params, return_annotation=empty)
 
 
 @overload

@@ -88,6 +88,7 @@ def heartbeat(core: Core) -> None:
         else:
             with core.lock:
                 core.book.extended(ex, time.monotonic())
+            core.log.debug("job.extended", job_id=job.id, timeout=ex.lease_seconds)
 
 
 def enforce_time_limits(core: Core) -> None:
