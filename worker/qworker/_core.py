@@ -44,9 +44,16 @@ class Core:
         book: the slot book.
         client: the broker client (thread-safe).
         log: the worker's bound logger.
+        stop_requested: set to make the worker shut down (the main thread waits on it).
     """
 
-    def __init__(self, book: SlotBook, client: Client, log: Any) -> None:
+    def __init__(
+        self,
+        book: SlotBook,
+        client: Client,
+        log: Any,
+        stop_requested: threading.Event,
+    ) -> None:
         self.book = book
         self.client = client
         self.log = log
@@ -54,12 +61,13 @@ class Core:
         self.cond = threading.Condition(self.lock)
         self.upkeep_cond = threading.Condition(self.lock)
         self.pool: Pool | None = None
-        self.stop_requested = threading.Event()
+        self.stop_requested = stop_requested
         self.exit_code = 0
         self.unauthorized = False  #: the broker refused our token: stop, exit 1
 
     @property
     def the_pool(self) -> Pool:
+        """The pool; it is made before any loop starts."""
         assert self.pool is not None, "the pool starts before any loop"
         return self.pool
 

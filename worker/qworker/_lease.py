@@ -173,13 +173,15 @@ class LeaseLoop:
             return None
         core = self.core
         with core.lock:
+            reports = len(core.book.results)
             admitted = core.book.admit(
                 jobs, time.monotonic(), self._resolve, inline_ok=inline_ok
             )
-            if admitted is not None:
+            # wake only whom it concerns: failures to report, something due sooner
+            if len(core.book.results) > reports:
                 core.cond.notify_all()
-                if admitted.due_lowered:
-                    core.upkeep_cond.notify_all()
+            if admitted is not None and admitted.due_lowered:
+                core.upkeep_cond.notify_all()
         if admitted is None:  # stopping
             core.release_jobs(jobs, "not_started")
             return None

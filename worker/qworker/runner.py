@@ -200,8 +200,7 @@ class Worker:
             burst=self._burst,
             inline_pool=self.pool_kind == "threads",
         )
-        core = self._core = Core(book, self.client, self._log)
-        core.stop_requested = self._stop_requested
+        core = self._core = Core(book, self.client, self._log, self._stop_requested)
         pool = core.pool = make_pool(
             self.pool_kind,
             self.concurrency,
