@@ -42,9 +42,11 @@ from qclient.wire import (
     ReleaseRequest,
     ResultsReply,
     ResultsRequest,
+    WorkerBeat,
+    WorkerList,
 )
 
-from qbroker import __version__, errors, metrics, openapi
+from qbroker import __version__, errors, metrics, openapi, ui
 from qbroker.clock import Clock
 from qbroker.config import Config
 from qbroker.protocol import (
@@ -54,6 +56,7 @@ from qbroker.protocol import (
     Response,
     decode,
     encode,
+    is_ui_path,
     query_float,
 )
 from qbroker.readers import ReadThreads
@@ -241,6 +244,8 @@ class Broker:
     def authorize(self, req: Request) -> None:
         """Refuse a request without the broker's token (if it has one), before it
         is routed: a client without it learns nothing, not even which paths exist.
+        The dashboard's pages check the token themselves (ui/), to answer a
+        browser without it with a login form.
 
         Raises:
             errors.Unauthorized
@@ -249,14 +254,23 @@ class Broker:
             req.path == "/healthz" and req.method in ("GET", "HEAD")
         ):
             return
-        # RFC 9110 section 11.1: the scheme is case-insensitive ("bearer" too)
-        scheme, _, given = req.headers.get(b"authorization", b"").partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(
-            given.strip(b" "), self._token
-        ):
+        if is_ui_path(req.path):
+            return
+        if not self.token_ok(req.headers.get(b"authorization", b"")):
             raise errors.Unauthorized(
                 "a valid 'Authorization: Bearer <token>' is needed"
             )
+
+    def token_ok(self, authorization: bytes) -> bool:
+        """Whether an Authorization header value carries the broker's token (any
+        value will do when it has none)."""
+        if self._token is None:
+            return True
+        # RFC 9110 section 11.1: the scheme is case-insensitive ("bearer" too)
+        scheme, _, given = authorization.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(
+            given.strip(b" "), self._token
+        )
 
     def start(self, req: Request) -> Awaitable[Response]:
         """Begin answering one routed, `authorize`d request; await the result for
@@ -635,6 +649,18 @@ class Broker:
             lambda: self.reader.queue_stats(req.params["queue"], now=self.clock.now())
         )
         return encode(req, stats)
+
+    async def on_worker_beat(self, req: Request) -> Response:
+        body = decode(req, WorkerBeat)
+        await self.writer.call(self.store.beat_worker, body, now=self.clock.now())
+        return encode(req, _EMPTY)
+
+    async def on_workers(self, req: Request) -> Response:
+        found = await self.reads.call(lambda: self.reader.workers(now=self.clock.now()))
+        return encode(req, WorkerList(workers=found))
+
+    async def on_ui(self, req: Request) -> Response:
+        return await ui.respond(self, req)
 
     async def on_healthz(self, req: Request) -> Response:
         if self.closing:

@@ -77,6 +77,10 @@ _OPERATIONS: dict[str, dict[str, tuple[str, list[Any], Any, Any, str]]] = {
     },
     "/v1/queues": {"get": ("queues", [], None, wire.QueueList, "200")},
     "/v1/queues/{queue}": {"get": ("queue", [_QUEUE], None, wire.QueueStats, "200")},
+    "/v1/workers": {
+        "get": ("workers", [], None, wire.WorkerList, "200"),
+        "post": ("worker_beat", [], wire.WorkerBeat, _EMPTY, "200"),
+    },
     "/healthz": {"get": ("healthz", [], None, wire.Health, "200")},
 }
 
@@ -87,7 +91,7 @@ _STRUCTS: list[Any] = [
     wire.ReleaseItem, wire.ReleaseManyRequest,
     wire.AckManyRequest, wire.FailManyRequest, wire.BatchReply, wire.JobRecord,
     wire.QueueList, wire.QueueStats, wire.Health, wire.ErrorBody,
-    wire.ResultsRequest, wire.ResultsReply,
+    wire.ResultsRequest, wire.ResultsReply, wire.WorkerBeat, wire.WorkerList,
 ]  # fmt: skip
 
 

@@ -128,11 +128,18 @@ ROUTES: list[tuple[str, str, str]] = [
     ("POST", "/v1/results", "results"),
     ("GET", "/v1/queues", "queues"),
     ("GET", "/v1/queues/{queue}", "queue"),
+    ("POST", "/v1/workers", "worker_beat"),
+    ("GET", "/v1/workers", "workers"),
     ("GET", "/healthz", "healthz"),
     ("GET", "/metrics", "metrics"),
     ("GET", "/v1/openapi.json", "openapi"),
 ]
 _NAME_RE = re.compile(NAME_PATTERN)
+UI_PATH = "/ui"  #: the dashboard's pages and assets are under this path
+
+
+def is_ui_path(path: str) -> bool:
+    return path == UI_PATH or path.startswith(UI_PATH + "/")
 
 
 def _shape(path: str) -> tuple[str, str | None, str | None]:
@@ -169,6 +176,13 @@ def route(req: Request) -> None:
         errors.NotFound: no route has this path.
         errors.MethodNotAllowed: a route has this path with another method.
     """
+    if is_ui_path(req.path):
+        if req.method not in ("GET", "HEAD"):
+            raise errors.MethodNotAllowed(
+                f"{req.method} is not allowed on the dashboard", allow=("GET", "HEAD")
+            )
+        req.route = "ui"  # the dashboard routes its own pages (ui/)
+        return
     shape, param, value = _shape(req.path)
     methods = _TABLE.get(shape)
     if methods is None or (value is not None and not _NAME_RE.match(value)):

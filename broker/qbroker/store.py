@@ -45,10 +45,12 @@ from qclient.wire import (
     LeasedJob,
     QueueStats,
     ReleaseItem,
+    WorkerBeat,
+    WorkerInfo,
     new_job_ids,
 )
 
-from qbroker import errors
+from qbroker import errors, store_workers
 from qbroker.ids import new_lease_prefix, request_prefix
 
 SCHEMA_VERSION = 1
@@ -482,6 +484,7 @@ class Store:
                         self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 self.conn.execute("COMMIT")
+            store_workers.create(self.conn)
 
     def close(self) -> None:
         self.conn.close()
@@ -971,6 +974,11 @@ class Store:
 
     # ------------------------------------------------------------ reaper
 
+    def beat_worker(self, beat: WorkerBeat, *, now: float) -> None:
+        """Register or refresh a worker (store_workers.py)."""
+        with translate_errors():
+            store_workers.beat(self.conn, beat, now=now)
+
     def tick(self, *, now: float) -> TickResult:
         """One sweep: promote due jobs, expire leases and jobs, purge old results."""
         out = TickResult()
@@ -1142,6 +1150,11 @@ class Reader:
                     " SELECT name FROM q WHERE name IS NOT NULL"
                 )
             ]
+
+    def workers(self, *, now: float) -> list[WorkerInfo]:
+        """The workers registry (store_workers.py)."""
+        with translate_errors(), self._conn() as conn:
+            return store_workers.workers(conn, now=now)
 
     def checkpoint(self) -> int:
         """Copy committed WAL pages into the database file without blocking the writer
