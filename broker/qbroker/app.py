@@ -46,6 +46,7 @@ from qclient.wire import (
 from qbroker import __version__, errors, metrics, openapi
 from qbroker.clock import Clock
 from qbroker.config import Config
+from qbroker.guards import FileGuard, FreeSpaceFloor
 from qbroker.protocol import (
     BIG_BODY,
     EnqueueBody,
@@ -213,8 +214,13 @@ class Broker:
         reader: Reader,
         reads: ReadThreads,
         clock: Clock,
+        *,
+        guard: FileGuard | None = None,
+        floor: FreeSpaceFloor | None = None,
     ) -> None:
         self.config = config
+        self.guard = guard  #: fails /healthz once the database file is gone
+        self.floor = floor  #: refuses enqueues while the disk is low
         self.writer = writer
         self.store = writer.store
         self.reader = reader
@@ -304,6 +310,8 @@ class Broker:
         leased for them in the enqueue's own commit: one commit and no second
         writer round trip between a job's arrival and its delivery to an idle worker.
         """
+        if self.floor is not None:
+            self.floor.check()
         queue = req.params["queue"]
         specs = body.jobs if body.jobs is not None else [body]
         now = self.clock.now()
@@ -639,6 +647,8 @@ class Broker:
     async def on_healthz(self, req: Request) -> Response:
         if self.closing:
             raise errors.ShuttingDown("the broker is stopping")
+        if self.guard is not None and (lost := self.guard.check()) is not None:
+            raise lost
         await self.reads.call(self.reader.ping)
         return encode(req, Health(status="ok", version=__version__))
 
