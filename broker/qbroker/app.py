@@ -39,13 +39,12 @@ from qclient.wire import (
     QueueList,
     ReleaseManyRequest,
     ReleaseRequest,
-    ResultsReply,
     ResultsRequest,
 )
 
 from qbroker import __version__, errors, metrics, openapi
 from qbroker.clock import Clock
-from qbroker.config import Config
+from qbroker.config import RESULTS_REPLY_BYTES, Config
 from qbroker.guards import FileGuard, FreeSpaceFloor
 from qbroker.protocol import (
     BIG_BODY,
@@ -57,6 +56,7 @@ from qbroker.protocol import (
     query_float,
 )
 from qbroker.readers import ReadThreads
+from qbroker.replies import results_reply
 from qbroker.store import Defaults, Reader, Store
 from qbroker.writer import Call, Writer
 
@@ -421,7 +421,7 @@ class Broker:
                     await slot.event.wait()
         if pending and body.wait > 0:  # report where the unfinished ones are now
             await self._reread(records, list(pending))
-        return encode(req, ResultsReply(jobs=[records.get(i) for i in body.ids]))
+        return results_reply(req, ids, records, RESULTS_REPLY_BYTES)
 
     async def _reread(self, records: dict[str, JobRecord], ids: list[str]) -> set[str]:
         """Read `ids` again into `records` (dropping ids gone since); returns the

@@ -54,6 +54,7 @@ from qclient._http import (
 )
 from qclient._job import (
     AsyncJob,
+    ResultsPages,
     job_ids,
     make_spec,
     next_wait,
@@ -414,16 +415,21 @@ class AsyncClient:
     ) -> list[JobRecord | None]:
         """The records of up to 1,000 jobs once all are final, or after `wait` seconds.
 
-        One long-poll request (`POST /v1/results`); one record per id, in order,
-        None where no job has that id.
+        One long-poll request (`POST /v1/results`), and more at once for the ids
+        a reply left out to stay within its byte budget; one record per id, in
+        order, None where no job has that id.
         """
-        ids = list(job_ids)
+        pages = ResultsPages(job_ids)
+        while ids := pages.todo:
 
-        def build(wait: float) -> tuple[str, bytes]:
-            return "/v1/results", self._codec.encode(ResultsRequest(ids=ids, wait=wait))
+            def build(wait: float, ids: list[str] = ids) -> tuple[str, bytes]:
+                body = ResultsRequest(ids=ids, wait=wait)
+                return "/v1/results", self._codec.encode(body)
 
-        response = await self._request(b"POST", *build(wait), wait, build)
-        return self._codec.decode(response, RESULTS_REPLY).jobs
+            response = await self._request(b"POST", *build(wait), wait, build)
+            pages.take(self._codec.decode(response, RESULTS_REPLY))
+            wait = 0.0  # the rest of a reply cut short: as they were when it was sent
+        return pages.records()
 
     async def results(
         self,
