@@ -23,6 +23,7 @@ DEFAULT_RESULT_TTL = 7 * 86400.0  #: seconds a finished job and its result are k
 REAPER_MAX_SLEEP = 1.0  #: seconds the reaper sleeps at most between sweeps
 CHECKPOINT_INTERVAL = 1.0  #: seconds between WAL checkpoints
 WRITER_MAX_BATCH = 2000  #: store calls one group commit takes at most
+METRICS_MAX_QUEUES = 1000  #: queues with /metrics series of their own; the rest summed
 RESULTS_REPLY_BYTES = 4 * 1024 * 1024  #: bytes of records a /v1/results reply holds
 DEFAULT_MIN_FREE_DISK = (
     50_000_000  #: bytes free under which enqueues get 507 (RabbitMQ's default)
