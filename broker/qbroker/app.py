@@ -220,7 +220,7 @@ class Broker:
     ) -> None:
         self.config = config
         self.guard = guard  #: fails /healthz once the database file is gone
-        self.floor = floor  #: refuses enqueues while the disk is low
+        self.floor = floor  #: refuses enqueues while free disk space is low
         self.writer = writer
         self.store = writer.store
         self.reader = reader

@@ -25,9 +25,7 @@ CHECKPOINT_INTERVAL = 1.0  #: seconds between WAL checkpoints
 WRITER_MAX_BATCH = 2000  #: store calls one group commit takes at most
 METRICS_MAX_QUEUES = 1000  #: queues with /metrics series of their own; the rest summed
 RESULTS_REPLY_BYTES = 4 * 1024 * 1024  #: bytes of records a /v1/results reply holds
-DEFAULT_MIN_FREE_DISK = (
-    50_000_000  #: bytes free under which enqueues get 507 (RabbitMQ's default)
-)
+DEFAULT_MIN_FREE_DISK = 50_000_000  #: bytes free below which enqueues get 507
 DB_FILENAME = "qbroker.db"
 
 

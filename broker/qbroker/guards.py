@@ -3,8 +3,9 @@
 `FileGuard`: the database file deleted or replaced while the broker runs. SQLite goes on
 writing to the inode it has open, so every write still succeeds, and all of it is gone
 at the next start (issue 21, item 3). The guard notices (the open file's link count is
-0, or the path names another inode) after each group commit and on `/healthz`; from then
-on every write fails with 503 `database_gone` and `/healthz` with it. It does not heal:
+0, or the path names another inode) before and after each group commit and on
+`/healthz`; from then on every write fails with 503 `database_gone` and `/healthz` with
+it. It does not heal:
 what was committed since is in the unlinked file, and a restart is what an operator
 needs to decide on.
 
@@ -13,8 +14,8 @@ Under the floor enqueues are refused with 507 `disk_low`, while leases, acks, fa
 cancels and checkpoints go on in the room left, so workers drain the queue and space
 comes back (item 8).
 
-Both are cheap (a few µs of stat calls) and thread-safe: the writer thread and the trio
-thread may call them at once.
+Both are cheap (a few µs of stat calls). The writer thread and the trio thread may both
+call `FileGuard.check`; a race between them at most logs the loss twice.
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ import structlog
 from qbroker import errors
 
 log = structlog.get_logger("qbroker.guards")
-FREE_SPACE_RECHECK = (
-    0.1  #: seconds a free-space reading is trusted before a new statvfs
-)
+FREE_SPACE_RECHECK = 0.1  #: seconds a free-space reading is used before the next
 
 
 class FileGuard:
@@ -75,7 +74,8 @@ class FileGuard:
 
 
 def _gone(path: Path, fd: int) -> str | None:
-    """ "deleted" or "replaced" if `path` no longer names the file open as `fd`."""
+    """How `path` stopped naming the file open as `fd` ("deleted", "moved away",
+    "replaced"), or None if it still does."""
     mine = os.fstat(fd)
     if mine.st_nlink == 0:
         return "deleted"
@@ -98,9 +98,7 @@ class FreeSpaceFloor:
         self.floor = floor
         self._free = 0
         self._read_at = -float("inf")
-        self._low = (
-            False  #: the last reading was under the floor (logged once a change)
-        )
+        self._low = False  #: the last reading was under the floor (logged on change)
 
     def check(self) -> None:
         """Raises errors.DiskLow if the free space is under the floor (0: no floor)."""

@@ -64,8 +64,8 @@ class Writer:
         guard: Callable[[], errors.QBrokerError | None] | None = None,
     ) -> None:
         self.store = store
-        #: run after each commit; an error it returns fails the batch's calls (see
-        #: guards.FileGuard: a commit into a deleted file is not durable)
+        #: run before and after each commit; an error it returns fails the batch's
+        #: calls (guards.FileGuard: a commit into a deleted file is not durable)
         self._guard = guard
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(
