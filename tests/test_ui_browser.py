@@ -121,11 +121,9 @@ def test_every_page_renders_real_data_and_escapes_it(
         row.get_by_role("link").first.click()  # its running job
         page.wait_for_url(f"**/ui/jobs/{running.id}")
         assert "active" in page.locator("main").inner_text()
-        shoot(page, "workers-job")
 
         page.goto(url + "/ui/queues/emails")
         assert page.get_by_role("heading", name="Queue emails").is_visible()
-        shoot(page, "queue")
 
         page.goto(f"{url}/ui/jobs/{failed}")
         text = page.locator("main").inner_text()
