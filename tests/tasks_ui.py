@@ -11,8 +11,3 @@ from qworker import task
 def ui_sleep(seconds: float) -> str:
     time.sleep(seconds)
     return "slept"
-
-
-@task(max_retries=0)
-def ui_boom(message: str) -> None:
-    raise ValueError(message)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qbroker.ui.api import Api, ApiError
-from qbroker.ui.markup import Safe, action, as_json, el, esc, notice
+from qbroker.ui.markup import Safe, action, as_json, el, notice
 
 
 @dataclass
@@ -96,6 +96,3 @@ def kv(pairs: list[tuple[str, Any]]) -> Safe:
 def short(text: Any, limit: int = 80) -> str:
     s = "" if text is None else str(text)
     return s if len(s) <= limit else s[: limit - 1] + "…"
-
-
-__all__ = ["Ctx", "esc", "kv", "problem", "section", "short"]
