@@ -250,7 +250,7 @@ def _damaged(good: bytes) -> dict[str, bytes]:
     page = 4096
     scattered = bytearray(good)
     for p in range(5, len(good) // page, 7):
-        start = p * page + 200
+        start = p * page  # the page's header and cell pointers: never free space
         scattered[start : start + 200] = rnd.randbytes(200)
     return {
         "random bytes": rnd.randbytes(50_000),
