@@ -1,7 +1,8 @@
 """`qworker --queue Q --module tasks [...]`: parse flags, import the tasks, run a Worker.
 
 Exit status: 0 after a clean stop (SIGTERM/SIGINT, or `--burst` drained); 1 after a
-second signal or an internal error; 2 for bad flags or a task module that fails to import.
+second signal, an internal error, or a refusal (a token without the worker role, a
+certificate the CA does not verify); 2 for bad flags or a task module that fails to import.
 """
 
 from __future__ import annotations
@@ -101,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="broker URL (default: env QBROKER_URL, else http://127.0.0.1:7733)",
     )  # fmt: skip
     p.add_argument(
+        "--ca", default=None,
+        help="PEM file of the CA that signed an https broker's certificate "
+        "(default: env QBROKER_CA, else the system's CAs)",
+    )  # fmt: skip
+    p.add_argument(
         "--name", default=None, help="worker name in the broker (default: host:pid)"
     )
     p.add_argument(
@@ -132,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ns.queues,
             modules=ns.modules,
             url=ns.url,
+            ca=ns.ca,
             concurrency=ns.concurrency,
             pool=ns.pool,
             max_tasks_per_child=ns.max_tasks_per_child,

@@ -54,6 +54,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -135,6 +136,25 @@ def _split(
     return ack_reports, fail_reports, acks, fails
 
 
+class Refused(Exception):
+    """The broker will not serve this worker as it is set up: a token it does not know
+    (401) or whose role may not lease (403), or a certificate the worker's CA does not
+    verify. The worker stops (exit 1): retrying cannot help, someone must fix it."""
+
+
+def _refusal(exc: Exception) -> str | None:
+    """What to fix, if `exc` is a refusal (see `Refused`); None for anything else."""
+    if isinstance(exc, BrokerError) and exc.status == 401:
+        return f"{exc}; set QBROKER_TOKEN to a token of the worker role"
+    if isinstance(exc, BrokerError) and exc.status == 403:
+        return f"{exc}; give the worker a token of the worker role (QBROKER_TOKEN)"
+    if isinstance(exc, ProtocolError) and isinstance(
+        exc.__cause__, ssl.SSLCertVerificationError
+    ):
+        return str(exc)
+    return None
+
+
 def _transient(exc: Exception) -> bool:
     """Whether an error means "the broker is not there right now" (retry later)."""
     if isinstance(exc, BrokerError):
@@ -181,6 +201,8 @@ class Worker:
         modules: modules to import for their `@task`s (the current directory is put on
             `sys.path` first).
         url: the broker; default: env QBROKER_URL, else http://127.0.0.1:7733.
+        ca: for an https URL, the PEM file of the CA that signed the broker's
+            certificate; default: env QBROKER_CA, else the system's CAs.
         concurrency: slots, i.e. jobs run at once; default: the number of CPUs.
         pool: "threads" or "processes".
         max_tasks_per_child: replace a process-pool child after this many tasks.
@@ -202,6 +224,7 @@ class Worker:
         *,
         modules: Sequence[str] = (),
         url: str | None = None,
+        ca: str | None = None,
         concurrency: int | None = None,
         pool: str = "threads",
         max_tasks_per_child: int | None = None,
@@ -228,7 +251,7 @@ class Worker:
         self.lease_wait = lease_wait
         self.registry: Registry = default_registry
         if client is None:
-            client = Client(url, timeout=HTTP_TIMEOUT, retries=HTTP_RETRIES)
+            client = Client(url, timeout=HTTP_TIMEOUT, retries=HTTP_RETRIES, ca=ca)
         self.client = client
         self._log = log.bind(worker=self.name)
         self._cond = threading.Condition()
@@ -330,6 +353,13 @@ class Worker:
         def guarded() -> None:
             try:
                 target()
+            except Refused as exc:  # one line: what to fix
+                self._log.error("worker.refused", error=str(exc))
+                self._exit_code = 1
+                self._stop_requested.set()
+                with self._cond:
+                    self._stopping = self._stop_reporting = True
+                    self._cond.notify_all()
             except BaseException:  # a bug: stop loudly rather than consume no more
                 self._log.exception("worker.crashed", thread=name)
                 self._exit_code = 1
@@ -508,6 +538,8 @@ class Worker:
                     self._lease_in_flight = self._backlog = False
                     self._results[:0] = batch  # to the front, for the control thread
                     self._cond.notify_all()
+                if (fix := _refusal(exc)) is not None:
+                    raise Refused(fix) from exc
                 if batch and not _transient(exc):
                     carry = False  # refused with them: lease again without them
                     continue
@@ -517,7 +549,7 @@ class Worker:
                     pause = backoff_delay(
                         failures, base=RECONNECT_MIN, cap=RECONNECT_MAX, jitter=True
                     )
-                else:  # 401/403/422...: say so every time; someone must fix something
+                else:  # 422...: say so every time; someone must fix something
                     self._log.error("worker.lease_refused", error=describe(exc))
                     pause = RECONNECT_MAX
                 self._sleep_unless_stopping(max(pause, RECONNECT_MIN / 2))
