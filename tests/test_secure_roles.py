@@ -214,6 +214,6 @@ def test_worker_with_a_producer_token_exits_1_with_one_line(
     out = proc.stdout
     assert proc.returncode == 1, out
     errors = [json.loads(ln) for ln in out.splitlines() if '"level": "error"' in ln]
-    assert [e["event"] for e in errors] == ["worker.refused"], out
-    assert "403 forbidden" in errors[0]["error"] and "worker role" in errors[0]["error"]
+    assert [e["event"] for e in errors] == ["worker.unauthorized"], out
+    assert "403 forbidden" in errors[0]["error"] and "worker role" in errors[0]["fix"]
     assert TOKENS["producer"] not in out

@@ -133,8 +133,8 @@ def test_worker_over_tls_and_refused_with_the_wrong_ca(
             tls_broker.url, tmp_path / "wrong.log", ("--ca", str(pki.other_ca))
         )
         assert refused.wait(30) == 1, refused.output()
-        [line] = refused.events("worker.refused")
-        assert "failed verification" in line["error"]
+        [line] = refused.events("worker.tls_refused")
+        assert "failed verification" in line["error"] and "--ca" in line["fix"]
         assert client.queue("send_email").counts["queued"] == 5
 
         worker = WorkerProc(

@@ -1,8 +1,10 @@
 """`qworker --queue Q --module tasks [...]`: parse flags, import the tasks, run a Worker.
 
 Exit status: 0 after a clean stop (SIGTERM/SIGINT, or `--burst` drained); 1 after a
-second signal, an internal error, or a refusal (a token without the worker role, a
-certificate the CA does not verify); 2 for bad flags or a task module that fails to import.
+second signal, an internal error, a broker that refuses the token (401/403) or whose
+certificate fails verification, or with
+`--burst` a broker unreachable for the client's timeout; 2 for bad flags, a task module
+that fails to import, or a processes pool none of whose children can start.
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="broker URL (default: env QBROKER_URL, else http://127.0.0.1:7733)",
     )  # fmt: skip
     p.add_argument(
+        "--token", default=None,
+        help="the broker's bearer token (default: env QBROKER_TOKEN)",
+    )  # fmt: skip
+    p.add_argument(
         "--ca", default=None,
         help="PEM file of the CA that signed an https broker's certificate "
         "(default: env QBROKER_CA, else the system's CAs)",
@@ -138,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ns.queues,
             modules=ns.modules,
             url=ns.url,
+            token=ns.token,
             ca=ns.ca,
             concurrency=ns.concurrency,
             pool=ns.pool,
