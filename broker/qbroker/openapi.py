@@ -29,13 +29,14 @@ _FAIL_REPLY = {
 _ERRORS = {
     "400": "malformed request or body",
     "401": "token missing or wrong",
+    "403": "the token's role may not make this request (`roles` names those that may)",
     "404": "unknown job or path",
     "405": "method not allowed (see the Allow header)",
     "408": "request timeout",
     "429": "too many connections",
     "431": "headers too large",
     "500": "internal error",
-    "503": "shutting down",
+    "503": "shutting down, or the database file is gone",
 }
 _BODY_ERRORS = {
     "413": "body too large",
@@ -126,7 +127,7 @@ def document() -> dict[str, Any]:
             if op_id in _CONFLICTS:
                 codes["409"] = "stale lease or duplicate"
             if method == "post":
-                codes["507"] = "disk full"
+                codes["507"] = "disk full, or (enqueue) under --min-free-disk"
             for code, text in sorted(codes.items()):
                 responses[code] = {
                     "description": text,
@@ -153,6 +154,7 @@ def document() -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "success", "content": {ctype: {}}},
                     "401": {"description": "token missing or wrong"},
+                    "403": {"description": "the token's role may not (read needed)"},
                 },
             }
         }
