@@ -195,3 +195,11 @@ def test_broker_refuses_a_tls_setup_it_cannot_use(
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_module_level_client_takes_a_ca(tls_broker: BrokerProcess, pki: Pki) -> None:
+    qclient.configure(tls_broker.url, ca=str(pki.ca))
+    try:
+        assert qclient.send("tls", 1).info().state == "queued"
+    finally:
+        qclient.configure()  # back to the environment's default for other tests
