@@ -91,9 +91,6 @@ class Tokens:
     def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
         self._pairs = tuple((token.encode(), role) for role, token in pairs)
 
-    def __len__(self) -> int:
-        return len(self._pairs)
-
     def role_of(self, given: bytes) -> str | None:
         """The role of the token `given`, or None if it is none of ours. Compares
         with every token, in constant time each (see the module docstring)."""
