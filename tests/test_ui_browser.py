@@ -219,3 +219,30 @@ def test_with_a_token_the_dashboard_asks_for_it(
         assert page.get_by_role("button", name="sign out").is_visible()
     finally:
         b.stop()
+
+
+def test_a_read_token_sees_the_dashboard_and_an_admin_token_acts(
+    page: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    home = tmp_path_factory.mktemp("ui-roles")
+    (home / "tokens").write_text("read:r3ad\nadmin:adm1n\n")
+    b = BrokerProcess(home / "data", ("--tokens-file", str(home / "tokens"))).start()
+    try:
+        with qclient.Client(b.url, "adm1n") as c:
+            job = c.send("roles", delay=3600)
+            page.goto(f"{b.url}/ui/jobs/{job.id}")
+            page.locator("input[name=token]").fill("r3ad")
+            page.get_by_role("button", name="Sign in").click()
+            page.get_by_role("checkbox", name="live").uncheck()
+            page.get_by_role("button", name="Cancel").click()
+            refused = page.locator("#flash .notice.error")
+            assert "403 forbidden" in refused.inner_text()
+            assert c.get_job(job.id).state == "scheduled"
+            page.get_by_role("button", name="sign out").click()
+            page.locator("input[name=token]").fill("adm1n")
+            page.get_by_role("button", name="Sign in").click()
+            page.get_by_role("button", name="Cancel").click()
+            page.locator("#flash .notice.ok").wait_for()
+            assert c.get_job(job.id).state == "cancelled"
+    finally:
+        b.stop()

@@ -328,6 +328,7 @@ class ErrorBody(_Struct, frozen=True):
     error: str  #: machine-readable reason, e.g. "invalid_field"
     message: str
     field: str | None = None
+    roles: list[str] | None = None  #: for 403 `forbidden`: the roles that may
 
 
 # ---------------------------------------------------------------- workers

@@ -98,8 +98,8 @@ async def respond(broker: Broker, req: Request) -> Response:
         api=api,
         now=broker.clock.now(),
         query=dict(req.query),
-        base_url=f"http://{host}",
-        token=broker.config.token is not None,
+        base_url=f"{'https' if broker.config.tls_cert else 'http'}://{host}",
+        token=broker.needs_token,
     )
     first, _, tail = rest.partition("/")
     try:
