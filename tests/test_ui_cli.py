@@ -6,10 +6,12 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import qclient
+import trustme
 from qclient.wire import WorkerBeat
 
 from tests.conftest import BrokerProcess, child_env
@@ -111,3 +113,18 @@ def test_a_wrong_token_is_one_line_and_exit_1(broker_factory: Any) -> None:
     assert "401 unauthorized" in line and "--token" in line
     done = qbroker("workers", "--url", b.url, env={"QBROKER_TOKEN": "s3cret"})
     assert done.returncode == 0, done.stderr
+
+
+def test_an_https_broker_with_a_private_ca(broker_factory: Any, tmp_path: Path) -> None:
+    ca, cert, key = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    authority = trustme.CA()
+    issued = authority.issue_cert("127.0.0.1")
+    authority.cert_pem.write_to_path(str(ca))
+    issued.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    args = ("--tls-cert", str(cert), "--tls-key", str(key))
+    b = broker_factory(name="tls", args=args, ca=ca).start()
+    done = qbroker("queues", "--url", b.url, "--ca", str(ca))
+    assert done.returncode == 0, done.stderr
+    line = one_line_failure(qbroker("queues", "--url", b.url))  # no CA: refused
+    assert "CERTIFICATE_VERIFY_FAILED" in line

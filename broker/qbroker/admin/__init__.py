@@ -38,6 +38,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             "--url", help="the broker (QBROKER_URL, default http://127.0.0.1:7733)"
         )
         p.add_argument("--token", help="its bearer token (QBROKER_TOKEN)")
+        p.add_argument("--ca", help="the CA of an https broker, PEM (QBROKER_CA)")
         p.add_argument(
             "--json", action="store_true", help="print the broker's JSON replies"
         )
@@ -48,7 +49,7 @@ def main(ns: argparse.Namespace) -> int:
     """Run the admin verb `ns.command`; returns the exit status."""
     _, run = VERBS[ns.command]
     try:
-        return run(ns, Http(ns.url, ns.token))
+        return run(ns, Http(ns.url, ns.token, ns.ca))
     except AdminError as exc:
         print(f"qbroker {ns.command}: {exc}", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
@@ -21,11 +22,16 @@ class Http:
     """Args:
     url: the broker; default QBROKER_URL, else DEFAULT_URL.
     token: its bearer token; default QBROKER_TOKEN.
+    ca: a PEM file of the CA that signed an https broker's certificate; default
+        QBROKER_CA, else the system's CAs.
     """
 
-    def __init__(self, url: str | None, token: str | None) -> None:
+    def __init__(
+        self, url: str | None, token: str | None, ca: str | None = None
+    ) -> None:
         self.url = (url or os.environ.get("QBROKER_URL") or DEFAULT_URL).rstrip("/")
         self.token = token if token is not None else os.environ.get("QBROKER_TOKEN")
+        self.ca = ca or os.environ.get("QBROKER_CA")
 
     def get(self, path: str, query: dict[str, str] | None = None) -> Any:
         """The decoded JSON reply of `GET path?query`.
@@ -53,7 +59,10 @@ class Http:
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT) as reply:
+            context = None
+            if self.ca and target.startswith("https:"):
+                context = ssl.create_default_context(cafile=self.ca)
+            with urllib.request.urlopen(req, timeout=TIMEOUT, context=context) as reply:
                 raw = reply.read()
         except urllib.error.HTTPError as exc:
             raise AdminError(_refusal(exc)) from None
