@@ -3,7 +3,7 @@
 Charter:
   Rule 1: this module reads, writes and waits; protocol.py and app.py decide.
   Rule 2: exceptions become replies in exactly one place, `_respond_error`.
-  Rule 3: every task lives in a nursery; a crash of the reaper or writer ends the server.
+  Rule 3: every task lives in a nursery; a crash of the reaper or the store ends the server.
 
 Per connection: read a request head (h11, 16 KiB limit -> 431) within REQUEST_TIMEOUT of
 its first byte; refuse a declared body over --max-body with 413 before reading it; read the
@@ -41,10 +41,8 @@ from qbroker import errors, metrics, protocol
 from qbroker.app import Broker
 from qbroker.clock import Clock
 from qbroker.config import MAX_HEADER_BYTES, Config
-from qbroker.readers import ReadThreads
-from qbroker.reaper import run_checkpointer, run_reaper
-from qbroker.store import Reader, Store
-from qbroker.writer import Writer
+from qbroker.reaper import run_reaper
+from qbroker.store.sqlite import SQLiteStore
 
 log = structlog.get_logger("qbroker.server")
 READ_SIZE = 65536  #: bytes per socket read
@@ -579,12 +577,6 @@ def _raise_fd_limit() -> None:
         pass
 
 
-async def _watch_writer(writer: Writer) -> None:
-    """Stop the server, with an error, if the writer thread dies."""
-    await writer.died.wait()
-    raise errors.InternalError("the writer thread died") from writer.error
-
-
 async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run the broker until SIGTERM/SIGINT; `task_status.started(port)` once bound.
 
@@ -593,33 +585,24 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
         OSError: the address cannot be bound.
     """
     _raise_fd_limit()
-    store = await trio.to_thread.run_sync(
-        lambda: Store(
-            config.db_path,
-            synchronous=config.synchronous,
-            max_db_bytes=config.max_db_bytes,
-        )
+    store = await SQLiteStore.open(
+        config.db_path,
+        synchronous=config.synchronous,
+        max_db_bytes=config.max_db_bytes,
     )
-    reader = Reader(config.db_path)
-    writer = Writer(store)
-    writer.start()
-    reads = ReadThreads()
-    reads.start()
-    broker = Broker(config, writer, reader, reads, Clock())
+    broker = Broker(config, store, Clock())
     server = Server(config, broker)
     try:
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     except OSError as exc:
-        await trio.to_thread.run_sync(writer.stop)
-        await trio.to_thread.run_sync(reads.stop)
+        await store.aclose()
         raise OSError(exc.errno or errno.EADDRINUSE, f"cannot listen: {exc}") from exc
     port = listeners[0].socket.getsockname()[1]
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_reaper, broker)
             nursery.start_soon(server.watch_timeouts)
-            nursery.start_soon(run_checkpointer, broker)
-            nursery.start_soon(_watch_writer, writer)
+            nursery.start_soon(store.maintain)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as conn_nursery:
                     accept_scope = trio.CancelScope()
@@ -655,8 +638,5 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
                     conn_nursery.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(writer.stop)
-            await trio.to_thread.run_sync(reads.stop)
-            reader.close()
+        await store.aclose()
         log.info("broker.stopped")
