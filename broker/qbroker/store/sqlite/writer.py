@@ -1,6 +1,6 @@
 """Group commit: one thread owns the write connection and commits many calls at once.
 
-Theory of operation (DESIGN.md, "Performance"): a handler on the trio loop submits a store
+Theory of operation (docs/architecture.md, "Performance"): a handler on the trio loop submits a store
 call and parks. The writer thread takes every call pending, runs each in its own SAVEPOINT
 inside one transaction, commits once, then reschedules all the parked tasks through one
 `run_sync_soon`. Under load one fsync covers hundreds of requests, and each reply still
