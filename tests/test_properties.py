@@ -533,7 +533,7 @@ class MJob:
 
 
 def _t(job: MJob, old: str | None, new: str | None) -> Transition:
-    return Transition(
+    return (
         job.id,
         job.queue,
         None if old is None else JobState(old),
@@ -1099,7 +1099,7 @@ class JobMachine(RuleBasedStateMachine):
             gone = self.model.pop(job_id)
             made.append(_t(gone, gone.state, None))
         for t in made:
-            event(f"sweep: {t.from_state} -> {t.to_state}")
+            event(f"sweep: {t[2]} -> {t[3]}")
         _same(got.changes, made)
         due = [
             t

@@ -17,6 +17,8 @@ what a job becoming ready, leased or final sets off, and where later hooks subsc
 
 from __future__ import annotations
 
+import operator
+from collections import Counter
 from collections.abc import Callable
 
 import structlog
@@ -29,6 +31,8 @@ from qbroker.waiters import Waiters
 log = structlog.get_logger("qbroker.reaper")
 _SCHEDULED, _QUEUED, _ACTIVE = JobState.SCHEDULED, JobState.QUEUED, JobState.ACTIVE
 _DEAD, _EXPIRED = JobState.DEAD, JobState.EXPIRED
+_FINAL_STATES: frozenset[JobState | None] = frozenset(FINAL_STATES)
+_SHAPE = operator.itemgetter(1, 2, 3)  #: a transition's (queue, from, to)
 
 
 class Effects:
@@ -57,14 +61,14 @@ class Effects:
             self.poke_reaper(changes.due)
 
     def _transitions(self, changes: Changes, swept: bool) -> None:
-        counts: dict[tuple[str, JobState | None, JobState | None], int] = {}
-        records = changes.records
-        notify = self.job_waiters.notify
-        for t in changes.transitions:
-            key = (t.queue, t.from_state, t.to_state)
-            counts[key] = counts.get(key, 0) + 1
-            if t.to_state in FINAL_STATES:
-                notify(t.job, value=records.get(t.job))
+        # (queue, from, to) -> jobs: counted in C, as a batch has one per job
+        counts = Counter(map(_SHAPE, changes.transitions))
+        if not _FINAL_STATES.isdisjoint(new for _, _, new in counts):
+            records = changes.records
+            notify = self.job_waiters.notify
+            for job, _, _, new in changes.transitions:
+                if new in _FINAL_STATES:
+                    notify(job, value=records.get(job))
         ready: dict[str, int] = {}  #: queue -> jobs made ready, less jobs leased
         for (queue, old, new), n in counts.items():
             if old is None:
@@ -75,7 +79,7 @@ class Effects:
                 ready[queue] = ready.get(queue, 0) + n
             elif new is _ACTIVE:
                 metrics.jobs_leased(queue).inc(n)
-            elif new in FINAL_STATES or (new is _SCHEDULED and old is _ACTIVE):
+            elif new in _FINAL_STATES or (new is _SCHEDULED and old is _ACTIVE):
                 assert new is not None
                 metrics.jobs_finished(queue, new).inc(n)
         for queue, n in ready.items():
@@ -85,9 +89,7 @@ class Effects:
             _count_sweep(counts)
 
 
-def _count_sweep(
-    counts: dict[tuple[str, JobState | None, JobState | None], int],
-) -> None:
+def _count_sweep(counts: Counter[tuple[str, JobState | None, JobState | None]]) -> None:
     """qbroker_reaped_total by outcome, and a log line when leases or jobs ran out."""
     outcomes = dict.fromkeys(("promoted", "requeued", "dead", "expired", "purged"), 0)
     for (_, old, new), n in counts.items():

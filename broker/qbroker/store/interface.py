@@ -41,13 +41,11 @@ from qclient.wire import (
 LEASED_AT_STEP = 1.0
 
 
-class Transition(NamedTuple):
-    """One job's change of state, as a verb made it."""
-
-    job: str
-    queue: str
-    from_state: JobState | None  #: None: the job is new
-    to_state: JobState | None  #: None: the job was deleted (its result_ttl ran out)
+#: One job's change of state, as a verb made it: (job, queue, from_state, to_state).
+#: from_state None: the job is new; to_state None: it was deleted (its result_ttl ran
+#: out). A plain tuple: a batch makes one per job, and a NamedTuple's __new__ cost
+#: a tenth of a batch enqueue's time in the store.
+Transition = tuple[str, str, JobState | None, JobState | None]
 
 
 @dataclass(slots=True)

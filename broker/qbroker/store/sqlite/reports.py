@@ -24,7 +24,7 @@ from qclient.wire import (
 )
 
 from qbroker import errors
-from qbroker.store.interface import Changes, Extended, Failed, Released, Transition
+from qbroker.store.interface import Changes, Extended, Failed, Released
 from qbroker.store.sqlite.rows import RECORD_COLUMNS, pack, record
 from qbroker.store.sqlite.schema import translate_errors
 
@@ -110,7 +110,7 @@ class Reports:
             if row is None:
                 self._resent(job_id, lease, _ACKED)
                 return changes
-        changes.transitions.append(Transition(job_id, row[0], _ACTIVE, _SUCCEEDED))
+        changes.transitions.append((job_id, row[0], _ACTIVE, _SUCCEEDED))
         if watched:
             changes.records = self.final_records(watched)
         return changes
@@ -168,7 +168,7 @@ class Reports:
                 # a retry the reaper has since made due is still the fail's "scheduled"
                 return _FAILED if state == "failed" else _SCHEDULED
         new = JobState(row[1])
-        changes.transitions.append(Transition(job_id, row[0], _ACTIVE, new))
+        changes.transitions.append((job_id, row[0], _ACTIVE, new))
         if new is _SCHEDULED and row[2] < changes.due:
             changes.due = row[2]
         return new
@@ -230,7 +230,7 @@ class Reports:
                     out.append(BatchResult(id=it.id, ok=True))
                     made += one.transitions
             elif it.id in done:
-                made.append(Transition(it.id, done[it.id], _ACTIVE, _SUCCEEDED))
+                made.append((it.id, done[it.id], _ACTIVE, _SUCCEEDED))
                 out.append(BatchResult(id=it.id, ok=True))
             else:
                 try:
@@ -308,7 +308,7 @@ class Reports:
             if row is None:
                 self._resent(job_id, lease, _RELEASED, released=True)
                 return
-        changes.transitions.append(Transition(job_id, row[0], _ACTIVE, _QUEUED))
+        changes.transitions.append((job_id, row[0], _ACTIVE, _QUEUED))
 
     def release_many(self, items: Sequence[ReleaseItem], now: float) -> Released:
         """Release each item on its own; a stale item fails only itself."""

@@ -12,7 +12,7 @@ import sqlite3
 
 from qclient.wire import JobState
 
-from qbroker.store.interface import Changes, Swept, Transition
+from qbroker.store.interface import Changes, Swept
 from qbroker.store.sqlite.schema import translate_errors
 
 SWEEP_BATCH = 10_000  #: rows one sweep changes at most in each of its steps
@@ -31,7 +31,7 @@ def sweep(conn: sqlite3.Connection, now: float) -> Swept:
             " RETURNING id, queue",
             (now, SWEEP_BATCH),
         ).fetchall():
-            made.append(Transition(job_id, queue, _SCHEDULED, _QUEUED))
+            made.append((job_id, queue, _SCHEDULED, _QUEUED))
         for job_id, queue, state in conn.execute(
             "UPDATE jobs SET"
             " state = CASE WHEN attempts > max_retries THEN 'dead' ELSE 'queued' END,"
@@ -45,11 +45,7 @@ def sweep(conn: sqlite3.Connection, now: float) -> Swept:
             " RETURNING id, queue, state",
             (now, SWEEP_BATCH),
         ).fetchall():
-            made.append(
-                Transition(
-                    job_id, queue, _ACTIVE, _DEAD if state == "dead" else _QUEUED
-                )
-            )
+            made.append((job_id, queue, _ACTIVE, _DEAD if state == "dead" else _QUEUED))
         # read first: an UPDATE's RETURNING sees only the new state, not the old
         expiring = conn.execute(
             "SELECT seq, id, queue, state FROM jobs WHERE expires_at <= ?1"
@@ -64,14 +60,14 @@ def sweep(conn: sqlite3.Connection, now: float) -> Swept:
                 (now, json.dumps([r[0] for r in expiring])),
             )
             for _, job_id, queue, state in expiring:
-                made.append(Transition(job_id, queue, JobState(state), _EXPIRED))
+                made.append((job_id, queue, JobState(state), _EXPIRED))
         for job_id, queue, state in conn.execute(
             "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs"
             " WHERE purge_at IS NOT NULL AND purge_at <= ? LIMIT ?)"
             " RETURNING id, queue, state",
             (now, SWEEP_BATCH),
         ).fetchall():
-            made.append(Transition(job_id, queue, JobState(state), None))
+            made.append((job_id, queue, JobState(state), None))
         due = conn.execute(
             "SELECT min(t) FROM ("
             " SELECT min(available_at) AS t FROM jobs WHERE state = 'scheduled'"

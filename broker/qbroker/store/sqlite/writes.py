@@ -42,24 +42,13 @@ from qbroker.store.interface import (
     Enqueued,
     Leased,
     Settled,
-    Transition,
 )
 from qbroker.store.sqlite.reports import Reports
 from qbroker.store.sqlite.rows import LEASED_COLUMNS, leased_job, pack_payload
 from qbroker.store.sqlite.schema import translate_error, translate_errors
 
 _SCHEDULED, _QUEUED, _ACTIVE = JobState.SCHEDULED, JobState.QUEUED, JobState.ACTIVE
-_SUCCEEDED, _FAILED, _CANCELLED = (
-    JobState.SUCCEEDED,
-    JobState.FAILED,
-    JobState.CANCELLED,
-)
-_FINAL_SQL = ",".join(f"'{s.value}'" for s in sorted(FINAL_STATES))
-#: the states a job's own ack / fail / release leaves it in while it keeps that token
-_ACKED = ("succeeded",)
-_FAILED_TO = ("scheduled", "queued", "failed")
-_RELEASED = ("queued",)
-ACK_CHUNK = 1000  #: acks per UPDATE statement (3 bound parameters each)
+_CANCELLED = JobState.CANCELLED
 
 _INSERT_COLUMNS = (
     "id, queue, task, state, priority, payload, max_retries, timeout, result_ttl,"
@@ -194,17 +183,20 @@ class Writes(Reports):
                 available = max(eta, now)
             else:
                 available = now
-            state = _SCHEDULED if available > now else _QUEUED
             expires_at = None if spec.expires is None else now + spec.expires
-            if state is _SCHEDULED and available < due:
-                due = available
+            if available > now:
+                state, name = _SCHEDULED, "scheduled"
+                if available < due:
+                    due = available
+            else:
+                state, name = _QUEUED, "queued"
             if expires_at is not None and expires_at < due:
                 due = expires_at
             params += (
                 job_id,
                 queue,
                 spec.task or queue,
-                state,
+                name,  # a plain str: sqlite3 binds a str subclass the slow way
                 spec.priority,
                 pack_payload(spec),
                 defaults.max_retries if spec.max_retries is None else spec.max_retries,
@@ -216,7 +208,7 @@ class Writes(Reports):
                 expires_at,
             )
             ids.append(job_id)
-            made.append(Transition(job_id, queue, None, state))
+            made.append((job_id, queue, None, state))
         try:
             if queue not in self._known:
                 self.conn.execute(
@@ -268,7 +260,7 @@ class Writes(Reports):
                     " purge_at = ?1 + result_ttl WHERE id = ?2",
                     (now, job_id),
                 )
-                changes.transitions.append(Transition(job_id, queue, state, _CANCELLED))
+                changes.transitions.append((job_id, queue, state, _CANCELLED))
                 if watched:
                     changes.records = self.final_records(watched)
                 state = _CANCELLED
@@ -358,7 +350,7 @@ class Writes(Reports):
             made = changes.transitions
             due = changes.due
             for job in out:
-                made.append(Transition(job.id, job.queue, _QUEUED, _ACTIVE))
+                made.append((job.id, job.queue, _QUEUED, _ACTIVE))
                 if job.lease_expires_at < due:
                     due = job.lease_expires_at
             changes.due = due
