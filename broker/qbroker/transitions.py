@@ -32,6 +32,8 @@ log = structlog.get_logger("qbroker.reaper")
 _SCHEDULED, _QUEUED, _ACTIVE = JobState.SCHEDULED, JobState.QUEUED, JobState.ACTIVE
 _DEAD, _EXPIRED = JobState.DEAD, JobState.EXPIRED
 _FINAL_STATES: frozenset[JobState | None] = frozenset(FINAL_STATES)
+_NEVER = float("inf")
+_Shape = tuple[str, JobState | None, JobState | None]
 _SHAPE = operator.itemgetter(1, 2, 3)  #: a transition's (queue, from, to)
 
 
@@ -57,39 +59,47 @@ class Effects:
         """
         if changes.transitions:
             self._transitions(changes, swept)
-        if changes.due != float("inf"):
+        if changes.due != _NEVER:
             self.poke_reaper(changes.due)
 
     def _transitions(self, changes: Changes, swept: bool) -> None:
-        # (queue, from, to) -> jobs: counted in C, as a batch has one per job
-        counts = Counter(map(_SHAPE, changes.transitions))
-        if not _FINAL_STATES.isdisjoint(new for _, _, new in counts):
-            records = changes.records
-            notify = self.job_waiters.notify
-            for job, _, _, new in changes.transitions:
-                if new in _FINAL_STATES:
-                    notify(job, value=records.get(job))
-        ready: dict[str, int] = {}  #: queue -> jobs made ready, less jobs leased
+        trans = changes.transitions
+        # (queue, from, to) -> jobs; a batch's, which has one per job, counted in C
+        counts: dict[_Shape, int] = (
+            {_SHAPE(trans[0]): 1} if len(trans) == 1 else Counter(map(_SHAPE, trans))
+        )
+        ready: dict[str, int] | None = None  #: queue -> jobs made ready, less leased
+        finished = False
         for (queue, old, new), n in counts.items():
             if old is None:
                 metrics.jobs_enqueued(queue).inc(n)
             elif old is _QUEUED:
+                ready = ready or {}
                 ready[queue] = ready.get(queue, 0) - n
             if new is _QUEUED:
+                ready = ready or {}
                 ready[queue] = ready.get(queue, 0) + n
             elif new is _ACTIVE:
                 metrics.jobs_leased(queue).inc(n)
             elif new in _FINAL_STATES or (new is _SCHEDULED and old is _ACTIVE):
-                assert new is not None
+                assert new is not None  # final, or a retry
+                finished = finished or new is not _SCHEDULED
                 metrics.jobs_finished(queue, new).inc(n)
-        for queue, n in ready.items():
-            if n > 0:
-                self.queue_waiters.notify(queue, None if swept else n)
+        if finished:
+            records = changes.records
+            notify = self.job_waiters.notify
+            for job, _, _, new in trans:
+                if new in _FINAL_STATES:
+                    notify(job, value=records.get(job))
+        if ready:
+            for queue, n in ready.items():
+                if n > 0:
+                    self.queue_waiters.notify(queue, None if swept else n)
         if swept:
             _count_sweep(counts)
 
 
-def _count_sweep(counts: Counter[tuple[str, JobState | None, JobState | None]]) -> None:
+def _count_sweep(counts: dict[_Shape, int]) -> None:
     """qbroker_reaped_total by outcome, and a log line when leases or jobs ran out."""
     outcomes = dict.fromkeys(("promoted", "requeued", "dead", "expired", "purged"), 0)
     for (_, old, new), n in counts.items():

@@ -12,8 +12,9 @@ Charter:
           from them (metrics, wake-ups, later hooks) happens in transitions.py only.
   Rule 5: only errors.py errors leave a verb.
 
-A second backend (PostgreSQL) implements `Store` and is tested by adding one fixture
-to tests/test_properties.py, whose state machine drives the store through these verbs.
+A second backend (PostgreSQL) implements `Store` and is tested by adding one entry to
+tests/stores.py: the state machine of tests/test_properties.py drives every backend
+through these verbs only.
 """
 
 from __future__ import annotations
@@ -43,8 +44,7 @@ LEASED_AT_STEP = 1.0
 
 #: One job's change of state, as a verb made it: (job, queue, from_state, to_state).
 #: from_state None: the job is new; to_state None: it was deleted (its result_ttl ran
-#: out). A plain tuple: a batch makes one per job, and a NamedTuple's __new__ cost
-#: a tenth of a batch enqueue's time in the store.
+#: out). A plain tuple, as a batch makes one per job.
 Transition = tuple[str, str, JobState | None, JobState | None]
 
 
@@ -75,7 +75,8 @@ class Leased(NamedTuple):
 
     jobs: list[LeasedJob]
     more: bool = False
-    again: bool = False  #: the jobs a resent request leased before (counted then)
+    #: the jobs a resent request leased before (no transitions: reported back then)
+    again: bool = False
 
 
 NOTHING_LEASED = Leased([])
