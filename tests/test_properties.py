@@ -52,6 +52,7 @@ from qbroker.store import (
 )
 from qbroker.store.sqlite.sweep import SWEEP_BATCH
 from qclient.wire import (
+    MIN_LEASE_SECONDS,
     NAME_PATTERN,
     AckItem,
     AckManyRequest,
@@ -381,7 +382,7 @@ valid_specs = st.fixed_dictionaries(
         "delay": _seconds,
         "expires": _seconds,
         "max_retries": st.integers(0, 1000),
-        "timeout": st.floats(0, 604800.0, exclude_min=True),
+        "timeout": st.floats(MIN_LEASE_SECONDS, 604800.0),
         "result_ttl": _seconds,
         "dedup_key": names,
     },

@@ -282,7 +282,7 @@ def encode(req: Request | None, obj: Any, status: int = 200) -> Response:
 # errors after which the connection cannot (or should not) carry another request
 _CLOSING_REASONS = frozenset(
     {"bad_request", "request_timeout", "body_too_large", "too_many_connections",
-     "headers_too_large", "internal_error", "shutting_down"}
+     "headers_too_large", "internal_error", "shutting_down", "unauthorized"}
 )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ import trio
 
 from qbroker import errors
 from qbroker.app import Broker
+from qbroker.clock import BEAT_SECONDS
 from qbroker.config import REAPER_MAX_SLEEP
 
 log = structlog.get_logger("qbroker.reaper")
@@ -45,3 +46,11 @@ async def run_reaper(broker: Broker) -> None:
             broker.reaper_wakeup = trio.Event()
             with trio.move_on_after(left):
                 await broker.reaper_wakeup.wait()
+
+
+async def run_heartbeat(broker: Broker) -> None:
+    """Mark the loop as running every BEAT_SECONDS, so that the clock can leave a
+    stall of the broker out of lease times (clock.py)."""
+    while True:
+        broker.clock.beat()
+        await trio.sleep(BEAT_SECONDS)

@@ -115,10 +115,20 @@ def match(method: str, path: str) -> tuple[str, str | None, str | None]:
     shape, param, value = _shape(path)
     methods = _TABLE.get(shape)
     if methods is None or (value is not None and not _NAME_RE.match(value)):
-        raise errors.NotFound(f"no route for {path}")
+        raise errors.NotFound(f"no route for {_quoted(path)}")
     name = methods.get("GET" if method == "HEAD" else method)
     if name is None:
         raise errors.MethodNotAllowed(
-            f"{method} is not allowed on {path}", allow=_ALLOW[shape]
+            f"{method} is not allowed on {_quoted(path)}", allow=_ALLOW[shape]
         )
     return name, param, value
+
+
+QUOTED_PATH_CHARS = 100  #: characters of a path an error message repeats
+
+
+def _quoted(path: str) -> str:
+    """`path` for an error message: a 15 KB path is not sent back whole."""
+    if len(path) <= QUOTED_PATH_CHARS:
+        return path
+    return f"{path[:QUOTED_PATH_CHARS]}... ({len(path)} characters)"

@@ -301,6 +301,11 @@ class Store(Protocol):
         """The records of those of `job_ids` that exist, by id."""
         ...
 
+    def unfinished(self, job_ids: Sequence[str]) -> Awaitable[set[str]]:
+        """Those of `job_ids` that exist and are not final (ids only: what a parked
+        result long-poll holds)."""
+        ...
+
     def queue_stats(self, queue: str, *, now: float) -> Awaitable[QueueStats]:
         """Counts by state (zeros included), the oldest ready job's age, and when a
         worker last asked for the queue."""

@@ -203,6 +203,9 @@ class SQLiteStore:
     def get_jobs(self, job_ids: Sequence[str]) -> Awaitable[dict[str, JobRecord]]:
         return self._reads.call(self._reader.get_jobs, job_ids)
 
+    def unfinished(self, job_ids: Sequence[str]) -> Awaitable[set[str]]:
+        return self._reads.call(self._reader.unfinished, job_ids)
+
     def queue_stats(self, queue: str, *, now: float) -> Awaitable[QueueStats]:
         return self._reads.call(self._reader.queue_stats, queue, now)
 

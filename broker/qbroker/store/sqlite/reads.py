@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from qclient.wire import JobRecord, JobState, QueueStats
+from qclient.wire import FINAL_STATES, JobRecord, JobState, QueueStats
 
 from qbroker import errors
 from qbroker.store.interface import JobRow, QueueRow, Snapshot
@@ -21,6 +21,7 @@ from qbroker.store.sqlite.rows import RECORD_COLUMNS, record
 from qbroker.store.sqlite.schema import connect, translate_errors
 
 _STATES = [s.value for s in JobState]
+_FINAL_SQL = ",".join(f"'{s.value}'" for s in sorted(FINAL_STATES))
 _IN_CHUNK = 500  #: ids per `IN (...)` list, well under SQLite's variable limit
 
 #: The oldest ready job's available_at in a queue, by seeks in jobs_ready: one per
@@ -94,6 +95,25 @@ class Reader:
                     f"SELECT {RECORD_COLUMNS} FROM jobs WHERE id IN ({marks})", chunk
                 ).fetchall()
                 out.update((r.id, r) for r in map(record, rows))
+        return out
+
+    def unfinished(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of `job_ids` that exist and are not in a final state: what a result
+        long-poll waits for (ids only: a parked wait holds no records)."""
+        out: set[str] = set()
+        ids = list(dict.fromkeys(job_ids))
+        with translate_errors(), self._conn() as conn:
+            for i in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[i : i + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                out.update(
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT id FROM jobs WHERE id IN ({marks})"
+                        f" AND state NOT IN ({_FINAL_SQL})",
+                        chunk,
+                    )
+                )
         return out
 
     def queue_stats(self, queue: str, now: float) -> QueueStats:

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
 from qclient.wire import (
     FINAL_STATES,
     AckItem,
@@ -28,6 +29,7 @@ from qbroker.store.interface import Changes, Extended, Failed, Released
 from qbroker.store.sqlite.rows import RECORD_COLUMNS, pack, record
 from qbroker.store.sqlite.schema import translate_errors
 
+log = structlog.get_logger("qbroker.store")
 _SCHEDULED, _QUEUED, _ACTIVE = JobState.SCHEDULED, JobState.QUEUED, JobState.ACTIVE
 _SUCCEEDED, _FAILED = JobState.SUCCEEDED, JobState.FAILED
 _FINAL_SQL = ",".join(f"'{s.value}'" for s in sorted(FINAL_STATES))
@@ -68,24 +70,31 @@ class Reports:
         states: tuple[str, ...],
         *,
         released: bool = False,
+        result: bytes | None = None,
     ) -> str:
         """The state of a job that `lease`'s own ack, fail or release (with
         `released`) already put in one of `states`: a report resent after its reply was
         lost. Ack, fail and release keep the token; only a release clears `started_at`,
-        which tells a released job from one whose failure was retried.
+        which tells a released job from one whose failure was retried. A resent ack
+        with another `result` (packed) than the stored one is logged: the first stands.
 
         Raises:
             errors.StaleLease: it is not such a repeat.
             errors.JobNotFound
         """
         row = self.conn.execute(
-            "SELECT state, lease, started_at IS NULL FROM jobs WHERE id = ?",
+            "SELECT state, lease, started_at IS NULL, result FROM jobs WHERE id = ?",
             (job_id,),
         ).fetchone()
         if row is None:
             raise errors.JobNotFound(f"no job {job_id}")
         if row[1] != lease or row[0] not in states or bool(row[2]) != released:
             raise errors.StaleLease("this lease is not the job's current lease")
+        if result is not None and row[3] != result:
+            # two workers think they ran this delivery, or a task is not deterministic
+            log.warning("job.ack_repeated", job_id=job_id,
+                        detail="a second ack of this lease with another result;"
+                               " the first result stands")  # fmt: skip
         return str(row[0])
 
     def ack(
@@ -99,16 +108,17 @@ class Reports:
             errors.JobNotFound, errors.InvalidField
         """
         changes = Changes()
+        packed = pack(result, "result")
         with translate_errors():
             row = self.conn.execute(
                 "UPDATE jobs SET state = 'succeeded', result = ?1, finished_at = ?2,"
                 " purge_at = ?2 + result_ttl, lease_expires_at = NULL"
                 " WHERE id = ?3 AND lease = ?4 AND state = 'active'"
                 " AND lease_expires_at > ?2 RETURNING queue",
-                (pack(result, "result"), now, job_id, lease),
+                (packed, now, job_id, lease),
             ).fetchone()
             if row is None:
-                self._resent(job_id, lease, _ACKED)
+                self._resent(job_id, lease, _ACKED, result=packed)
                 return changes
         changes.transitions.append((job_id, row[0], _ACTIVE, _SUCCEEDED))
         if watched:
@@ -189,11 +199,14 @@ class Reports:
         batch = [it for it in items if it.id not in repeated] if repeated else items
         packed: list[tuple[str, str, bytes]] = []
         invalid: set[str] = set()  #: ids whose result msgpack cannot carry
+        packed_of: dict[str, bytes] = {}
         for it in batch:
             try:
-                packed.append((it.id, it.lease, pack(it.result, "result")))
+                packed_of[it.id] = pack(it.result, "result")
             except errors.InvalidField:
                 invalid.add(it.id)
+            else:
+                packed.append((it.id, it.lease, packed_of[it.id]))
         with translate_errors():
             for start in range(0, len(packed), ACK_CHUNK):
                 chunk = packed[start : start + ACK_CHUNK]
@@ -234,7 +247,7 @@ class Reports:
                 out.append(BatchResult(id=it.id, ok=True))
             else:
                 try:
-                    self._resent(it.id, it.lease, _ACKED)
+                    self._resent(it.id, it.lease, _ACKED, result=packed_of[it.id])
                 except (errors.StaleLease, errors.JobNotFound) as exc:
                     out.append(BatchResult(id=it.id, ok=False, error=exc.reason))
                 else:
