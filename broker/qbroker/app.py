@@ -40,13 +40,12 @@ from qclient.wire import (
     ReleaseManyRequest,
     ReleaseReply,
     ReleaseRequest,
-    ResultsReply,
     ResultsRequest,
 )
 
 from qbroker import __version__, errors, metrics, openapi
 from qbroker.clock import Clock
-from qbroker.config import Config
+from qbroker.config import RESULTS_REPLY_BYTES, Config
 from qbroker.protocol import (
     BIG_BODY,
     EnqueueBody,
@@ -56,6 +55,7 @@ from qbroker.protocol import (
     encode,
     query_float,
 )
+from qbroker.replies import results_reply
 from qbroker.routes import ROUTES
 from qbroker.store import NOTHING_LEASED, Defaults, Enqueued, Leased, Store
 from qbroker.transitions import Effects
@@ -168,9 +168,13 @@ class Broker:
         for t in takers:
             assert t.request is not None  # claim() takes lease long-polls only
             requests.append(t.request)
-        pending = self.store.enqueue_and_hand_off(
-            queue, specs, requests, defaults=self.defaults, now=now
-        )
+        try:  # the store may refuse at once (disk low): before anything is submitted
+            pending = self.store.enqueue_and_hand_off(
+                queue, specs, requests, defaults=self.defaults, now=now
+            )
+        except BaseException:
+            _hand_over(takers, [NOTHING_LEASED] * len(takers))
+            raise
         return self._enqueued(req, body, pending, takers)
 
     async def _enqueued(
@@ -186,11 +190,7 @@ class Broker:
             done = await pending
             leased = done.leased
         finally:  # on failure too: the long-polls go back to leasing on their own
-            for slot, got in zip(takers, leased, strict=True):
-                slot.value = got
-                assert slot.handoff is not None
-                slot.handoff.set()
-                slot.event.set()
+            _hand_over(takers, leased)
         self.effects.apply(done.changes)
         if body.jobs is not None:
             return encode(req, EnqueueManyReply(ids=done.ids), 201)
@@ -227,7 +227,7 @@ class Broker:
                     # took minutes; clients resend a 503 to the restarted broker
                     raise errors.ShuttingDown("the broker is stopping; ask again")
         records = await self.store.get_jobs(ids)
-        return encode(req, ResultsReply(jobs=[records.get(i) for i in body.ids]))
+        return results_reply(req, ids, records, RESULTS_REPLY_BYTES)
 
     async def _wait_finished(self, ids: list[str], slot: Slot, deadline: float) -> bool:
         """Wait until every job of `ids` is final or gone, the deadline passes or the
@@ -406,8 +406,24 @@ class Broker:
         return encode(req, Health(status="ok", version=__version__))
 
     async def on_metrics(self, req: Request, _: None) -> Response:
-        text = prometheus_client.generate_latest(metrics.REGISTRY)
+        epoch = metrics.QUEUES.begin_prune()
+        holding = await self.store.queues_holding(metrics.QUEUES.queues())
+        metrics.QUEUES.prune(epoch, holding)
+        pieces = []
+        for piece in metrics.render():  # about a millisecond each: let others run
+            pieces.append(piece)
+            await trio.lowlevel.checkpoint()
+        text = b"".join(pieces)
         return Response(200, text, prometheus_client.CONTENT_TYPE_LATEST.encode())
 
     async def on_openapi(self, req: Request, _: None) -> Response:
         return Response(200, openapi.document_bytes())
+
+
+def _hand_over(takers: list[Slot], leased: list[Leased]) -> None:
+    """Hand claimed lease long-polls what an enqueue leased for them, and wake them."""
+    for slot, got in zip(takers, leased, strict=True):
+        slot.value = got
+        assert slot.handoff is not None
+        slot.handoff.set()
+        slot.event.set()

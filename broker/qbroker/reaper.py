@@ -36,6 +36,8 @@ async def run_reaper(broker: Broker) -> None:
             # nothing of the sweep was written; try again at the next one, and meanwhile
             # keep serving reads (a full disk must not end the broker)
             log.warning("reaper.disk_full")
+        except errors.DatabaseGone:  # logged once by the guard; reads go on
+            pass
         else:
             broker.effects.apply(swept.changes, swept=True)
             if swept.next_due is not None:

@@ -506,6 +506,7 @@ async def _serve_locked(config: Config, task_status: Any) -> None:
         config.db_path,
         synchronous=config.synchronous,
         max_db_bytes=config.max_db_bytes,
+        min_free_disk=config.min_free_disk,
     )
     broker = Broker(config, store, Clock())
     server = Server(config, broker)

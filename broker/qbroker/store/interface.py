@@ -163,6 +163,7 @@ class Store(Protocol):
 
     Raises (every verb):
         errors.DiskFull: nothing of the verb was stored (a full disk or quota).
+        errors.DatabaseGone: the store's file went away; nothing is stored any more.
         errors.InternalError: the store failed; nothing of the verb is known stored.
     """
 
@@ -184,6 +185,7 @@ class Store(Protocol):
         so writes submitted in turn happen in turn (pipelined enqueues keep their order).
 
         Raises:
+            errors.DiskLow: when called, if the store refuses new jobs for now.
             errors.DuplicateId, errors.DuplicateDedupKey: nothing is stored.
             errors.InvalidField: both delay and eta, or a value the store cannot keep.
         """
@@ -315,8 +317,13 @@ class Store(Protocol):
         """`queue_stats` of every queue row, by name."""
         ...
 
+    def queues_holding(self, queues: Sequence[str]) -> Awaitable[set[str]]:
+        """Those of `queues` that hold a job in any state."""
+        ...
+
     def ping(self) -> Awaitable[None]:
-        """Raises: what a verb would, if the store cannot serve."""
+        """Raises: what a verb would, if the store cannot serve (errors.DatabaseGone:
+        its file was deleted under it)."""
         ...
 
     def snapshot(self) -> Awaitable[Snapshot]: ...

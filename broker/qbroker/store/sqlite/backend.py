@@ -40,6 +40,7 @@ from qbroker.store.interface import (
     Swept,
 )
 from qbroker.store.sqlite import schema
+from qbroker.store.sqlite.guards import FileGuard, FreeSpaceFloor
 from qbroker.store.sqlite.readers import ReadThreads
 from qbroker.store.sqlite.reads import Reader
 from qbroker.store.sqlite.sweep import sweep
@@ -53,10 +54,19 @@ class SQLiteStore:
     """The store on one SQLite file. Open with `open()` on the trio thread; every
     verb is called from the trio thread; `aclose()` ends it."""
 
-    def __init__(self, path: Path, writes: Writes, writer: Writer) -> None:
+    def __init__(
+        self,
+        path: Path,
+        writes: Writes,
+        writer: Writer,
+        guard: FileGuard,
+        floor: FreeSpaceFloor,
+    ) -> None:
         self.path = path
         self._writes = writes
         self._writer = writer
+        self._guard = guard  #: fails writes and pings once the file is gone
+        self._floor = floor  #: refuses enqueues while the disk is nearly full
         self._reader = Reader(path)
         self._reads = ReadThreads()
 
@@ -67,8 +77,14 @@ class SQLiteStore:
         *,
         synchronous: str = "FULL",
         max_db_bytes: int | None = None,
+        min_free_disk: int = 0,
     ) -> SQLiteStore:
         """Check, migrate and open the file at `path`, and start the threads.
+
+        Args:
+            max_db_bytes: a quota on the file; writes past it get errors.DiskFull.
+            min_free_disk: bytes free on the file's disk under which enqueues get
+                errors.DiskLow (0: no floor).
 
         Raises:
             errors.InternalError: damaged, not a database, or of a newer schema.
@@ -79,7 +95,10 @@ class SQLiteStore:
             )
         )
         writes = Writes(conn)
-        store = cls(path, writes, Writer(conn, writes.rolled_back))
+        guard = FileGuard(path)
+        writer = Writer(conn, writes.rolled_back, guard.check)
+        floor = FreeSpaceFloor(path.parent, min_free_disk)
+        store = cls(path, writes, writer, guard, floor)
         store._writer.start()
         store._reads.start()
         return store
@@ -89,6 +108,7 @@ class SQLiteStore:
             await trio.to_thread.run_sync(self._writer.stop)
             await trio.to_thread.run_sync(self._reads.stop)
             self._reader.close()
+            self._guard.close()
 
     async def maintain(self) -> None:
         """Checkpoint the WAL every CHECKPOINT_INTERVAL seconds, off the write path;
@@ -123,6 +143,7 @@ class SQLiteStore:
         defaults: Defaults,
         now: float,
     ) -> Awaitable[Enqueued]:
+        self._floor.check()  # raises here, before anything is submitted
         return self._write(
             self._writes.enqueue_and_hand_off, queue, specs, leases, defaults, now
         )
@@ -213,7 +234,13 @@ class SQLiteStore:
         return self._reads.call(self._reader.queues, now)
 
     def ping(self) -> Awaitable[None]:
+        lost = self._guard.check()
+        if lost is not None:
+            raise lost
         return self._reads.call(self._reader.ping)
+
+    def queues_holding(self, queues: Sequence[str]) -> Awaitable[set[str]]:
+        return self._reads.call(self._reader.queues_holding, queues)
 
     def snapshot(self) -> Awaitable[Snapshot]:
         return self._reads.call(self._reader.snapshot)

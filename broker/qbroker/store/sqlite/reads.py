@@ -132,6 +132,24 @@ class Reader:
             ]
             return [_stats(conn, name, now) for name in names]
 
+    def queues_holding(self, queues: Sequence[str]) -> set[str]:
+        """Those of `queues` that hold a job in any state: one seek in
+        jobs_queue_state each."""
+        out: set[str] = set()
+        with translate_errors(), self._conn() as conn:
+            for i in range(0, len(queues), _IN_CHUNK):
+                chunk = queues[i : i + _IN_CHUNK]
+                values = ",".join(["(?)"] * len(chunk))
+                out.update(
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT column1 FROM (VALUES {values}) WHERE EXISTS"
+                        " (SELECT 1 FROM jobs WHERE queue = column1)",
+                        chunk,
+                    )
+                )
+        return out
+
     def snapshot(self) -> Snapshot:
         """Every job row and queue row, as of one commit."""
         with translate_errors(), self._conn() as conn:

@@ -60,13 +60,19 @@ class Writer:
 
     It owns `conn` from `start()` on and closes it when it ends. `rolled_back` is called
     (on the thread) after any rollback, so caches of what was committed can be dropped.
+    `guard` runs before and after each commit; an error it returns fails the batch's
+    calls (guards.FileGuard: a commit into a deleted file is not durable).
     """
 
     def __init__(
-        self, conn: sqlite3.Connection, rolled_back: Callable[[], None] = lambda: None
+        self,
+        conn: sqlite3.Connection,
+        rolled_back: Callable[[], None] = lambda: None,
+        guard: Callable[[], errors.QBrokerError | None] | None = None,
     ) -> None:
         self.conn = conn
         self._rolled_back = rolled_back
+        self._guard = guard
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._run, name="qbroker-writer", daemon=True
@@ -166,11 +172,26 @@ class Writer:
                     stopping = True
                     break
                 batch.append(nxt)
-            self._commit(conn, batch)
+            self._guarded_commit(conn, batch)
             metrics.COMMIT_BATCH.observe(len(batch))
             assert self._token is not None
             self._token.run_sync_soon(_wake_all, list(batch))
         conn.close()
+
+    def _guarded_commit(self, conn: sqlite3.Connection, batch: list[Call]) -> None:
+        """`_commit`, unless the guard finds the file gone, before it (nothing runs)
+        or after it (what ran is in a file no restart will read): then all fail."""
+        if self._guard is None:
+            self._commit(conn, batch)
+            return
+        lost = self._guard()
+        if lost is None:
+            self._commit(conn, batch)
+            lost = self._guard()
+        if lost is not None:
+            self._rolled_back()
+            for c in batch:
+                c.result = outcome.Error(lost)
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Call]) -> None:
         # A call alone in its transaction needs no savepoint: ROLLBACK undoes it alone.
