@@ -248,4 +248,3 @@ def jobs_leased(queue: str) -> _Count:
 def jobs_finished(queue: str, state: str) -> _Count:
     """`jobs_finished(queue, state).inc()`"""
     return _Count(QUEUES.row(queue), state)
-
