@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import msgspec
-from qbroker import openapi
+from qbroker import auth, openapi
 from qbroker.app import Broker
 from qbroker.routes import ROUTES
 from qclient import wire
@@ -95,6 +95,7 @@ def test_one_route_table_binds_every_handler_and_documents_every_route() -> None
     names = {r.name for r in ROUTES}
     assert len(names) == len(ROUTES)
     assert {n[3:] for n in dir(Broker) if n.startswith("on_")} == names
+    assert set(auth.ROUTE_ROLES) == names  # each route's roles, beside the table
     doc = openapi.document()
     documented = {
         (method.upper(), path, op["operationId"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import socket
+import ssl
 from typing import Any
 
 import h11
@@ -22,16 +23,38 @@ LINGER_BYTES = 4 * 1024 * 1024  #: and how much of it, at most
 SERVER_HEADER = (b"server", b"qbroker")
 
 
-class Connection:
-    """One client connection."""
+#: a TLS read or write that must wait for the socket (OpenSSL's WANT_READ/WANT_WRITE)
+_WANT_READ = (BlockingIOError, ssl.SSLWantReadError)
+_WANT_WRITE = (BlockingIOError, ssl.SSLWantWriteError)
+#: a TLS peer's end of the stream, with (SSLZeroReturnError) or without close_notify
+_TLS_EOF = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
 
-    def __init__(self, stream: trio.SocketStream, conn_id: int) -> None:
+
+class Connection:
+    """One client connection: plain, or TLS when given a server context."""
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        conn_id: int,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.stream = stream
         own = stream.socket
         #: the same fd as a plain socket, for reads and writes without trio's extra
         #: scheduler pass per call; `detach()`ed (never closed) when the connection ends
-        self.sock = socket.socket(own.family, own.type, own.proto, own.fileno())
-        self.sock.setblocking(False)
+        self.raw = socket.socket(own.family, own.type, own.proto, own.fileno())
+        self.raw.setblocking(False)
+        #: what requests are read from and replies written to: `raw`, or a TLS socket
+        #: on the same fd (non-blocking; OpenSSL shakes hands at the first read/write)
+        self.tls: ssl.SSLSocket | None = None
+        if tls_context is not None:
+            dup = socket.socket(own.family, own.type, own.proto, own.fileno())
+            dup.setblocking(False)
+            self.tls = tls_context.wrap_socket(
+                dup, server_side=True, do_handshake_on_connect=False
+            )
+        self.sock: socket.socket = self.raw if self.tls is None else self.tls
         self._eager = 0  #: reads in a row that found bytes waiting (see `receive`)
         self.id = conn_id
         self.h11 = h11.Connection(
@@ -68,15 +91,20 @@ class Connection:
         while True:
             try:
                 data = self.sock.recv(READ_SIZE)
-            except BlockingIOError:
+            except _WANT_READ:
                 self._eager = 0
                 self.waiting = True
                 try:
-                    await trio.lowlevel.wait_readable(self.sock)
+                    await trio.lowlevel.wait_readable(self.raw)
                 finally:
                     self.waiting = False
                 continue
-            except OSError as exc:  # reset, timed out: as trio's streams say it
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self.raw)
+                continue
+            except _TLS_EOF:
+                return b""
+            except OSError as exc:  # reset, timed out, TLS refused: as trio says it
                 raise trio.BrokenResourceError(str(exc)) from exc
             self._eager += 1
             if self._eager >= EAGER_READS:
@@ -90,16 +118,19 @@ class Connection:
         while view:
             try:
                 view = view[self.sock.send(view) :]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
+            except _WANT_WRITE:
+                await trio.lowlevel.wait_writable(self.raw)
+            except ssl.SSLWantReadError:  # a TLS handshake not yet done
+                await trio.lowlevel.wait_readable(self.raw)
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
 
     def peer_alive(self) -> bool:
         """False once the client has closed or reset its end. A peek, never a read:
-        bytes of a pipelined next request stay where they are."""
+        bytes of a pipelined next request stay where they are. Over TLS, a client
+        that closes with a close_notify alert looks alive until its socket closes."""
         try:
-            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            return bool(self.raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except BlockingIOError:
             return True  # open, and nothing sent yet
         except OSError:
@@ -107,8 +138,10 @@ class Connection:
 
     def quiet(self) -> bool:
         """True while the client has sent nothing unread (and not closed): a peek."""
+        if self.tls is not None and self.tls.pending():
+            return False  # decrypted bytes wait in the TLS layer
         try:
-            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self.raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return True
         except OSError:
@@ -129,16 +162,16 @@ class Connection:
         ):
             return
         try:
-            self.sock.shutdown(socket.SHUT_WR)
+            self.raw.shutdown(socket.SHUT_WR)
         except OSError:
             return
-        left = LINGER_BYTES
+        left = LINGER_BYTES  # of raw bytes: TLS records are discarded unread
         with trio.move_on_after(LINGER_SECONDS):
             while left > 0:
                 try:
-                    data = self.sock.recv(min(READ_SIZE, left))
+                    data = self.raw.recv(min(READ_SIZE, left))
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self.sock)
+                    await trio.lowlevel.wait_readable(self.raw)
                     continue
                 except OSError:
                     return

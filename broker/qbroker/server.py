@@ -41,7 +41,7 @@ import h11
 import structlog
 import trio
 
-from qbroker import errors, metrics, protocol
+from qbroker import errors, metrics, protocol, tls
 from qbroker.app import Broker
 from qbroker.clock import STALL_SECONDS, Clock
 from qbroker.config import MAX_HEADER_BYTES, Config
@@ -69,6 +69,11 @@ class Server:
     def __init__(self, config: Config, broker: Broker) -> None:
         self.config = config
         self.broker = broker
+        self.tls_context = (
+            tls.server_context(config.tls_cert, config.tls_key)
+            if config.tls_cert is not None and config.tls_key is not None
+            else None
+        )
         self.active_requests = 0
         self.connections = 0
         self._conns: dict[Connection, None] = {}  #: every open connection
@@ -175,7 +180,7 @@ class Server:
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         self._next_conn_id += 1
-        conn = Connection(stream, self._next_conn_id)
+        conn = Connection(stream, self._next_conn_id, self.tls_context)
         self.connections += 1
         metrics.CONNECTIONS.inc()
         try:
@@ -198,7 +203,11 @@ class Server:
             self._conns.pop(conn, None)
             self._idle.pop(conn, None)
             conn.timer.done = True
-            conn.sock.detach()  # the fd is the stream's to close
+            # the fd is the stream's to close (a TLS connection ends without a
+            # close_notify: its replies are framed by Content-Length, RFC 9112 9.8)
+            if conn.tls is not None:
+                conn.tls.detach()
+            conn.raw.detach()
             self.connections -= 1
             metrics.CONNECTIONS.dec()
             with trio.move_on_after(1) as scope:
