@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import qclient
-from qbroker import store_workers
+from qbroker.store.sqlite import workers as store_workers
 from qclient.wire import WorkerBeat, WorkerState
 
 from tests.conftest import BrokerProcess, child_env
@@ -176,18 +176,18 @@ def test_the_registry_survives_a_broker_restart(broker: BrokerProcess) -> None:
 
 def test_workers_are_lost_after_three_intervals_and_forgotten_after_a_day() -> None:
     conn = sqlite3.connect(":memory:", isolation_level=None)
-    store_workers.create(conn)
-    store_workers.beat(conn, WorkerBeat(name="a", interval=10), now=1000.0)
-    store_workers.beat(conn, WorkerBeat(name="b", interval=10), now=1000.0)
+    conn.execute(store_workers.SCHEMA)
+    store_workers.beat(conn, WorkerBeat(name="a", interval=10), 1000.0)
+    store_workers.beat(conn, WorkerBeat(name="b", interval=10), 1000.0)
 
     def states(now: float) -> dict[str, str]:
-        return {w.name: w.state for w in store_workers.workers(conn, now=now)}
+        return {w.name: w.state for w in store_workers.workers(conn, now)}
 
     assert states(1030.0) == {"a": "alive", "b": "alive"}
     assert states(1030.5) == {"a": "lost", "b": "lost"}
-    store_workers.beat(conn, WorkerBeat(name="a", interval=10), now=1000.0 + 86400)
+    store_workers.beat(conn, WorkerBeat(name="a", interval=10), 1000.0 + 86400)
     assert states(1000.0 + 86400) == {"a": "alive", "b": "lost"}
     assert states(1000.5 + 86400) == {"a": "alive"}  # b is no longer listed
     # and the next beat deletes its row
-    store_workers.beat(conn, WorkerBeat(name="a", interval=10), now=1001.0 + 86400)
+    store_workers.beat(conn, WorkerBeat(name="a", interval=10), 1001.0 + 86400)
     assert conn.execute("SELECT name FROM workers").fetchall() == [("a",)]

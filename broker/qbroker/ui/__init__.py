@@ -17,18 +17,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from http.cookies import CookieError, SimpleCookie
 from importlib import resources
-from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from qbroker import __version__
 from qbroker.protocol import UI_PATH, Request, Response
 from qbroker.ui import pages, pages_jobs
-from qbroker.ui.api import Api, ApiError
+from qbroker.ui.api import Api, ApiError, Broker
 from qbroker.ui.context import Ctx
 from qbroker.ui.markup import Safe, el, layout, notice
-
-if TYPE_CHECKING:
-    from qbroker.app import Broker
 
 __all__ = ["COOKIE", "respond"]
 

@@ -8,17 +8,31 @@ each page can list the curl commands that fetch the same data.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import msgspec
 
 from qbroker import errors, protocol
-
-if TYPE_CHECKING:
-    from qbroker.app import Broker
+from qbroker.clock import Clock
+from qbroker.config import Config
 
 _decode = msgspec.json.Decoder().decode
+
+
+class Broker(Protocol):
+    """What the dashboard needs of app.Broker (which imports this package)."""
+
+    config: Config
+    clock: Clock
+
+    @property
+    def needs_token(self) -> bool: ...
+
+    def authorize(self, req: protocol.Request) -> None: ...
+
+    def start(self, req: protocol.Request) -> Awaitable[protocol.Response]: ...
 
 
 class ApiError(Exception):

@@ -1,7 +1,7 @@
 """The workers registry's SQL: one row per worker, written by its beats.
 
-Part of the store (the only place that speaks SQL): `Store.beat_worker` and
-`Reader.workers` call these with their own connection, inside their own transaction.
+The backend runs `beat` as a write unit on the writer thread and `workers` on a
+reader connection. Its table is migration step 3 (schema.py).
 
 A worker's state is not stored but derived when read, from its last beat: `stopped`
 when that beat said so, `lost` once LOST_BEATS of its intervals have passed without
@@ -45,12 +45,7 @@ _encode = msgspec.json.Encoder().encode
 _decode_names = msgspec.json.Decoder(list[str]).decode
 
 
-def create(conn: sqlite3.Connection) -> None:
-    """Make the table if the file has none (idempotent)."""
-    conn.execute(SCHEMA)
-
-
-def beat(conn: sqlite3.Connection, b: WorkerBeat, *, now: float) -> None:
+def beat(conn: sqlite3.Connection, b: WorkerBeat, now: float) -> None:
     """Record one beat (the first one registers), and forget long-silent workers."""
     conn.execute(
         f"INSERT INTO workers ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -82,7 +77,7 @@ def beat(conn: sqlite3.Connection, b: WorkerBeat, *, now: float) -> None:
     conn.execute("DELETE FROM workers WHERE last_beat_at < ?", (now - FORGET_AFTER,))
 
 
-def workers(conn: sqlite3.Connection, *, now: float) -> list[WorkerInfo]:
+def workers(conn: sqlite3.Connection, now: float) -> list[WorkerInfo]:
     """Every worker heard from within FORGET_AFTER, by name, with its derived state."""
     out = []
     for row in conn.execute(
