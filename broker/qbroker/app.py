@@ -46,6 +46,7 @@ from qclient.wire import (
 from qbroker import __version__, errors, metrics, openapi
 from qbroker.clock import Clock
 from qbroker.config import Config
+from qbroker.kvapi import KVHandlers
 from qbroker.protocol import (
     BIG_BODY,
     EnqueueBody,
@@ -236,6 +237,7 @@ class Broker:
             for name in dir(self)
             if name.startswith("on_")
         }
+        self._handlers.update(KVHandlers(self).table())
 
     def authorize(self, req: Request) -> None:
         """Refuse a request without the broker's token (if it has one), before it

@@ -78,6 +78,22 @@ _OPERATIONS: dict[str, dict[str, tuple[str, list[Any], Any, Any, str]]] = {
     "/v1/queues": {"get": ("queues", [], None, wire.QueueList, "200")},
     "/v1/queues/{queue}": {"get": ("queue", [_QUEUE], None, wire.QueueStats, "200")},
     "/healthz": {"get": ("healthz", [], None, wire.Health, "200")},
+    "/v1/queues/{queue}/purge": {
+        "post": ("purge", [_QUEUE], None, wire.CountReply, "200")
+    },
+    "/v1/kv/get": {"post": ("kv_get", [], wire.KVGetRequest, wire.KVGetReply, "200")},
+    "/v1/kv/set": {
+        "post": ("kv_set", [], wire.KVSetRequest, wire.KVVersionReply, "200")
+    },
+    "/v1/kv/incr": {
+        "post": ("kv_incr", [], wire.KVIncrRequest, wire.KVIncrReply, "200")
+    },
+    "/v1/kv/expire": {
+        "post": ("kv_expire", [], wire.KVExpireRequest, wire.CountReply, "200")
+    },
+    "/v1/kv/delete": {
+        "post": ("kv_delete", [], wire.KVDeleteRequest, wire.CountReply, "200")
+    },
 }
 
 _STRUCTS: list[Any] = [
@@ -87,7 +103,9 @@ _STRUCTS: list[Any] = [
     wire.ReleaseItem, wire.ReleaseManyRequest,
     wire.AckManyRequest, wire.FailManyRequest, wire.BatchReply, wire.JobRecord,
     wire.QueueList, wire.QueueStats, wire.Health, wire.ErrorBody,
-    wire.ResultsRequest, wire.ResultsReply,
+    wire.ResultsRequest, wire.ResultsReply, wire.CountReply, wire.KVGetRequest,
+    wire.KVGetReply, wire.KVItem, wire.KVSetRequest, wire.KVVersionReply,
+    wire.KVIncrRequest, wire.KVIncrReply, wire.KVExpireRequest, wire.KVDeleteRequest,
 ]  # fmt: skip
 
 
