@@ -52,25 +52,35 @@ class Rest:
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[http.client.HTTPConnection] = []  #: every thread's, for close()
+        self._pid = os.getpid()
 
     def _conn(self) -> http.client.HTTPConnection:
         local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            local.conn, local.pid = None, os.getpid()  # never share a parent's socket
+        pid = os.getpid()
+        if self._pid != pid:  # a forked child: never share the parent's sockets
+            with self._lock:
+                self._pid, self._all = pid, []
+        if getattr(local, "pid", None) != pid:
+            local.conn, local.pid = None, pid
         if local.conn is not None and _closed(local.conn):
-            local.conn.close()  # the broker closed it while it sat idle
-            local.conn = None
+            self._drop()  # the broker closed it while it sat idle
         if local.conn is None:
-            local.conn = http.client.HTTPConnection(
-                self.host, self.port, timeout=TIMEOUT
-            )
-        conn: http.client.HTTPConnection = local.conn
-        return conn
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=TIMEOUT)
+            with self._lock:
+                self._all.append(conn)
+            local.conn = conn
+        current: http.client.HTTPConnection = local.conn
+        return current
 
     def _drop(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None and getattr(self._local, "pid", None) == os.getpid():
             conn.close()
+            with self._lock:
+                if conn in self._all:
+                    self._all.remove(conn)
         self._local.conn = None
 
     def post(
@@ -136,7 +146,11 @@ class Rest:
             attempt += 1
 
     def close(self) -> None:
-        self._drop()
+        """Close every thread's connection; only when no call is in flight."""
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:  # a forked child's copies: closes only its own fds
+            conn.close()
 
 
 def _closed(conn: http.client.HTTPConnection) -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import threading
 from collections.abc import Iterable
@@ -40,7 +41,7 @@ from kombu.transport import TRANSPORT_ALIASES, virtual
 from qclient import Client, JobNotFound, LeasedJob, ProtocolError, StaleLease
 from qclient._errors import BrokerError
 from qclient.celery._rest import Rest, queue_path
-from qclient.wire import CountReply
+from qclient.wire import NAME_PATTERN, CountReply
 
 __all__ = ["Channel", "Transport"]
 
@@ -57,6 +58,7 @@ CELERY_ID = "celery_id"  #: the job header holding Celery's task id
 #: the result an early or late Celery ack stores on the job: the job was delivered;
 #: how the task ended is in the result backend
 DELIVERED = {"celery": "acked"}
+_NAME = re.compile(NAME_PATTERN)
 
 
 def _unix(value: Any) -> float | None:
@@ -98,7 +100,7 @@ class Channel(virtual.Channel):
     QoS = QoS
     do_restore = True
     #: kombu sets the body to base64 text by default: JSON can carry it
-    from_transport_options = (
+    from_transport_options: tuple[str, ...] = (  # type: ignore[assignment]  # kombu's is narrower
         *virtual.Channel.from_transport_options,
         "lease_timeout",
         "max_retries",
@@ -136,7 +138,8 @@ class Channel(virtual.Channel):
         priority = props.get("priority")
         self.client.send(
             queue,
-            task=task if isinstance(task, str) and task else None,
+            # a Celery name the broker can't take leaves the job named by its queue
+            task=task if isinstance(task, str) and _NAME.match(task) else None,
             eta=eta if eta is not None and eta > now else None,
             expires=expires,
             priority=int(priority) if isinstance(priority, int) else 0,
@@ -158,8 +161,10 @@ class Channel(virtual.Channel):
             self._noack_queues.discard(queue)
         return super().basic_cancel(consumer_tag)
 
-    def _lease(self, queues: list[str], n: int, wait: float) -> list[dict[str, Any]]:
-        """Lease up to `n` jobs; return their envelopes, delivery tags set."""
+    def _lease(
+        self, queues: list[str], n: int, wait: float
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Lease up to `n` jobs; return their queues and envelopes, delivery tags set."""
         jobs = self.client.lease(
             queues, max=n, wait=wait, timeout=self.lease_timeout, worker=self.worker
         )
@@ -174,7 +179,7 @@ class Channel(virtual.Channel):
                 self._settle(job.id, tag)  # at most once: the consumer asked for it
             else:
                 self._held[tag] = job.id
-            messages.append(message)
+            messages.append((job.queue, message))
         if self._held:
             self._start_extender()
         return messages
@@ -187,10 +192,14 @@ class Channel(virtual.Channel):
             and isinstance(message.get("properties"), dict)
             and "body" in message
         ):
-            message["properties"].setdefault("delivery_info", {})
-            message["properties"]["delivery_info"].update(
-                exchange="", routing_key=job.queue
-            )
+            headers = message.get("headers")
+            if isinstance(headers, dict) and headers.get("eta") is not None:
+                # The broker held the job until its eta. Left in, Celery would
+                # schedule it again on its timer thread, which wakes only every
+                # second or two: a countdown of 1 s would run up to 2 s late.
+                eta = _unix(headers["eta"])
+                if eta is not None and eta <= time():
+                    headers["eta"] = None
             return message
         reason = (
             f"NotACeleryMessage: job {job.id} on queue {job.queue!r} has no kombu"
@@ -212,16 +221,14 @@ class Channel(virtual.Channel):
         messages = self._lease(list(dict.fromkeys(queues)), n, wait)
         if not messages:
             raise Empty()
-        for message in messages:
-            self.connection._deliver(
-                message, message["properties"]["delivery_info"]["routing_key"]
-            )
+        for queue, message in messages:
+            self.connection._deliver(message, queue)
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         messages = self._lease([queue], 1, 0.0)
         if not messages:
             raise Empty()
-        return messages[0]
+        return messages[0][1]
 
     # ------------------------------------------------------------ settle
 
@@ -298,7 +305,8 @@ class Channel(virtual.Channel):
 
     def _purge(self, queue: str) -> int:
         path = f"/v1/queues/{queue_path(queue)}/purge"
-        return self.connection.rest.post(path, None, CountReply).count
+        rest: Rest = self.connection.rest
+        return rest.post(path, None, CountReply).count
 
     def _lookup(
         self, exchange: str, routing_key: str, default: str | None = None
@@ -328,17 +336,20 @@ class Transport(virtual.Transport):
     """
 
     Channel = Channel
-    default_port = DEFAULT_PORT
+    default_port = DEFAULT_PORT  # type: ignore[assignment]  # kombu types it as None
     polling_interval = POLLING_INTERVAL
     driver_type = "qbroker"
     driver_name = "qclient"
-    connection_errors = (
+    connection_errors = (  # type: ignore[assignment]  # kombu types it as one item
         *virtual.Transport.connection_errors,
         ProtocolError,
         ConnectionError,
         socket.timeout,
     )
-    channel_errors = (*virtual.Transport.channel_errors, BrokerError)
+    channel_errors = (  # type: ignore[assignment]  # as connection_errors
+        *virtual.Transport.channel_errors,
+        BrokerError,
+    )
     #: direct and topic routing only: no fanout, so no remote control or broadcast
     implements = virtual.Transport.implements.extend(
         asynchronous=False,

@@ -72,7 +72,15 @@ def slow_mark(path, seconds):
 
 
 @app.task
-def count_call(path, value):
+def count_call(path, value, seconds=0.0):
+    time.sleep(seconds)
     with open(path, "a") as f:
         f.write(f"{value}\n")
     return value
+
+
+@app.task
+def record_sum(numbers, path):
+    with open(path, "a") as f:
+        f.write(f"{sum(numbers)}\n")
+    return sum(numbers)
