@@ -12,7 +12,7 @@ In one run, on the same (shared, noisy) machine, so the ratios mean something:
   --module bench_tasks`` as ``--pool processes --concurrency 2`` and as ``--pool threads
   --concurrency 8``, each also with ``--prefetch 1000`` (opt-in; rows "+p1000"):
     e2e/send()      one producer thread: ``client.send(queue, task="noop")`` n times
-    e2e/send_many() ``client.send_many(queue, [{"task": "noop"}] * n)`` (1,000 per request)
+    e2e/send_many() ``client.send_many(queue, [JobSpec(task="noop")] * n)`` (1,000 per request)
     ...then every result: ``client.final_records(jobs)``, 1,000 ids per long-poll --
        the requests ``qclient.results(jobs)`` makes, as Celery's side uses
        ``ResultSet.get()`` (it returns the records, so we also learn ``finished_at``);
@@ -565,7 +565,7 @@ def qb_end_to_end(
             if len(jobs) % 500 == 0 and time.monotonic() > deadline:
                 raise TimeoutError("sending took too long")
     else:
-        jobs = client.send_many(queue, [{"task": "noop"} for _ in range(n)])
+        jobs = client.send_many(queue, [qclient.JobSpec(task="noop")] * n)
     t_sent = time.perf_counter()
     last_finished = wait_all(client, jobs, deadline)
     t1 = time.perf_counter()

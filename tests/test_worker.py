@@ -153,7 +153,9 @@ def test_busy_worker_reports_each_outcome_with_its_next_lease(
 ) -> None:
     """With a backlog, a slot's outcome rides along with the lease that refills the
     slot: about one request per job, not a lease and an ack each."""
-    items = [{"task": "send_email", "kwargs": {"name": str(i)}} for i in range(30)]
+    items = [
+        qclient.JobSpec(task="send_email", kwargs={"name": str(i)}) for i in range(30)
+    ]
     jobs = client.send_many("wt_busy", items)
     worker = start_worker("--queue", "wt_busy", "--concurrency", "1", "--burst")
     assert worker.wait(30) == 0
@@ -254,7 +256,7 @@ def test_waiting_short_jobs_refill_several_free_slots_with_one_lease(
     for concurrency in (2, 4):
         queue = f"wt_gather{concurrency}"
         jobs = client.send_many(
-            queue, [{"task": "wt_echo", "args": [i]} for i in range(400)]
+            queue, [qclient.JobSpec(task="wt_echo", args=[i]) for i in range(400)]
         )
         before = _http_requests(broker.url)
         worker = start_worker(
@@ -274,7 +276,9 @@ def test_prefetch_leases_short_jobs_in_batches(
 ) -> None:
     """Two slots and 300 quick jobs: pure pull makes a request per job or two; with
     --prefetch the worker holds up to 100 and leases them in batches."""
-    items = [{"task": "send_email", "kwargs": {"name": str(i)}} for i in range(300)]
+    items = [
+        qclient.JobSpec(task="send_email", kwargs={"name": str(i)}) for i in range(300)
+    ]
     jobs = client.send_many("wt_prefetch", items)
     worker = start_worker(
         "--queue", "wt_prefetch", "-c", "2", "--prefetch", "100", "--burst"
@@ -295,7 +299,7 @@ def test_process_pool_sends_quick_prefetched_jobs_to_a_child_in_runs(
     """With --prefetch, a process slot sends its child runs of quick jobs in one
     message; each job still gets its own result."""
     jobs = client.send_many(
-        "wt_echo", [{"task": "wt_echo", "args": [i]} for i in range(400)]
+        "wt_echo", [qclient.JobSpec(task="wt_echo", args=[i]) for i in range(400)]
     )
     worker = start_worker(
         "--queue", "wt_echo", "--pool", "processes", "-c", "2", "--prefetch", "200",
@@ -317,7 +321,7 @@ def test_child_dying_mid_run_fails_only_the_job_it_was_running(
     the run goes again in a new child and succeeds, in the same lease."""
     notes = str(tmp_path / "notes")
     items = [
-        {"task": "wt_die_once", "args": [notes, i, i == 150], "max_retries": 0}
+        qclient.JobSpec(task="wt_die_once", args=[notes, i, i == 150], max_retries=0)
         for i in range(300)
     ]
     jobs = client.send_many("wt_die_once", items)
@@ -349,8 +353,8 @@ def test_prefetched_jobs_go_back_when_a_long_task_holds_the_slot(
     warm = [tasks_worker.wt_slow.send(args=[str(marks), 0.01], client=client)]
     warm += [tasks_worker.wt_slow.send(args=[str(marks), 0.01], client=client)]
     assert client.results(warm, timeout=20) == ["slept", "slept"]  # runs are short
-    items = [{"task": "wt_slow", "args": [str(marks), 6]}]
-    items += [{"task": "wt_slow", "args": [str(marks), 0.01]}] * 10
+    items = [qclient.JobSpec(task="wt_slow", args=[str(marks), 6])]
+    items += [qclient.JobSpec(task="wt_slow", args=[str(marks), 0.01])] * 10
     long_job, *quick = client.send_many("wt_slow", items)
     wait_for(lambda: holder.events("worker.prefetch_returned"), 10, "held jobs back")
     # job.released is logged once the hand-back request has been answered
@@ -378,8 +382,8 @@ def test_sigterm_hands_back_prefetched_jobs_uncounted(
     warm = [tasks_worker.wt_slow.send(args=[str(marks), 0.01], client=client)]
     warm += [tasks_worker.wt_slow.send(args=[str(marks), 0.01], client=client)]
     assert client.results(warm, timeout=20) == ["slept", "slept"]
-    items = [{"task": "wt_slow", "args": [str(marks), 1.5]}]
-    items += [{"task": "wt_slow", "args": [str(marks), 0.01]}] * 5
+    items = [qclient.JobSpec(task="wt_slow", args=[str(marks), 1.5])]
+    items += [qclient.JobSpec(task="wt_slow", args=[str(marks), 0.01])] * 5
     long_job, *held = client.send_many("wt_slow", items)
     wait_for(
         lambda: all(client.get_job(j.id).state == "active" for j in held),

@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
+from qclient.tags import tag, untag
 
 from qworker._task import Retry
 
@@ -106,12 +107,14 @@ def execute(
 
     Returns:
         The outcome; a result that msgspec cannot turn into JSON-like builtins is a
-        failure with no retry (it would fail the same way every time).
+        failure with no retry (it would fail the same way every time). Arguments
+        and result pass through `qclient.tags`, so a datetime sent arrives as one,
+        and one returned comes back from `Job.result()` as one.
     """
     start = time.monotonic()
     pid = os.getpid()
     try:
-        value = task.fn(*args, **kwargs)
+        value = task.fn(*untag(args), **untag(kwargs))
         if inspect.iscoroutine(value):
             value = run_async(value)
     except BaseException as exc:  # the task's failure, whatever it is, is data here
@@ -124,7 +127,7 @@ def execute(
         _end_fork(None)
     duration = time.monotonic() - start
     try:
-        result = msgspec.to_builtins(value)
+        result = msgspec.to_builtins(tag(value))
     except Exception as exc:  # TypeError, ValueError; RecursionError when too deep
         return Outcome(
             ok=False,

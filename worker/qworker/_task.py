@@ -24,7 +24,7 @@ import math
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, Unpack, overload
 
 from qclient.wire import NAME_PATTERN
 
@@ -219,16 +219,8 @@ class Task(Generic[P, R]):
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
         *,
-        delay: float | None = None,
-        eta: float | None = None,
-        expires: float | None = None,
-        priority: int = 0,
-        job_id: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        result_ttl: float | None = None,
-        max_retries: int | None = None,
-        timeout: float | None = None,
         client: qclient.Client | None = None,
+        **options: Unpack[qclient.JobOptions],
     ) -> qclient.Job:
         """Enqueue a job for this task with options (Celery's `apply_async`).
 
@@ -238,42 +230,28 @@ class Task(Generic[P, R]):
         Args:
             args: positional arguments for the function.
             kwargs: keyword arguments for the function.
-            delay: seconds from now before it may run (not with `eta`).
-            eta: unix seconds when it may run.
-            expires: seconds from now after which it is never started.
-            priority: higher runs first.
-            job_id: a client-chosen id (a repeat gets `BrokerError` 409 `duplicate_id`).
-            headers: free-form metadata passed to the worker.
-            result_ttl: seconds the broker keeps the finished job.
-            max_retries: this job's retries; the task's own `max_retries`, when it
-                declares one, still bounds them.
-            timeout: override the task's lease seconds.
             client: the `qclient.Client` to use; default: qclient's module-level one.
+            **options: `delay`, `eta`, `expires`, `priority`, `job_id`,
+                `max_retries`, `timeout`, `result_ttl`, `headers`, `dedup_key`: the
+                options of `qclient.send` (`qclient.JobOptions`). The task's own
+                `max_retries`, when it declares one, still bounds the job's.
 
         Returns:
             The `qclient.Job` handle.
 
         Raises:
             qclient.BrokerError, qclient.ProtocolError: as `qclient.send` does.
+            TypeError, ValueError: an unknown option or a naive datetime, as
+                `qclient.send` does.
         """
         import qclient  # here, so that importing tasks never needs a broker or the client
 
+        if options.get("max_retries") is None:
+            options["max_retries"] = self.max_retries
+        if options.get("timeout") is None:
+            options["timeout"] = self.timeout
         send = client.send if client is not None else qclient.send
-        return send(
-            self.queue,
-            task=self.name,
-            args=list(args) if args is not None else None,
-            kwargs=dict(kwargs) if kwargs is not None else None,
-            delay=delay,
-            eta=eta,
-            expires=expires,
-            priority=priority,
-            job_id=job_id,
-            max_retries=self.max_retries if max_retries is None else max_retries,
-            timeout=self.timeout if timeout is None else timeout,
-            result_ttl=result_ttl,
-            headers=dict(headers) if headers is not None else None,
-        )
+        return send(self.queue, task=self.name, args=args, kwargs=kwargs, **options)
 
 
 @overload
