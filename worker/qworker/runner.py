@@ -74,6 +74,7 @@ from qclient.wire import (
     ReleaseItem,
 )
 
+from qworker._django import worker_client
 from qworker._execute import Execution, Outcome, describe, failure, moving_mean
 from qworker._task import Task, TimeLimitExceeded, TooManyAttempts, backoff_delay
 from qworker.pools import POOL_KINDS, Pool, ThreadPool, make_pool
@@ -228,7 +229,7 @@ class Worker:
         self.lease_wait = lease_wait
         self.registry: Registry = default_registry
         if client is None:
-            client = Client(url, timeout=HTTP_TIMEOUT, retries=HTTP_RETRIES)
+            client = worker_client(url, timeout=HTTP_TIMEOUT, retries=HTTP_RETRIES)
         self.client = client
         self._log = log.bind(worker=self.name)
         self._cond = threading.Condition()
