@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import qclient
 from qworker import Worker
+from qworker.pools.processes import RESPAWN_BACKOFF_MAX
 
 from tests import tasks_worker
 from tests.conftest import BrokerProcess, child_env
@@ -636,6 +637,7 @@ def test_a_pool_whose_children_cannot_start_fails_without_leasing(
     assert (record.state, record.attempts) == ("queued", 0)
 
 
+@pytest.mark.timeout(400)
 def test_a_pool_whose_children_stop_starting_holds_no_jobs(
     client: qclient.Client,
     start_worker: Callable[..., WorkerProc],
@@ -644,10 +646,11 @@ def test_a_pool_whose_children_stop_starting_holds_no_jobs(
 ) -> None:
     # Mid-run, no child can start any more: the worker must not hold jobs it cannot
     # run (leased, their leases extended for good), and it runs them once children
-    # start again.
+    # start again. On a loaded machine each start may take seconds, and a slot's
+    # backoff between tries grows to RESPAWN_BACKOFF_MAX: the deadlines allow both.
     broken = tmp_path / "broken"
     monkeypatch.setenv("QW_BREAK_FILE", str(broken))
-    client.send("wt_break")
+    breaker = client.send("wt_break")
     worker = start_worker(
         "--queue", "wt_break", "--module", "tasks_childbreak", "--pool", "processes",
         "-c", "1", "--max-tasks-per-child", "1",
@@ -656,13 +659,15 @@ def test_a_pool_whose_children_stop_starting_holds_no_jobs(
     def failures() -> int:
         return len(worker.events("pool.child_failed"))
 
-    wait_for(lambda: failures() >= 2, 30, "children failing to start")
+    wait_for(lambda: failures() >= 2, 90, "children failing to start")
+    final = ("succeeded", "failed")  # it ran once, and never runs again
+    wait_for(lambda: client.get_job(breaker.id).state in final, 30, "wt_break's end")
     after = client.send("wt_break", task="wt_after")
-    wait_for(lambda: failures() >= 4, 30, "two more failed starts")
+    wait_for(lambda: failures() >= 4, 120, "two more failed starts")
     record = client.get_job(after.id)
     assert (record.state, record.attempts) == ("queued", 0), worker.output()
     broken.unlink()
-    assert after.result(timeout=30) == "ran"
+    assert after.result(timeout=RESPAWN_BACKOFF_MAX + 90) == "ran", worker.output()
     assert worker.proc.poll() is None
 
 

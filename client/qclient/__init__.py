@@ -2,7 +2,7 @@
 
     import qclient
 
-    job = qclient.send("send_email", {"to": "a@b.c"})   # kwargs of tasks.send_email
+    job = qclient.send("send_email", {"name": "mjtree"})   # kwargs of tasks.send_email
     print(job.result(timeout=10))
     print(qclient.results(jobs, timeout=60))             # many at once, in order
 
@@ -11,7 +11,7 @@
         client.send("report", {"day": date.today()}, eta=tomorrow_9am)   # aware datetime
 
     async with qclient.AsyncClient() as client:           # under trio or asyncio
-        job = await client.send("send_email", {"to": "a@b.c"})
+        job = await client.send("send_email", {"name": "mjtree"})
         print(await job.result(timeout=10))
 
 The wire shapes (JobRecord, LeasedJob, ...) live in `qclient.wire`; the common ones are

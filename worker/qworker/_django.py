@@ -37,14 +37,16 @@ def setup_django() -> bool:
     return True
 
 
-def worker_client(url: str | None, **options: Any) -> qclient.Client:
-    """The worker's Client: `url` if given, else qclient's own settings
-    (`configure()`, a Django QBROKER dict, the environment), with the worker's
-    `options` (its timeout and retries) on top."""
+def worker_client(url: str | None, token: str | None, **options: Any) -> qclient.Client:
+    """The worker's Client: `url` and `token` where given, else qclient's own
+    settings (`configure()`, a Django QBROKER dict, the environment), with the
+    worker's `options` (its timeout and retries) on top."""
     import qclient  # here: importing qworker (and its registry) stays light
 
     settings = qclient.client_options()
     settings.update(options)
     if url is not None:
         settings["url"] = url
+    if token is not None:
+        settings["token"] = token
     return qclient.Client(**settings)
