@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import qclient
-from kombu import Connection
+from kombu.connection import Connection
 
 from tests.conftest import BrokerProcess
 
