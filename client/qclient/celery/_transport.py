@@ -41,7 +41,7 @@ from kombu.transport import TRANSPORT_ALIASES, virtual
 from qclient import Client, JobNotFound, LeasedJob, ProtocolError, StaleLease
 from qclient._errors import BrokerError
 from qclient.celery._rest import Rest, queue_path
-from qclient.wire import NAME_PATTERN, CountReply
+from qclient.wire import NAME_PATTERN, CountReply, ReleaseItem
 
 __all__ = ["Channel", "Transport"]
 
@@ -99,16 +99,14 @@ class Channel(virtual.Channel):
 
     QoS = QoS
     do_restore = True
-    #: kombu sets the body to base64 text by default: JSON can carry it
     from_transport_options: tuple[str, ...] = (  # type: ignore[assignment]  # kombu's is narrower
         *virtual.Channel.from_transport_options,
         "lease_timeout",
         "max_retries",
     )
     lease_timeout = LEASE_SECONDS
-    max_retries: int | None = (
-        None  #: the job's own lease-expiry retries (None: broker's)
-    )
+    #: lease expiries a job survives before it is dead (None: the broker's default)
+    max_retries: int | None = None
 
     def __init__(self, connection: Transport, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
@@ -206,7 +204,8 @@ class Channel(virtual.Channel):
             f" envelope in headers[{ENVELOPE!r}]; it was not sent by Celery"
         )
         log.error("qbroker: %s; failed it", reason)
-        with contextlib.suppress(BrokerError):
+        # if the broker is away, the lease runs out and the next lease fails it
+        with contextlib.suppress(BrokerError, ProtocolError):
             self.client.fail(job.id, job.lease, error=reason, retry_in=None)
         return None
 
@@ -250,17 +249,19 @@ class Channel(virtual.Channel):
         self.release_many([tag])
 
     def release_many(self, tags: Iterable[str]) -> None:
-        for tag in tags:
-            job_id = self._held.pop(tag, None)
-            if job_id is None:
-                continue
-            try:
-                self.client.release(job_id, tag)
-            except (StaleLease, JobNotFound):
-                pass  # moved on already: nothing to give back
-            except ProtocolError as exc:
-                # the broker is away: the lease runs out there and the job comes back
-                log.warning("qbroker: could not release job %s: %s", job_id, exc)
+        """Release jobs in one request; one that moved on already is left alone."""
+        items = [
+            ReleaseItem(id=job_id, lease=tag)
+            for tag in tags
+            if (job_id := self._held.pop(tag, None)) is not None
+        ]
+        if not items:
+            return
+        try:
+            self.client.release_many(items)
+        except (ProtocolError, BrokerError) as exc:
+            # the broker is away: the leases run out there and the jobs come back
+            log.warning("qbroker: could not release %d jobs: %s", len(items), exc)
 
     def fail(self, tag: str, reason: str) -> None:
         """End the job as failed, without retry (a reject without requeue)."""
