@@ -100,3 +100,25 @@ def configured(broker: BrokerProcess) -> object:
 def test_configure_applies_to_the_worker_too(configured: qclient.Client) -> None:
     worker = Worker(["q"])
     assert worker.client.url == configured.url
+
+
+def test_a_qbroker_setting_with_an_unknown_key_says_which(
+    broker: BrokerProcess, tmp_path: Path
+) -> None:
+    env = _env(broker, tmp_path)
+    (tmp_path / "badsettings.py").write_text(
+        "from djangoproj.settings import *\nQBROKER = {'URL': BROKER, 'HOST': 'x'}\n"
+    )
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    env["DJANGO_SETTINGS_MODULE"] = "badsettings"
+    done = subprocess.run(
+        [sys.executable, "-c", "import qclient; qclient.default_client()"],
+        cwd=DJANGO_PROJ,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "settings.QBROKER has unknown keys ['HOST']" in done.stderr
