@@ -32,7 +32,7 @@ def default_client() -> Client:
     """The shared `Client` behind the module-level functions.
 
     Made on first use from `client_options()`: `configure()`'s values, else a Django
-    project's QBROKER setting, else QBROKER_URL / QBROKER_TOKEN.
+    project's QBROKER setting, else QBROKER_URL / QBROKER_TOKEN / QBROKER_CA.
     """
     global _default
     client = _default
@@ -66,6 +66,7 @@ def configure(
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
     encoding: Encoding = "msgpack",
+    ca: str | None = None,
 ) -> Client:
     """Replace the default client with one made from these settings.
 
@@ -79,13 +80,14 @@ def configure(
         timeout: as for `Client`.
         retries: as for `Client`.
         encoding: as for `Client`.
+        ca: as for `Client`: the CA of an https broker; default: env QBROKER_CA.
 
     Returns:
         The new default client.
     """
     global _default, _configured
     options: dict[str, Any] = {"url": url, "token": token, "timeout": timeout}
-    options.update(retries=retries, encoding=encoding)
+    options.update(retries=retries, encoding=encoding, ca=ca)
     client = Client(**options)
     with _lock:
         old, _default, _configured = _default, client, options

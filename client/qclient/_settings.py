@@ -23,6 +23,7 @@ DJANGO_KEYS = {
     "TIMEOUT": "timeout",
     "RETRIES": "retries",
     "ENCODING": "encoding",
+    "CA": "ca",
 }
 
 

@@ -37,8 +37,10 @@ def setup_django() -> bool:
     return True
 
 
-def worker_client(url: str | None, token: str | None, **options: Any) -> qclient.Client:
-    """The worker's Client: `url` and `token` where given, else qclient's own
+def worker_client(
+    url: str | None, token: str | None, ca: str | None, **options: Any
+) -> qclient.Client:
+    """The worker's Client: `url`, `token` and `ca` where given, else qclient's own
     settings (`configure()`, a Django QBROKER dict, the environment), with the
     worker's `options` (its timeout and retries) on top."""
     import qclient  # here: importing qworker (and its registry) stays light
@@ -49,4 +51,6 @@ def worker_client(url: str | None, token: str | None, **options: Any) -> qclient
         settings["url"] = url
     if token is not None:
         settings["token"] = token
+    if ca is not None:
+        settings["ca"] = ca
     return qclient.Client(**settings)
