@@ -48,7 +48,7 @@ ROUTE_ROLES: Mapping[str, tuple[str, ...]] = {
     "purge": (),
     # the key-value store holds Celery's results: producers read them and save
     # groups, workers store them
-    "kv_get": (PRODUCER, WORKER, READ),
+    "kv_get": (PRODUCER, WORKER),
     "kv_set": (PRODUCER, WORKER),
     "kv_incr": (PRODUCER, WORKER),
     "kv_expire": (PRODUCER, WORKER),
