@@ -1,53 +1,36 @@
-"""The SQL of the key-value store (`/v1/kv/*`) and of a queue purge.
+"""The key-value store's statements (`/v1/kv/*`), and a queue purge.
 
-Charter (as store.py's): every function is one atomic unit run by the writer thread
-(`Writer.call`, inside its SAVEPOINT) on the write connection, or, for `get`, on a
-reading thread's own connection; `now` is a parameter; only errors.py errors leave.
+Each function is one unit: the writes run on the writer thread inside its SAVEPOINT
+(writer.py), `get` on a reader's connection; `now` is a parameter; only errors.py
+errors leave. The table is in schema.py (`_KV`).
 
-Theory of operation: one row per key. `version` is the row's AUTOINCREMENT rowid, and
-every write of a value replaces the row, so a key's version grows with each write and
-is never reused, even after a delete: a long-poll that saw version v waits for any
-other. A key past its `expires_at` reads as absent; writes drop a few such keys each
+A key past its `expires_at` reads as absent; each write drops a few such keys
 (EXPIRED_PER_WRITE), so the table does not grow with keys nobody reads again.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import msgspec
-from qclient.wire import KVItem
+from qclient.wire import JobState, KVItem
 
 from qbroker import errors
-from qbroker.store import connect, translate_errors
+from qbroker.store.interface import Changes, Purged
+from qbroker.store.sqlite.schema import translate_errors
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS kv (
-    version    INTEGER PRIMARY KEY AUTOINCREMENT, -- grows with every write, never reused
-    key        TEXT NOT NULL UNIQUE,
-    value      BLOB NOT NULL,                     -- msgpack
-    expires_at REAL                               -- unix seconds, NULL: kept
-);
-CREATE INDEX IF NOT EXISTS kv_expiring ON kv(expires_at) WHERE expires_at IS NOT NULL;
-"""
 EXPIRED_PER_WRITE = 16  #: expired keys each write drops (more than one: they catch up)
-PURGE_BATCH = 10_000  #: jobs one purge call cancels at most (the caller repeats)
+PURGE_BATCH = 10_000  #: jobs one purge unit cancels at most (kvapi repeats it)
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
-_local = threading.local()
-
-
-def create(conn: sqlite3.Connection) -> None:
-    """Create the table if it is missing (idempotent)."""
-    with translate_errors():
-        for statement in SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
+_WAITING = {"queued": JobState.QUEUED, "scheduled": JobState.SCHEDULED}
+_WAITING_SQL = (
+    "FROM jobs WHERE queue = ? AND state IN ('queued', 'scheduled')"
+    " ORDER BY seq LIMIT ?"
+)
 
 
 def _pack(value: Any) -> bytes:
@@ -79,13 +62,9 @@ def _put(
 
 
 def set_value(
-    conn: sqlite3.Connection, key: str, value: Any, ttl: float | None, *, now: float
+    conn: sqlite3.Connection, key: str, value: Any, ttl: float | None, now: float
 ) -> int:
-    """Store `value` under `key` (replacing it), kept `ttl` seconds (None: kept).
-
-    Returns:
-        the key's new version.
-    """
+    """Store `value` under `key`, kept `ttl` seconds (None: kept). Returns its version."""
     blob = _pack(value)
     with translate_errors():
         _drop_expired(conn, now)
@@ -93,13 +72,10 @@ def set_value(
 
 
 def incr(
-    conn: sqlite3.Connection, key: str, by: int, ttl: float | None, *, now: float
+    conn: sqlite3.Connection, key: str, by: int, ttl: float | None, now: float
 ) -> tuple[int, int]:
-    """Add `by` to the integer under `key` (absent or expired: 0). A `ttl` sets the
-    expiry; None keeps the key's own.
-
-    Returns:
-        (the new value, the new version).
+    """Add `by` to the integer under `key` (absent or expired: 0); a `ttl` sets the
+    expiry, None keeps the key's own. Returns (the new value, the new version).
 
     Raises:
         errors.InvalidField: the key holds something other than an integer.
@@ -122,7 +98,7 @@ def incr(
         return value, _put(conn, key, _pack(value), expires_at)
 
 
-def expire(conn: sqlite3.Connection, key: str, ttl: float | None, *, now: float) -> int:
+def expire(conn: sqlite3.Connection, key: str, ttl: float | None, now: float) -> int:
     """Set a key's expiry to `ttl` seconds from now (None: never); its value and
     version stay. Returns 1 if the key exists, else 0."""
     with translate_errors():
@@ -134,7 +110,7 @@ def expire(conn: sqlite3.Connection, key: str, ttl: float | None, *, now: float)
         return cur.rowcount
 
 
-def delete(conn: sqlite3.Connection, keys: Sequence[str], *, now: float) -> int:
+def delete(conn: sqlite3.Connection, keys: Sequence[str], now: float) -> int:
     """Drop keys; returns how many existed (unexpired)."""
     marks = ",".join("?" * len(keys))
     with translate_errors():
@@ -144,16 +120,8 @@ def delete(conn: sqlite3.Connection, keys: Sequence[str], *, now: float) -> int:
         return sum(1 for (at,) in cur.fetchall() if at is None or at > now)
 
 
-def get(path: Path, keys: Sequence[str], *, now: float) -> list[KVItem]:
-    """Read keys on this thread's own read connection (for the reading threads).
-
-    Returns:
-        one item per key, in order; an absent key has version 0.
-    """
-    conn: sqlite3.Connection | None = getattr(_local, "conn", None)
-    if conn is None or getattr(_local, "path", None) != path:
-        conn = connect(path)
-        _local.conn, _local.path = conn, path
+def get(conn: sqlite3.Connection, keys: Sequence[str], now: float) -> list[KVItem]:
+    """One item per key, in order; an absent key has version 0."""
     unique = list(dict.fromkeys(keys))
     marks = ",".join("?" * len(unique))
     with translate_errors():
@@ -166,15 +134,21 @@ def get(path: Path, keys: Sequence[str], *, now: float) -> list[KVItem]:
     return [found.get(k) or KVItem(key=k) for k in keys]
 
 
-def purge_queue(conn: sqlite3.Connection, queue: str, *, now: float) -> list[str]:
-    """Cancel up to PURGE_BATCH of a queue's jobs that wait (queued or scheduled);
-    leased ones are left to their workers. Returns the ids cancelled."""
+def purge(conn: sqlite3.Connection, queue: str, now: float) -> Purged:
+    """Cancel up to PURGE_BATCH of a queue's waiting jobs (queued or scheduled), as
+    `cancel` does; leased ones are left to their workers."""
     with translate_errors():
+        # the same rows twice: one query, in one unit of the one writer
         rows = conn.execute(
-            "UPDATE jobs SET state = 'cancelled', finished_at = ?1,"
-            " purge_at = ?1 + result_ttl WHERE seq IN (SELECT seq FROM jobs"
-            " WHERE queue = ?2 AND state IN ('queued', 'scheduled') LIMIT ?3)"
-            " RETURNING id",
-            (now, queue, PURGE_BATCH),
+            f"SELECT id, state {_WAITING_SQL}", (queue, PURGE_BATCH)
         ).fetchall()
-    return [r[0] for r in rows]
+        if rows:
+            conn.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?,"
+                f" purge_at = ? + result_ttl WHERE seq IN (SELECT seq {_WAITING_SQL})",
+                (now, now, queue, PURGE_BATCH),
+            )
+    changes = Changes(
+        transitions=[(i, queue, _WAITING[s], JobState.CANCELLED) for i, s in rows]
+    )
+    return Purged(count=len(rows), more=len(rows) >= PURGE_BATCH, changes=changes)
