@@ -48,6 +48,7 @@ from qclient.wire import (
 from qbroker import __version__, auth, errors, metrics, openapi, ui
 from qbroker.clock import Clock
 from qbroker.config import RESULTS_REPLY_BYTES, Config
+from qbroker.kvapi import KVHandlers
 from qbroker.protocol import (
     BIG_BODY,
     EnqueueBody,
@@ -71,7 +72,7 @@ _BEAT_TAKEN = WorkerBeatReply()
 Handler = Callable[[Request, Any], Awaitable[Response]]
 
 
-class Broker:
+class Broker(KVHandlers):
     """Everything a handler needs. Lives for one `serve()` run."""
 
     def __init__(self, config: Config, store: Store, clock: Clock) -> None:

@@ -12,6 +12,7 @@ from qbroker.store.interface import (
     Failed as Failed,
     JobRow as JobRow,
     Leased as Leased,
+    Purged as Purged,
     QueueRow as QueueRow,
     Released as Released,
     Settled as Settled,
