@@ -246,3 +246,14 @@ def test_a_read_token_sees_the_dashboard_and_an_admin_token_acts(
             assert c.get_job(job.id).state == "cancelled"
     finally:
         b.stop()
+
+
+def test_the_purge_button_empties_the_queue_in_the_broker(
+    page: Any, ui_broker: BrokerProcess, client: qclient.Client
+) -> None:
+    client.send_many("purge_me", list(range(4)))
+    page.goto(f"{ui_broker.url}/ui/queues/purge_me")
+    page.get_by_role("button", name="Purge queued and scheduled").click()
+    page.locator("#flash .notice.ok").wait_for()
+    counts = client.queue("purge_me").counts
+    assert counts["queued"] == 0 and counts["scheduled"] == 0
