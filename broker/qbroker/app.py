@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import prometheus_client
@@ -236,6 +236,12 @@ class Broker:
             for name in dir(self)
             if name.startswith("on_")
         }
+
+    def add_routes(
+        self, handlers: Mapping[str, Callable[[Request], Awaitable[Response]]]
+    ) -> None:
+        """Add handlers by route name (protocol.ROUTES) from another module."""
+        self._handlers.update(handlers)
 
     def authorize(self, req: Request) -> None:
         """Refuse a request without the broker's token (if it has one), before it

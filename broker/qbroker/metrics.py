@@ -55,6 +55,12 @@ REAPED = Counter(
     ["outcome"],  # requeued, dead, expired, promoted, purged
     registry=REGISTRY,
 )
+SCHEDULE_TICKS = Counter(
+    "qbroker_schedule_ticks_total",
+    "Schedule ticks, by outcome.",
+    ["outcome"],  # fired, skipped (catch_up), repeated (its job existed)
+    registry=REGISTRY,
+)
 
 _request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
 

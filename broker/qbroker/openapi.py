@@ -17,6 +17,14 @@ _ID = {
     "schema": {"type": "string", "pattern": wire.NAME_PATTERN},
 }
 _QUEUE = {**_ID, "name": "queue"}
+#: a schedule's name: checked by the handler, so a PUT of a bad one gets 422
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_LIST_JOBS = [
+    {"name": "schedule", "in": "query", "required": True,
+     "schema": {"type": "string"}},
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+]  # fmt: skip
 _WAIT = {"name": "wait", "in": "query", "required": False,
          "schema": {"type": "number", "minimum": 0, "maximum": 300}}  # fmt: skip
 _EMPTY = {"type": "object", "maxProperties": 0}
@@ -78,6 +86,22 @@ _OPERATIONS: dict[str, dict[str, tuple[str, list[Any], Any, Any, str]]] = {
     "/v1/queues": {"get": ("queues", [], None, wire.QueueList, "200")},
     "/v1/queues/{queue}": {"get": ("queue", [_QUEUE], None, wire.QueueStats, "200")},
     "/healthz": {"get": ("healthz", [], None, wire.Health, "200")},
+    "/v1/jobs": {"get": ("list_jobs", _LIST_JOBS, None, wire.ScheduledJobList, "200")},
+    "/v1/schedules": {"get": ("schedules", [], None, wire.ScheduleList, "200")},
+    "/v1/schedules/{name}": {
+        "get": ("get_schedule", [_NAME], None, wire.ScheduleRecord, "200"),
+        "put": ("put_schedule", [_NAME], wire.ScheduleSpec, wire.ScheduleRecord, "200"),
+        "delete": ("delete_schedule", [_NAME], None, _EMPTY, "200"),
+    },
+    "/v1/schedules/{name}/pause": {
+        "post": ("pause_schedule", [_NAME], None, wire.ScheduleRecord, "200")
+    },
+    "/v1/schedules/{name}/resume": {
+        "post": ("resume_schedule", [_NAME], None, wire.ScheduleRecord, "200")
+    },
+    "/v1/schedules/{name}/run": {
+        "post": ("run_schedule", [_NAME], None, wire.EnqueueReply, "201")
+    },
 }
 
 _STRUCTS: list[Any] = [
@@ -88,6 +112,7 @@ _STRUCTS: list[Any] = [
     wire.AckManyRequest, wire.FailManyRequest, wire.BatchReply, wire.JobRecord,
     wire.QueueList, wire.QueueStats, wire.Health, wire.ErrorBody,
     wire.ResultsRequest, wire.ResultsReply,
+    wire.ScheduleSpec, wire.ScheduleRecord, wire.ScheduleList, wire.ScheduledJobList,
 ]  # fmt: skip
 
 
@@ -121,11 +146,11 @@ def document() -> dict[str, Any]:
                 status: {"description": "success", "content": _content(reply_schema)}
             }
             codes = dict(_ERRORS)
-            if request is not None or op_id == "job_result":  # a body, or ?wait=
+            if request is not None or op_id in ("job_result", "list_jobs"):
                 codes.update(_BODY_ERRORS)
             if op_id in _CONFLICTS:
                 codes["409"] = "stale lease or duplicate"
-            if method == "post":
+            if method in ("post", "put", "delete"):
                 codes["507"] = "disk full"
             for code, text in sorted(codes.items()):
                 responses[code] = {

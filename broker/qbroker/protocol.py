@@ -131,15 +131,25 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", "/healthz", "healthz"),
     ("GET", "/metrics", "metrics"),
     ("GET", "/v1/openapi.json", "openapi"),
+    ("GET", "/v1/jobs", "list_jobs"),
+    ("GET", "/v1/schedules", "schedules"),
+    ("GET", "/v1/schedules/{name}", "get_schedule"),
+    ("PUT", "/v1/schedules/{name}", "put_schedule"),
+    ("DELETE", "/v1/schedules/{name}", "delete_schedule"),
+    ("POST", "/v1/schedules/{name}/pause", "pause_schedule"),
+    ("POST", "/v1/schedules/{name}/resume", "resume_schedule"),
+    ("POST", "/v1/schedules/{name}/run", "run_schedule"),
 ]
+#: path segment after /v1/ -> the name of the path parameter that follows it
+_PARAMS = {"jobs": "id", "queues": "queue", "schedules": "name"}
 _NAME_RE = re.compile(NAME_PATTERN)
 
 
 def _shape(path: str) -> tuple[str, str | None, str | None]:
     """("/v1/jobs/J1/ack") -> ("/v1/jobs/{id}/ack", "id", "J1"): a path's table shape."""
     parts = path.split("/")
-    if len(parts) >= 4 and parts[1] == "v1" and parts[2] in ("jobs", "queues"):
-        param = "id" if parts[2] == "jobs" else "queue"
+    if len(parts) >= 4 and parts[1] == "v1" and parts[2] in _PARAMS:
+        param = _PARAMS[parts[2]]
         value = parts[3]
         if "%" in value:  # a name percent-encoded (JavaScript's encodeURIComponent)
             try:
@@ -171,7 +181,10 @@ def route(req: Request) -> None:
     """
     shape, param, value = _shape(req.path)
     methods = _TABLE.get(shape)
-    if methods is None or (value is not None and not _NAME_RE.match(value)):
+    # a schedule's name is checked by its handler: a PUT of a bad name gets 422
+    if methods is None or (
+        value is not None and param != "name" and not _NAME_RE.match(value)
+    ):
         raise errors.NotFound(f"no route for {req.path}")
     name = methods.get("GET" if req.method == "HEAD" else req.method)
     if name is None:

@@ -43,6 +43,8 @@ from qbroker.clock import Clock
 from qbroker.config import MAX_HEADER_BYTES, Config
 from qbroker.readers import ReadThreads
 from qbroker.reaper import run_checkpointer, run_reaper
+from qbroker.schedule_api import open_schedules
+from qbroker.schedule_store import ScheduleStore
 from qbroker.store import Reader, Store
 from qbroker.writer import Writer
 
@@ -600,12 +602,14 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
             max_db_bytes=config.max_db_bytes,
         )
     )
+    schedule_store = await trio.to_thread.run_sync(ScheduleStore, store)
     reader = Reader(config.db_path)
     writer = Writer(store)
     writer.start()
     reads = ReadThreads()
     reads.start()
     broker = Broker(config, writer, reader, reads, Clock())
+    schedules = open_schedules(broker, schedule_store, config.db_path)
     server = Server(config, broker)
     try:
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
@@ -617,6 +621,7 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_reaper, broker)
+            nursery.start_soon(schedules.run)
             nursery.start_soon(server.watch_timeouts)
             nursery.start_soon(run_checkpointer, broker)
             nursery.start_soon(_watch_writer, writer)
@@ -659,4 +664,5 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
             await trio.to_thread.run_sync(writer.stop)
             await trio.to_thread.run_sync(reads.stop)
             reader.close()
+            schedules.reader.close()
         log.info("broker.stopped")
