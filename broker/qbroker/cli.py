@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from qbroker import __version__, config as cfg, errors, logs
+from qbroker import __version__, config as cfg, errors, logs, schedule_cli
 from qbroker.server import serve
 
 log = structlog.get_logger("qbroker.cli")
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="QBROKER_LOG_LEVEL, default info",
     )
+    schedule_cli.add_parser(sub)
     return parser
 
 
@@ -149,6 +150,8 @@ async def _run(config: cfg.Config, started: list[int]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.command == "schedules":
+        return schedule_cli.main(ns)
     config = config_from(ns)
     logs.configure(config.log_level)
     for name, seconds in (

@@ -76,6 +76,7 @@ from qclient.wire import (
 
 from qworker._execute import Execution, Outcome, describe, failure, moving_mean
 from qworker._task import Task, TimeLimitExceeded, TooManyAttempts, backoff_delay
+from qworker.periodic import sync_on_start
 from qworker.pools import POOL_KINDS, Pool, ThreadPool, make_pool
 from qworker.registry import NotRegistered, Registry, default_registry, import_modules
 
@@ -277,6 +278,7 @@ class Worker:
             import_modules(self.modules, registry=self.registry)
         if not self.queues:
             self.queues = self.registry.queues()
+        sync_on_start(self.client.url, self.registry, self._log)
         if not self.queues:
             raise ValueError("no queue to consume: pass queues or register tasks")
         if len(self.queues) > MAX_QUEUES:
