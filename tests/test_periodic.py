@@ -54,7 +54,8 @@ def test_declarations_become_specs_named_for_their_task() -> None:
     [
         ({"cron": "30 7 * *"}, "needs 5 fields"),
         ({"cron": "61 7 * * *"}, "invalid cron expression"),
-        ({"every": 0}, "positive number"),
+        ({"every": 0}, "1 second or more"),
+        ({"every": 0.5}, "1 second or more"),
         ({"every": 5, "tz": "Mars/Olympus"}, "unknown time zone"),
         ({"every": 5, "cron": "* * * * *"}, "exactly one"),
         ({"every": 5, "name": "no spaces"}, "schedule name"),

@@ -114,11 +114,12 @@ def next_after(timing: Timing, anchor: float, t: float) -> float:
         anchor: when the timing was set (intervals count from it).
     """
     if timing.every is not None:
+        # every >= 1 s (wire.ScheduleSpec) and times < 2**35 s keep k < 2**35: exact
         every = timing.every
         k = max(1, math.floor((t - anchor) / every) + 1)
-        while anchor + k * every <= t:  # float rounding either way
+        if anchor + k * every <= t:  # float rounding either way
             k += 1
-        while k > 1 and anchor + (k - 1) * every > t:
+        elif k > 1 and anchor + (k - 1) * every > t:
             k -= 1
         return anchor + k * every
     assert timing.cron is not None

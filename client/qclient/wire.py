@@ -329,7 +329,8 @@ class ScheduleSpec(_Struct, frozen=True):
     task: Name
     queue: Name | None = None  #: default: the task name
     cron: Annotated[str, msgspec.Meta(max_length=200)] | None = None  #: 5 fields
-    every: Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)] | None = None  #: s
+    #: seconds between ticks, 1 at least (more often is a queue's work, not a clock's)
+    every: Annotated[float, msgspec.Meta(ge=1, le=MAX_SECONDS)] | None = None
     tz: Annotated[str, msgspec.Meta(max_length=100)] = "UTC"  #: IANA zone of `cron`
     args: list[Any] = msgspec.field(default_factory=list)
     kwargs: dict[str, Any] = msgspec.field(default_factory=dict)

@@ -102,8 +102,8 @@ def _check(p: Periodic, who: str) -> None:
         raise bad(f"schedule name {p.name!r} does not match {NAME_PATTERN}")
     if (p.cron is None) == (p.every is None):
         raise bad("give exactly one of cron= or every=")
-    if p.every is not None and not 0 < p.every < math.inf:
-        raise bad(f"every must be a positive number of seconds, not {p.every!r}")
+    if p.every is not None and not 1 <= p.every < math.inf:
+        raise bad(f"every must be 1 second or more, not {p.every!r}")
     if p.catch_up not in _CATCH_UPS:
         raise bad(f"catch_up must be one of {_CATCH_UPS}, not {p.catch_up!r}")
     try:
@@ -141,8 +141,8 @@ def periodic(
     """Declare that a task runs on a schedule; under or over `@task`.
 
     Args:
-        every: seconds (or a timedelta) between runs, counted from when the broker
-            first got the schedule.
+        every: seconds (or a timedelta; 1 s at least) between runs, counted from
+            when the broker first got the schedule.
         cron: a 5-field cron expression ("30 7 * * 1"), read in `tz`.
         tz: the IANA zone of `cron` (DST as Debian cron: no run skipped or doubled).
         args: positional arguments of each run.
