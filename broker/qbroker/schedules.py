@@ -197,6 +197,7 @@ def _latest_before(timing: Timing, nxt: float, floor: float) -> float:
     return tick if floor <= tick < nxt else floor
 
 
+@lru_cache(maxsize=4096)  # a listing of 10,000 schedules reads many alike
 def words(timing: Timing) -> str:
     """The timing in words: "every 10 seconds", "at 07:30 on Monday (Europe/Berlin)"."""
     if timing.every is not None:
