@@ -18,7 +18,7 @@ Scenarios (`--scenarios`, comma-separated; default all):
   enqueue   durable enqueue, one job per request, 1 and 8 connections, each reply
             awaited before the next request; then 1 connection with 32 requests in
             flight (HTTP/1.1 pipelining). First, with the same client and request, the
-            ceiling for one connection in turn: bench/floor.py's bare trio+h11 server
+            ceiling for one connection in turn: a bare trio+h11 server (class Bare)
             without disk, and committing one row per request inline (no threads)
   batch     enqueue in batches of 100, 1 and 4 connections
   leaseack  lease max=100 + batch ack of 100 until empty, 1 and 4 connections; then
@@ -70,14 +70,13 @@ if str(BENCH_DIR) not in sys.path:
 
 import _rawhttp as rh  # noqa: E402
 import e2e  # noqa: E402  (the Broker subprocess wrapper)
-import floor  # noqa: E402  (the bare trio+h11 servers)
 
 QUEUE = "bench"
 KWARGS = {"to": "user@example.com", "subject": "hello", "n": 42}
 JOB = {"task": "send_email", "kwargs": KWARGS}
 PIPELINE_DEPTH = 32  #: requests in flight on the pipelined enqueue row
 PIPELINED = f"enqueue 1/request, {PIPELINE_DEPTH} pipelined"
-CEILING = "bare trio+h11 (ceiling)"  #: rows of bench/floor.py's servers
+CEILING = "bare trio+h11 (ceiling)"  #: rows of the Bare servers
 CLIENT_MODES = ("threads", "epoll", "procs", "procs-threads")
 TARGETS = {
     "enqueue-1": 4000.0,
@@ -539,10 +538,10 @@ def sc_enqueue(rep: Report, root: Path, secs: float, prof: Path | None) -> None:
     def make(i: int) -> Repeat:
         return Repeat(req, 1, 201, seconds=secs)
 
-    # the ceiling for one connection in turn: a bare trio+h11 server (bench/floor.py)
+    # the ceiling for one connection in turn: a bare trio+h11 server (Bare)
     # with no disk, and with one inline commit per request, driven the same way
-    for mode, name in ((m, f"{CEILING}, {m}") for m in floor.MODES):
-        with floor.Bare(mode, root) as b:
+    for mode, name in ((m, f"{CEILING}, {m}") for m in BARE_MODES):
+        with Bare(mode, root) as b:
             drive(b.addr, lambda i: Repeat(req, 1, 201, seconds=0.5), 1, "blocking")
             st, bcpu, ccpu, raw = bracketed(
                 rep, "a", b, drive, b.addr, make, 1, "blocking"
@@ -840,6 +839,100 @@ def run_all(
         sc_sqlite(rep, raw_secs, " (again)")
 
 
+# ------------------------------------------------------------------ the bare server
+
+
+BARE_MODES = ("http", "commit")
+_BARE_BODY = b'{"id":"01M810Z4ZTK4GFCSEXRBEAK31E"}'
+_BARE_INSERT = (
+    "INSERT INTO jobs (id, queue, task, state, priority, payload, max_retries, timeout,"
+    " created_at, available_at) VALUES (?, 'bench', 'task', 'queued', 0, ?, 3, 30, ?, ?)"
+)
+
+
+def _open_bare_db(data_dir: Path) -> sqlite3.Connection:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(data_dir / "bare.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = FULL")
+    db.execute(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,"
+        " queue TEXT NOT NULL, task TEXT NOT NULL, state TEXT NOT NULL,"
+        " priority INTEGER NOT NULL, payload BLOB NOT NULL, attempts INTEGER NOT NULL"
+        " DEFAULT 0, max_retries INTEGER NOT NULL, timeout REAL NOT NULL,"
+        " created_at REAL NOT NULL, available_at REAL NOT NULL, lease TEXT)"
+    )
+    db.execute(
+        "CREATE INDEX jobs_ready ON jobs(queue, priority DESC, available_at, seq)"
+        " WHERE state = 'queued'"
+    )
+    return db
+
+
+def serve_bare(mode: str, data_dir: Path, ready_file: Path) -> None:
+    """Run the bare server on a free loopback port until killed."""
+    import itertools
+
+    import h11
+    import trio
+
+    db = _open_bare_db(data_dir) if mode == "commit" else None
+    ids = itertools.count()
+    head = [(b"content-type", b"application/json"),
+            (b"content-length", str(len(_BARE_BODY)).encode())]  # fmt: skip
+
+    async def handle(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        body: list[bytes] = []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                conn.receive_data(data)
+            elif type(event) is h11.Data:
+                body.append(event.data)
+            elif type(event) is h11.EndOfMessage:
+                if db is not None:
+                    db.execute("BEGIN IMMEDIATE")
+                    now = time.time()
+                    row = (f"{next(ids):026d}", b"".join(body), now, now)
+                    db.execute(_BARE_INSERT, row)
+                    db.execute("COMMIT")
+                body.clear()
+                out = conn.send(h11.Response(status_code=201, headers=head))
+                out += conn.send(h11.Data(data=_BARE_BODY))  # type: ignore[operator]
+                out += conn.send(h11.EndOfMessage())  # type: ignore[operator]
+                await stream.send_all(out)  # type: ignore[arg-type]
+                conn.start_next_cycle()
+            elif type(event) is h11.ConnectionClosed:
+                return
+
+    async def main() -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        await trio.Path(ready_file).write_text(str(port))
+        await trio.serve_listeners(handle, listeners)
+
+    trio.run(main)
+
+
+class Bare(e2e.Broker):
+    """A bare trio + h11 server (none of qbroker's code) answering each request with
+    the 201 an enqueue gets: `http` with no disk, `commit` also committing one
+    job-shaped row per request inline on the trio thread (WAL, synchronous=FULL, no
+    thread hand-offs): the ceiling for one connection sending in turn."""
+
+    def __init__(self, mode: str, root: Path | None = None) -> None:
+        super().__init__(f"floor-{mode}", root)
+        self.mode = mode
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "--serve-bare", self.mode,
+                "--data-dir", str(self.data), "--ready-file", str(self.ready)]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small N, depth up to 100k")
@@ -859,7 +952,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the temp data dirs go (the raw SQLite test uses it too)")  # fmt: skip
     p.add_argument("--profile", type=Path, default=None,
                    help="record py-spy raw profiles of the broker into this dir (slows it)")  # fmt: skip
+    p.add_argument("--serve-bare", choices=BARE_MODES, help=argparse.SUPPRESS)
+    p.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.serve_bare:  # a Bare server's own process
+        serve_bare(a.serve_bare, a.data_dir, a.ready_file)
+        return 0
     # SIGTERM unwinds like Ctrl-C, so every broker started here is stopped by its PID
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 

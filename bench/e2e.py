@@ -1,41 +1,39 @@
-"""qbroker end to end vs Celery 5 + Redis (issue 3): throughput and round-trip latency.
+"""End to end, qbroker against Celery + Redis and Dramatiq + RabbitMQ, in one run.
 
-In one run, on the same (shared, noisy) machine, so the ratios mean something:
+Each system runs the same workload on the same (shared, noisy) machine, so the ratios
+mean something:
 
-  Celery 5 on the machine's Redis (bench/peers.py; prefork -c 2, results in Redis):
-    e2e/one    n x ``noop.delay()``, then every result (``ResultSet.get()``)
-    e2e/batch  n x ``noop.apply_async(producer=P)`` in one producer, then every result
-    latency    lat_n sequential ``noop.delay().get()``
+  e2e        n x ``add(i, i)`` sent one at a time, then every result fetched and
+             checked; jobs/s from the first send to the last result
+  round trip lat_n sequential send + result; p50 and p99
+  CPU        per job of the e2e phase, from /proc: the broker's process (for Dramatiq,
+             RabbitMQ plus Redis holding the results), the worker and its children,
+             and this process (the producer, results fetched included)
 
-  qbroker (a fresh ``python -m qbroker serve`` per worker shape, its defaults: every
-  2xx to a write is fsynced, SQLite synchronous=FULL), worker ``python -m qworker
-  --module bench_tasks`` as ``--pool processes --concurrency 2`` and as ``--pool threads
-  --concurrency 8``, each also with ``--prefetch 1000`` (opt-in; rows "+p1000"):
-    e2e/send()      one producer thread: ``client.send(queue, task="noop")`` n times
-    e2e/send_many() ``client.send_many(queue, [{"task": "noop"}] * n)`` (1,000 per request)
-    ...then every result: ``client.final_records(jobs)``, 1,000 ids per long-poll --
-       the requests ``qclient.results(jobs)`` makes, as Celery's side uses
-       ``ResultSet.get()`` (it returns the records, so we also learn ``finished_at``);
-       a job that is not ``succeeded`` aborts the run.
-    latency  (threads worker) lat_n sequential ``job = client.send(...); job.result()``
+Systems (peers in bench/peers.py):
 
-Time is from the first send to the last result received (both peers). "done" is when the
-broker had finished the last job (max ``finished_at``), i.e. without the result fetch.
-Workers log at WARNING (Celery's harness runs ``-l WARNING`` too). Each worker is warmed
-up with max(20, 4*c) jobs end to end before the clock starts.
+  Celery+Redis        prefork -c 2; ``add.delay()``, ``ResultSet.get()``
+  Dramatiq+RabbitMQ   1 process x 8 threads; ``add.send()``, ``get_result(block=True)``
+  qbroker             a fresh ``qbroker serve`` (its defaults: every 2xx to a write is
+                      fsynced) per worker; ``qworker --pool processes -c 2`` and
+                      ``--pool threads -c 8``: ``client.send()``, ``client.results()``,
+                      round trips ``client.send()`` + ``wait_job()`` (the request
+                      ``Job.result()`` makes); and ``client.send_many()`` with a
+                      qworker started with no flags but --queue/--module/--url
+
+plus the rate of one-at-a-time sends with no worker: ``qclient.send()`` against
+Celery's ``delay()``. Targets are issue 23's; the table prints each with its verdict.
 
 Usage:
 
-  python bench/e2e.py --quick                 # n=2,000, lat_n=200 (~1 min)
-  python bench/e2e.py                         # n=10,000, lat_n=1,000 (~2-3 min)
-  python bench/e2e.py --only qbroker --profile /tmp/qb-e2e-prof   # py-spy broker/worker/client
-  python bench/e2e.py --summarize /tmp/qb-e2e-prof/broker-one-threads8.txt
+  python bench/e2e.py                         # n=10,000, lat_n=1,000 (~3 min)
+  python bench/e2e.py --n 2000                # lat_n = n/10
+  python bench/e2e.py --only qbroker --profile /tmp/prof   # py-spy the qbroker runs
+  python bench/e2e.py --summarize /tmp/prof/broker-send-threads8.txt
 
-Targets (issue 3): end to end >= 10x Celery+Redis sent one at a time, >= 30x with
-send_many; round trip p50 < 1.5 ms and p99 < 5 ms.
-
-Every process this script starts (brokers, workers and their pool children, py-spy) is
-stopped by PID and checked gone at the end; exit status 1 if one survived.
+Needs the `bench` extra (pyproject.toml), Redis on 127.0.0.1:6379 (db 15 only) and
+RabbitMQ on 127.0.0.1:5672 (guest/guest). Every process it starts is stopped by PID
+and checked gone at the end; exit status 1 if one survived.
 """
 
 from __future__ import annotations
@@ -49,7 +47,6 @@ import math
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import statistics
@@ -69,11 +66,10 @@ for _p in (BENCH_DIR, REPO / "broker", REPO / "client", REPO / "worker"):
 
 import psutil  # noqa: E402
 import qclient  # noqa: E402
-from qclient.wire import JobState  # noqa: E402
 
-TARGETS = {"one": 10.0, "many": 30.0, "p50_ms": 1.5, "p99_ms": 5.0}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PHASE_TIMEOUT = 150.0  #: seconds one measured phase may take before it is abandoned
+BASE = "Celery+Redis"  #: the system every ratio is taken against
 
 #: every PID this process started, to check at the end that none survived
 STARTED_PIDS: list[int] = []
@@ -83,7 +79,7 @@ STARTED_PIDS: list[int] = []
 
 
 def pct(sorted_vals: list[float], p: float) -> float:
-    """Nearest-rank percentile (the same definition as peers.py)."""
+    """Nearest-rank percentile."""
     k = max(0, min(len(sorted_vals) - 1, math.ceil(p / 100 * len(sorted_vals)) - 1))
     return sorted_vals[k]
 
@@ -97,15 +93,40 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def proc_cpu(pid: int, which: str = "both") -> float:
-    """CPU seconds (user, system or both; all threads) of one process so far."""
+def _stat_cpu(path: str) -> tuple[float, float]:
+    """(user, system) CPU seconds from a /proc .../stat file; zeros if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    user, system = int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+        return 0.0, 0.0
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_cpu(pid: int, which: str = "both") -> float:
+    """CPU seconds (user, sys or both; all threads) of one process so far."""
+    user, system = _stat_cpu(f"/proc/{pid}/stat")
     return {"user": user, "sys": system}.get(which, user + system)
+
+
+def cpu_of(pids: list[int]) -> float:
+    return sum(proc_cpu(p) for p in pids)
+
+
+def self_cpu() -> float:
+    """This process's CPU seconds, all threads (the producer's side)."""
+    return proc_cpu(os.getpid())
+
+
+def thread_cpu(pid: int) -> collections.Counter[str]:
+    """CPU seconds so far of each thread of `pid`, summed by thread name."""
+    out: collections.Counter[str] = collections.Counter()
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+                out[name] += sum(_stat_cpu(f"/proc/{pid}/task/{tid}/stat"))
+    return out
 
 
 def alive(pids: list[int]) -> list[int]:
@@ -126,9 +147,42 @@ def kill_pids(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
-def self_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+def loadavg() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def e2e_row(system: str, worker: str, mode: str, n: int, secs: float, send_secs: float,
+            broker_cpu: float, worker_cpu: float, producer_cpu: float,
+            **extra: Any) -> dict[str, Any]:  # fmt: skip
+    """One e2e measurement; CPU figures in µs per job."""
+    return {
+        "system": system, "worker": worker, "mode": mode, "jobs": n,
+        "seconds": round(secs, 3), "jobs_per_s": round(n / secs, 1),
+        "send_per_s": round(n / send_secs, 1),
+        "broker_us": round(1e6 * broker_cpu / n), "worker_us": round(1e6 * worker_cpu / n),
+        "producer_us": round(1e6 * producer_cpu / n), "loadavg_1m": loadavg(),
+        **{k: round(1e6 * v / n) if isinstance(v, float) else v
+           for k, v in extra.items() if v is not None},
+    }  # fmt: skip
+
+
+def latency_row(system: str, worker: str, lat_ms: list[float]) -> dict[str, Any]:
+    lat = sorted(lat_ms)
+    return {
+        "system": system, "worker": worker, "mode": "round trip", "jobs": len(lat),
+        "p50_ms": round(pct(lat, 50), 3), "p99_ms": round(pct(lat, 99), 3),
+        "mean_ms": round(statistics.fmean(lat), 3), "max_ms": round(lat[-1], 3),
+        "loadavg_1m": loadavg(),
+    }  # fmt: skip
+
+
+def send_row(system: str, call: str, n: int, secs: float, cpu: float) -> dict[str, Any]:
+    """One-at-a-time sends with no worker running."""
+    return {
+        "system": system, "mode": f"{call}, no worker", "jobs": n,
+        "send_per_s": round(n / secs, 1), "producer_us": round(1e6 * cpu / n),
+        "loadavg_1m": loadavg(),
+    }  # fmt: skip
 
 
 # ------------------------------------------------------------------ the broker process
@@ -161,7 +215,7 @@ class Broker:
 
     def start(self) -> Self:
         cmd = self.command()
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=subprocess_env(),
@@ -241,31 +295,28 @@ def running_broker(name: str, root: Path | None = None) -> Broker:
 
 
 class QWorker:
-    """`python -m qworker --queue Q --module bench_tasks ...` with cwd bench/."""
+    """`python -m qworker --queue Q --module bench_tasks --url URL [flags]`, cwd bench/.
+
+    `flags` None starts it with no other flag (its defaults, logging included).
+    """
 
     def __init__(
-        self, url: str, queue: str, pool: str, concurrency: int, log: Path,
-        prefetch: int = 0,
+        self, url: str, queue: str, log: Path, pool: str = "", concurrency: int = 0,
+        flags: list[str] | None = None,
     ):  # fmt: skip
-        self.url, self.queue, self.pool, self.concurrency = (
-            url,
-            queue,
-            pool,
-            concurrency,
-        )
-        self.prefetch = prefetch
-        self.log_path = log
+        self.url, self.queue, self.log_path = url, queue, log
+        if flags is None and pool:
+            flags = ["--pool", pool, "--concurrency", str(concurrency),
+                     "--log-level", "warning", "--grace", "5"]  # fmt: skip
+        self.flags = flags or []
+        self.label = f"{pool}/{concurrency}" if pool else "defaults"
         self.proc: subprocess.Popen[bytes] | None = None
         self.pids: list[int] = []
 
     def start(self) -> QWorker:
-        cmd = [
-            sys.executable, "-m", "qworker", "--queue", self.queue,
-            "--module", "bench_tasks", "--concurrency", str(self.concurrency),
-            "--pool", self.pool, "--url", self.url, "--log-level", "warning",
-            "--grace", "5", "--prefetch", str(self.prefetch),
-        ]  # fmt: skip
-        with open(self.log_path, "wb") as log:
+        cmd = [sys.executable, "-m", "qworker", "--queue", self.queue,
+               "--module", "bench_tasks", "--url", self.url, *self.flags]  # fmt: skip
+        with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd, cwd=BENCH_DIR, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env=subprocess_env(),
@@ -284,12 +335,6 @@ class QWorker:
                     STARTED_PIDS.append(c.pid)
 
     @property
-    def label(self) -> str:
-        """`processes/2`, or `processes/2+p100` with a prefetch."""
-        extra = f"+p{self.prefetch}" if self.prefetch else ""
-        return f"{self.pool}/{self.concurrency}{extra}"
-
-    @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
@@ -300,30 +345,24 @@ class QWorker:
 
     def cpu(self) -> float:
         """CPU seconds of the worker and its pool children (those alive now)."""
-        return sum(proc_cpu(p) for p in self.pids)
+        return cpu_of(self.pids)
 
-    def stop(self) -> list[int]:
-        """SIGTERM by PID, then SIGKILL what lingers; returns PIDs SIGKILLed."""
+    def stop(self) -> None:
+        """SIGTERM by PID, then SIGKILL what lingers."""
         if self.proc is None:
-            return []
+            return
         self.record_children()
-        killed: list[int] = []
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                killed.append(self.proc.pid)
                 self.proc.wait(timeout=10)
         deadline = time.monotonic() + 5
         while alive(self.pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        left = alive(self.pids)
-        if left:
-            kill_pids(left, signal.SIGKILL)
-            killed += left
-        return killed
+        kill_pids(alive(self.pids), signal.SIGKILL)
 
 
 # ------------------------------------------------------------------ py-spy
@@ -477,8 +516,8 @@ def summarize(path: Path, top: int = 15) -> str:
 
 
 _METRIC = re.compile(
-    r"^(qbroker_http_requests_total|qbroker_commit_batch_size_count|"
-    r"qbroker_commit_batch_size_sum)(?:\{([^}]*)\})? ([0-9.e+]+)$"
+    r"^(qbroker_http_requests_total|qbroker_commit_batch_size_count)"
+    r"(?:\{([^}]*)\})? ([0-9.e+]+)$"
 )
 
 
@@ -490,45 +529,18 @@ def scrape(url: str) -> collections.Counter[str]:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     for line in text.splitlines():
-        m = _METRIC.match(line)
-        if not m:
-            continue
-        if m[1] == "qbroker_http_requests_total":
-            route = re.search(r'route="([^"]*)"', m[2] or "")
-            out[route[1] if route else "?"] += int(float(m[3]))
-        elif m[1].endswith("_count"):
-            out["(commits)"] += int(float(m[3]))
-        else:
-            out["(store calls)"] += int(float(m[3]))
+        if m := _METRIC.match(line):
+            if m[1] == "qbroker_http_requests_total":
+                route = re.search(r'route="([^"]*)"', m[2] or "")
+                out[route[1] if route else "?"] += int(float(m[3]))
+            else:
+                out["(commits)"] += int(float(m[3]))
     return out
 
 
-def wait_all(client: qclient.Client, jobs: list[qclient.Job], deadline: float) -> float:
-    """Wait for every job's final record with ``client.final_records()``, 1,000 per
-    ``POST /v1/results`` long-poll (what ``qclient.results()`` does); returns the max
-    finished_at."""
-    records = client.final_records(jobs, timeout=max(0.0, deadline - time.monotonic()))
-    for job, rec in zip(jobs, records, strict=True):
-        if rec is None or rec.state is not JobState.SUCCEEDED:
-            raise RuntimeError(f"job {job.id} ended {rec and rec.state}")
-    return max(rec.finished_at or 0.0 for rec in records if rec is not None)
-
-
-def warm_up(client: qclient.Client, worker: QWorker, queue: str, k: int) -> float:
-    t0 = time.perf_counter()
-    deadline = time.monotonic() + 60
-    jobs = [client.send(queue, task="noop") for _ in range(k)]
-    for job in jobs:
-        while True:
-            worker.check_alive()
-            try:
-                job.result(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
-                break
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    raise
-    worker.record_children()
-    return time.perf_counter() - t0
+def main_thread_cpu(pid: int) -> float:
+    """CPU seconds of a process's main thread: the broker's trio loop."""
+    return sum(_stat_cpu(f"/proc/{pid}/task/{pid}/stat"))
 
 
 class Budget:
@@ -537,254 +549,240 @@ class Budget:
     def __init__(self, seconds: float) -> None:
         self.end = time.monotonic() + seconds
 
-    def left(self) -> float:
-        return self.end - time.monotonic()
-
     def phase(self, cap: float = PHASE_TIMEOUT) -> float:
         """Seconds the next phase may take; raises TimeoutError when none are left."""
-        left = self.left()
+        left = self.end - time.monotonic()
         if left < 5:
             raise TimeoutError("the run's time budget is spent")
         return min(cap, left)
 
 
-def qb_end_to_end(
-    b: Broker, w: QWorker, client: qclient.Client, n: int, mode: str, timeout: float
-) -> dict[str, Any]:
-    queue = w.queue
-    cpu_bu, cpu_bs = b.cpu("user"), b.cpu("sys")
-    cpu_w, cpu_c = w.cpu(), self_cpu()
+def warm_up(client: qclient.Client, worker: QWorker, queue: str, k: int) -> None:
+    jobs = [client.send(queue, task="add", args=[1, 1]) for _ in range(k)]
+    deadline = time.monotonic() + 60
+    for job in jobs:
+        while True:
+            worker.check_alive()
+            try:
+                job.result(timeout=1.0)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+    worker.record_children()
+
+
+def qb_e2e(b: Broker, w: QWorker, client: qclient.Client, n: int, many: bool,
+           timeout: float) -> dict[str, Any]:  # fmt: skip
+    """n x add(i, i), sent one at a time (or by send_many), then every result."""
     m0 = scrape(b.url)
-    deadline = time.monotonic() + timeout
-    wall0 = time.time()
+    cpu0 = (b.cpu(), main_thread_cpu(b.pid), w.cpu(), self_cpu())
     t0 = time.perf_counter()
-    if mode == "one":
-        jobs = []
-        for _ in range(n):
-            jobs.append(client.send(queue, task="noop"))
-            if len(jobs) % 500 == 0 and time.monotonic() > deadline:
-                raise TimeoutError("sending took too long")
+    if many:
+        jobs = client.send_many(
+            w.queue, [qclient.JobSpec(task="add", args=[i, i]) for i in range(n)]
+        )
     else:
-        jobs = client.send_many(queue, [{"task": "noop"} for _ in range(n)])
+        jobs = [client.send(w.queue, task="add", args=[i, i]) for i in range(n)]
     t_sent = time.perf_counter()
-    last_finished = wait_all(client, jobs, deadline)
-    t1 = time.perf_counter()
-    secs = t1 - t0
-    done = last_finished - wall0
-    bu, bs = b.cpu("user") - cpu_bu, b.cpu("sys") - cpu_bs
-    m1 = scrape(b.url)
-    m1.subtract(m0)
-    m1["metrics"] -= 1  # our own scrape
-    per_job = {k: round(v / n, 3) for k, v in sorted(m1.items()) if v > 0}
-    return {
-        "peer": "qbroker",
-        "mode": "send()" if mode == "one" else "send_many()",
-        "pool": w.label,
-        "jobs": n,
-        "seconds": round(secs, 4),
-        "jobs_per_s": round(n / secs, 1),
-        "send_seconds": round(t_sent - t0, 4),
-        "send_per_s": round(n / (t_sent - t0), 1),
-        "results_seconds": round(t1 - t_sent, 4),
-        "done_seconds": round(done, 4),
-        "done_jobs_per_s": round(n / done, 1) if done > 0 else None,
-        "cpu_broker": round(bu + bs, 2),
-        "cpu_broker_user": round(bu, 2),
-        "cpu_broker_sys": round(bs, 2),
-        "cpu_worker": round(w.cpu() - cpu_w, 2),
-        "cpu_client": round(self_cpu() - cpu_c, 2),
-        "per_job": per_job,
-        "loadavg_1m": round(os.getloadavg()[0], 2),
+    values = client.results(jobs, timeout=timeout)
+    secs = time.perf_counter() - t0
+    cpu1 = (b.cpu(), main_thread_cpu(b.pid), w.cpu(), self_cpu())
+    if values != [2 * i for i in range(n)]:
+        raise RuntimeError("qbroker: wrong results")
+    used = scrape(b.url) - m0
+    used["metrics"] -= 1  # our own scrape
+    broker, trio, wcpu, producer = (y - x for x, y in zip(cpu0, cpu1, strict=True))
+    return e2e_row(
+        "qbroker", w.label, "send_many()" if many else "send()", n, secs, t_sent - t0,
+        broker, wcpu, producer, broker_trio_us=trio,
+        per_job={k: round(v / n, 2) for k, v in sorted(used.items()) if v > 0},
+    )  # fmt: skip
+
+
+def qb_latency(client: qclient.Client, w: QWorker, n: int) -> dict[str, Any]:
+    """n x send + wait_job (the request `Job.result()` makes), with the job's own
+    timestamps splitting each round trip: send, to the lease, to the ack, to us."""
+    lat, split = [], []
+    for i in range(n):
+        t0 = time.time()
+        job = client.send(w.queue, task="add", args=[i, i])
+        t1 = time.time()
+        rec = client.wait_job(job.id, 30)
+        t2 = time.time()
+        if rec.result != 2 * i or rec.started_at is None or rec.finished_at is None:
+            raise RuntimeError(f"qbroker: round trip {i} ended {rec.state}")
+        lat.append((t2 - t0) * 1000)
+        # the lease may come before the send's reply: handed off in the same commit
+        split.append((t1 - t0, rec.started_at - t0, rec.finished_at - rec.started_at,
+                      t2 - rec.finished_at))  # fmt: skip
+    row = latency_row("qbroker", w.label, lat)
+    parts = ("send", "send to lease", "run+ack", "to client")
+    row["split_p50_ms"] = {
+        k: round(1000 * statistics.median(s[j] for s in split), 3)
+        for j, k in enumerate(parts)
     }
+    return row
 
 
-def qb_latency(
-    client: qclient.Client, queue: str, n: int, timeout: float
-) -> dict[str, Any]:
-    lat: list[float] = []
-    deadline = time.monotonic() + timeout
-    t_all = time.perf_counter()
-    for _ in range(n):
-        t0 = time.perf_counter()
-        job = client.send(queue, task="noop")
-        job.result(timeout=30)
-        lat.append((time.perf_counter() - t0) * 1000.0)
-        if time.monotonic() > deadline:
-            raise TimeoutError("latency phase took too long")
-    total = time.perf_counter() - t_all
-    lat.sort()
-    return {
-        "peer": "qbroker",
-        "mode": "send()+result()",
-        "jobs": n,
-        "seconds": round(total, 4),
-        "p50_ms": round(pct(lat, 50), 3),
-        "p90_ms": round(pct(lat, 90), 3),
-        "p99_ms": round(pct(lat, 99), 3),
-        "mean_ms": round(statistics.fmean(lat), 3),
-        "min_ms": round(lat[0], 3),
-        "max_ms": round(lat[-1], 3),
-        "loadavg_1m": round(os.getloadavg()[0], 2),
-    }
-
-
-def qb_session(
-    pool: str,
-    conc: int,
-    prefetch: int,
-    n: int,
-    modes: list[str],
-    lat_n: int,
-    repeat: int,
-    log_dir: Path,
-    prof_dir: Path | None,
-    budget: Budget,
-) -> list[dict[str, Any]]:
-    """A fresh broker + worker; the e2e modes (median of `repeat`), then latency."""
+def qb_session(shape: str, n: int, lat_n: int, log_dir: Path, prof_dir: Path | None,
+               budget: Budget) -> list[dict[str, Any]]:  # fmt: skip
+    """A fresh broker and one worker: `processes2` / `threads8` (e2e with send() and
+    round trips) or `defaults` (e2e with send_many(), worker with no flags)."""
     rows: list[dict[str, Any]] = []
-    tag = f"{pool}{conc}" + (f"p{prefetch}" if prefetch else "")
-    with running_broker(f"e2e-{tag}") as b:
-        queue = f"e2e_{tag}_{os.getpid()}"
-        w = QWorker(
-            b.url, queue, pool, conc, log_dir / f"qworker-{tag}.log", prefetch
-        ).start()
-        targets = {"broker": (b.pid, False), "worker": (w.pid, True),
-                   "client": (os.getpid(), False)}  # fmt: skip
+    with running_broker(f"e2e-{shape}") as b:
+        queue = f"e2e_{shape}_{os.getpid()}"
+        log = log_dir / f"qworker-{shape}.log"
+        if shape == "defaults":
+            w = QWorker(b.url, queue, log, flags=None).start()
+        else:
+            m = re.fullmatch(r"(processes|threads)(\d+)", shape)
+            if not m:
+                raise SystemExit(f"bad worker shape {shape!r}")
+            w = QWorker(b.url, queue, log, m[1], int(m[2])).start()
+        spied = {"broker": (b.pid, False), "worker": (w.pid, True),
+                 "producer": (os.getpid(), False)}  # fmt: skip
         try:
             with qclient.Client(b.url, timeout=30) as client:
-                ready = warm_up(client, w, queue, max(20, 4 * conc))
-                for mode in modes:
-                    runs = []
-                    for _ in range(repeat):
-                        with profiled(prof_dir, f"{mode}-{tag}", targets):
-                            runs.append(
-                                qb_end_to_end(b, w, client, n, mode, budget.phase())
-                            )
-                    runs.sort(key=lambda r: r["seconds"])
-                    row = dict(runs[len(runs) // 2])
-                    row["runs_jobs_per_s"] = [r["jobs_per_s"] for r in runs]
-                    row["ready_seconds"] = round(ready, 3)
-                    rows.append(row)
-                    print_row(row)
-                if lat_n:
-                    qb_latency(client, queue, min(50, lat_n), budget.phase())  # warm
-                    with profiled(prof_dir, f"latency-{tag}", targets):
-                        row = qb_latency(client, queue, lat_n, budget.phase())
-                    row["pool"] = w.label
-                    rows.append(row)
-                    print_row(row)
+                warm_up(client, w, queue, 20)
+                many = shape == "defaults"
+                tag = f"{'send_many' if many else 'send'}-{shape}"
+                with profiled(prof_dir, tag, spied):
+                    rows.append(qb_e2e(b, w, client, n, many, budget.phase()))
+                print_row(rows[-1])
+                if lat_n and not many:
+                    qb_latency(client, w, min(50, lat_n))  # warm
+                    rows.append(qb_latency(client, w, lat_n))
+                    print_row(rows[-1])
         finally:
             w.stop()
     return rows
+
+
+def qb_send_only(n: int) -> dict[str, Any]:
+    """n x client.send() to a fresh broker with no worker."""
+    with running_broker("e2e-send") as b, qclient.Client(b.url, timeout=30) as client:
+        for i in range(50):
+            client.send("idle", task="add", args=[i, i])
+        cpu0, bcpu0 = self_cpu(), b.cpu()
+        t0 = time.perf_counter()
+        for i in range(n):
+            client.send("idle", task="add", args=[i, i])
+        secs = time.perf_counter() - t0
+        row = send_row("qbroker", "send()", n, secs, self_cpu() - cpu0)
+        row["broker_us"] = round(1e6 * (b.cpu() - bcpu0) / n)
+    return row
 
 
 # ------------------------------------------------------------------ output
 
 
 def print_row(d: dict[str, Any]) -> None:
-    head = f"  {d['peer']:<8} {d['pool']:<12} {d['mode']:<16} {d['jobs']:>6}  "
+    head = f"  {d['system']:<18} {d.get('worker', ''):<11} {d['mode']:<17} {d['jobs']:>6}  "
     if "p50_ms" in d:
-        print(
-            f"{head}p50 {d['p50_ms']:.2f} ms  p99 {d['p99_ms']:.2f} ms  "
-            f"mean {d['mean_ms']:.2f} ms  max {d['max_ms']:.1f} ms  "
-            f"load {d.get('loadavg_1m')}",
-            flush=True,
+        split = d.get("split_p50_ms")
+        tail = ("  p50 split " + ", ".join(f"{k} {v:.2f}" for k, v in split.items())
+                if split else "")  # fmt: skip
+        print(f"{head}p50 {d['p50_ms']:.2f} ms  p99 {d['p99_ms']:.2f} ms  max "
+              f"{d['max_ms']:.1f} ms{tail}  load {d['loadavg_1m']}", flush=True)  # fmt: skip
+    elif "jobs_per_s" in d:
+        extra = "".join(f" {k[:-3]} {d[k]}" for k in ("results_store_us", "broker_trio_us")
+                        if k in d)  # fmt: skip
+        print(f"{head}{d['jobs_per_s']:7.0f} jobs/s  send {d['send_per_s']:.0f}/s  "
+              f"CPU us/job broker {d['broker_us']}{extra} worker {d['worker_us']} "
+              f"producer {d['producer_us']}  load {d['loadavg_1m']}", flush=True)  # fmt: skip
+        if d.get("per_job"):
+            print(
+                "      per job: "
+                + ", ".join(f"{k} {v:g}" for k, v in d["per_job"].items())
+            )
+    else:
+        print(f"{head}{d['send_per_s']:7.0f} sends/s  producer {d['producer_us']} us/send"
+              f"  load {d['loadavg_1m']}", flush=True)  # fmt: skip
+
+
+def tables(rows: list[dict[str, Any]]) -> str:
+    """The summary (markdown): each system against Celery+Redis, then the targets."""
+    e2e = [r for r in rows if "jobs_per_s" in r]
+    lat = {(r["system"], r["worker"]): r for r in rows if "p50_ms" in r}
+    sends = {r["system"]: r for r in rows if r["mode"].endswith("no worker")}
+    base = next((r for r in e2e if r["system"] == BASE), None)
+    base_lat = lat.get((BASE, base["worker"])) if base else None
+
+    def ratio(x: float | None, y: float | None) -> str:
+        return f"{x / y:.2f}x" if x and y else "-"
+
+    out = ["| system | worker | sent with | e2e jobs/s | vs Celery+Redis | p50 ms | p99 ms "
+           "| broker CPU µs/job | worker CPU µs/job | producer CPU µs/job |",
+           "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+    for r in e2e:
+        la = lat.get((r["system"], r["worker"])) if r["mode"] == "send()" else None
+        broker = str(r["broker_us"])
+        if "results_store_us" in r:
+            broker += f" (of which Redis, results: {r['results_store_us']})"
+        out.append(
+            f"| {r['system']} | {r['worker']} | {r['mode']} | {r['jobs_per_s']:,.0f} | "
+            f"{ratio(r['jobs_per_s'], base and base['jobs_per_s'])} | "
+            f"{la['p50_ms'] if la else '-'} | {la['p99_ms'] if la else '-'} | {broker} | "
+            f"{r['worker_us']} | {r['producer_us']} |"
+        )  # fmt: skip
+    out.append("")
+    q, c = sends.get("qbroker"), sends.get(BASE)
+    out.append("| one at a time, no worker | sends/s | producer CPU µs/send |")
+    out.append("|---|--:|--:|")
+    for r in (q, c):
+        if r:
+            out.append(f"| {r['system']} {r['mode'].split(',')[0]} | "
+                       f"{r['send_per_s']:,.0f} | {r['producer_us']} |")  # fmt: skip
+    out.append("")
+
+    def qrow(worker: str, mode: str = "send()") -> dict[str, Any] | None:
+        return next((r for r in e2e if r["system"] == "qbroker" and r["worker"] == worker
+                     and r["mode"] == mode), None)  # fmt: skip
+
+    t8, many = qrow("threads/8"), qrow("defaults", "send_many()")
+    t8_lat = lat.get(("qbroker", "threads/8"))
+    checks: list[tuple[str, str, bool | None]] = []
+    if t8:
+        checks.append(("broker CPU per job, send(), threads/8 <= 900 µs",
+                       f"{t8['broker_us']} µs", t8["broker_us"] <= 900))  # fmt: skip
+    if base:
+        for r in (qrow("threads/8"), qrow("processes/2")):
+            if r:
+                x = r["jobs_per_s"] / base["jobs_per_s"]
+                checks.append((f"e2e send(), {r['worker']} >= 1.5x Celery+Redis",
+                               f"{x:.2f}x", x >= 1.5))  # fmt: skip
+        if many:
+            x = many["jobs_per_s"] / base["jobs_per_s"]
+            checks.append(("e2e send_many(), worker defaults >= 10x Celery+Redis",
+                           f"{x:.2f}x", x >= 10))  # fmt: skip
+    if t8_lat and base_lat:
+        checks.append(("round trip p50, threads/8 <= Celery+Redis's",
+                       f"{t8_lat['p50_ms']:.2f} vs {base_lat['p50_ms']:.2f} ms",
+                       t8_lat["p50_ms"] <= base_lat["p50_ms"]))  # fmt: skip
+    if q and c:
+        x = q["send_per_s"] / c["send_per_s"]
+        checks.append(
+            ("send() with no worker >= Celery's delay()", f"{x:.2f}x", x >= 1)
         )
-        return
-    extra = f"send {d['send_per_s']:.0f}/s"
-    if "done_seconds" in d:
-        per = 1e6 / d["jobs"]
-        extra += (
-            f"  done {d['done_seconds']:.2f}s  cpu us/job broker "
-            f"{d['cpu_broker_user'] * per:.0f}u+{d['cpu_broker_sys'] * per:.0f}s "
-            f"worker {d['cpu_worker'] * per:.0f} client {d['cpu_client'] * per:.0f}"
-        )
-    print(
-        f"{head}{d['seconds']:8.3f}s {d['jobs_per_s']:8.0f} jobs/s  {extra}  "
-        f"load {d.get('loadavg_1m')}",
-        flush=True,
-    )
-    if d.get("per_job"):
-        print(
-            "      per job: "
-            + ", ".join(f"{k} {v:g}" for k, v in d["per_job"].items()),
-            flush=True,
-        )
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "NOT met"
-
-
-def final_table(qb: list[dict[str, Any]], cel: dict[str, dict[str, Any]]) -> str:
-    """The summary table (markdown), qbroker vs Celery, with ratios and targets."""
-    w0 = 52
-    lines = [
-        f"| {'measure':<{w0}} | {'qbroker':>9} | {'Celery+Redis':>12} | {'ratio':>6} "
-        f"| {'target':>8} | {'verdict':<7} |",
-        f"|{'-' * (w0 + 2)}|{'-' * 11}|{'-' * 14}|{'-' * 8}|{'-' * 10}|{'-' * 9}|",
+    out.append("| target (issue 23) | measured | verdict |")
+    out.append("|---|--:|---|")
+    out += [
+        f"| {name} | {got} | {'met' if ok else 'NOT met'} |" for name, got, ok in checks
     ]
-
-    def row(name: str, q: str, c: str, ratio: str, target: str, ok: str) -> None:
-        lines.append(
-            f"| {name:<{w0}} | {q:>9} | {c:>12} | {ratio:>6} | {target:>8} | {ok:<7} |"
-        )
-
-    e2e = [r for r in qb if "p50_ms" not in r]
-    for r in e2e:
-        kind = "one" if r["mode"] == "send()" else "many"
-        c = cel.get(kind)
-        name = f"e2e jobs/s {r['mode']} x{r['jobs']}, {r['pool']}"
-        if c is None:
-            row(name, f"{r['jobs_per_s']:.0f}", "-", "-", "-", "")
-            continue
-        ratio = r["jobs_per_s"] / c["jobs_per_s"]
-        row(
-            name, f"{r['jobs_per_s']:.0f}", f"{c['jobs_per_s']:.0f}", f"{ratio:.2f}x",
-            f">= {TARGETS[kind]:.0f}x", verdict(ratio >= TARGETS[kind]),
-        )  # fmt: skip
-    for r in e2e:
-        kind = "one" if r["mode"] == "send()" else "many"
-        c = cel.get(kind)
-        if c is None or not r.get("done_jobs_per_s"):
-            continue
-        ratio = r["done_jobs_per_s"] / c["jobs_per_s"]
-        row(
-            f"  (no result fetch) {r['mode']}, {r['pool']}",
-            f"{r['done_jobs_per_s']:.0f}", f"{c['jobs_per_s']:.0f}", f"{ratio:.2f}x",
-            "info", "",
-        )  # fmt: skip
-    for r in qb:
-        if "p50_ms" not in r:
-            continue
-        c = cel.get("latency")
-        for key, lim in (("p50_ms", TARGETS["p50_ms"]), ("p99_ms", TARGETS["p99_ms"])):
-            cv = f"{c[key]:.2f}" if c else "-"
-            ratio = f"{c[key] / r[key]:.2f}x" if c else "-"
-            row(
-                f"round trip {key[:3]} ms, send+result, {r['pool']}",
-                f"{r[key]:.2f}", cv, ratio, f"< {lim:g} ms", verdict(r[key] < lim),
-            )  # fmt: skip
-    lines.append("")
-    lines.append(
-        "ratio: qbroker/Celery for jobs/s, Celery/qbroker for latency (> 1 = qbroker "
-        "better). Celery: prefork -c 2, Redis broker + Redis results, same n. "
-        "'no result fetch': n / (last finished_at - first send), vs Celery's full time."
-    )
-    return "\n".join(lines)
+    return "\n".join(out)
 
 
 def redis_persistence() -> str:
     try:
         import redis
 
-        r = redis.Redis(host="127.0.0.1", port=6379)
-        save = r.config_get("save").get("save")
-        aof = r.config_get("appendonly").get("appendonly")
-        r.close()
-        return f"redis save={save!r} appendonly={aof}"
+        with contextlib.closing(redis.Redis(host="127.0.0.1", port=6379)) as r:
+            save = r.config_get("save").get("save")
+            aof = r.config_get("appendonly").get("appendonly")
+        return f"Redis save={save!r} appendonly={aof}"
     except Exception as exc:
-        return f"redis config unknown ({type(exc).__name__})"
+        return f"Redis config unknown ({type(exc).__name__})"
 
 
 # ------------------------------------------------------------------ main
@@ -792,91 +790,51 @@ def redis_persistence() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="n=2000, latency n=200")
-    ap.add_argument("--n", type=int, help="jobs per throughput run (default 10,000)")
-    ap.add_argument("--latency-n", type=int, help="round trips (default 1,000)")
+    ap.add_argument("--n", type=int, default=10_000, help="jobs per e2e run")
+    ap.add_argument("--latency-n", type=int, help="round trips (default n/10)")
+    ap.add_argument("--only", choices=["all", "qbroker", "peers"], default="all")
+    ap.add_argument("--workers", default="processes2,threads8,defaults",
+                    help="qbroker worker shapes (defaults = send_many, no flags)")  # fmt: skip
     ap.add_argument(
-        "--repeat", type=int, default=1, help="runs per e2e config (median)"
+        "--profile", type=Path, help="py-spy the qbroker runs into this dir"
     )
-    ap.add_argument("--only", choices=["both", "qbroker", "celery"], default="both")
-    ap.add_argument(
-        "--pools", default="processes2,threads8,processes2+p1000,threads8+p1000",
-        help="qworker shapes, comma-separated: processes2, threads8, ...; "
-        "+pN adds --prefetch N",
-    )  # fmt: skip
-    ap.add_argument("--modes", default="one,many", help="one (send) and/or many")
-    ap.add_argument("--profile", type=Path, help="py-spy raw profiles into this dir")
     ap.add_argument("--summarize", type=Path, nargs="+", help="summarize py-spy files")
-    ap.add_argument("--json", type=Path, help="also write all result dicts here")
-    ap.add_argument(
-        "--budget", type=float, default=450.0,
-        help="wall-time bound of the run in seconds (default 450)",
-    )  # fmt: skip
+    ap.add_argument("--json", type=Path, help="also write every row here")
+    ap.add_argument("--budget", type=float, default=540.0,
+                    help="wall-time bound of the run in seconds")  # fmt: skip
     a = ap.parse_args(argv)
     if a.summarize:
         for p in a.summarize:
             print(summarize(p))
         return 0
-    n = a.n or (2000 if a.quick else 10_000)
-    lat_n = a.latency_n if a.latency_n is not None else (200 if a.quick else 1000)
-    modes = a.modes.split(",")
+    n = a.n
+    lat_n = a.latency_n if a.latency_n is not None else max(50, n // 10)
     t_start = time.monotonic()
     budget = Budget(a.budget)
     log_dir = Path(tempfile.mkdtemp(prefix="qb-e2e-logs-"))
-    print(
-        f"# e2e {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | python "
-        f"{platform.python_version()} | {os.cpu_count()} cpus | n={n} latency_n={lat_n} "
-        f"repeat={a.repeat} | loadavg {os.getloadavg()[0]:.2f}"
-    )
-    print(
-        f"# qbroker fsyncs every 2xx write (SQLite WAL, synchronous=FULL); "
-        f"{redis_persistence()} (Redis keeps nothing on disk)"
-    )
-    print(f"# logs: {log_dir}", flush=True)
+    print(f"# e2e {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | python "
+          f"{platform.python_version()} | {os.cpu_count()} cpus | n={n} latency_n={lat_n}"
+          f" | loadavg {loadavg()}")  # fmt: skip
+    print(f"# qbroker fsyncs every 2xx write (SQLite WAL, synchronous=FULL); "
+          f"{redis_persistence()}; Dramatiq publishes without confirms | logs: {log_dir}",
+          flush=True)  # fmt: skip
     rows: list[dict[str, Any]] = []
-    cel: dict[str, dict[str, Any]] = {}
     rc = 0
     try:
-        if a.only in ("both", "celery"):
+        if a.only in ("all", "peers"):
             import peers
 
-            print("Celery 5 + Redis (prefork -c 2):", flush=True)
-            for mode in modes:
-                d = peers.celery_end_to_end(
-                    n, "redis", "prefork", 2, "one" if mode == "one" else "batch",
-                    timeout=budget.phase(PHASE_TIMEOUT * a.repeat), log_dir=str(log_dir),
-                    repeat=a.repeat,
-                )  # fmt: skip
-                d["pool"] = "prefork/2"
-                STARTED_PIDS.extend(d.get("worker_pids", []))
-                cel[mode] = d
-                rows.append(d)
-                print_row(d)
-            if lat_n:
-                d = peers.celery_roundtrip_latency(
-                    lat_n, "redis", timeout=budget.phase(), log_dir=str(log_dir)
-                )
-                d["pool"] = "prefork/2"
-                STARTED_PIDS.extend(d.get("worker_pids", []))
-                cel["latency"] = d
-                rows.append(d)
-                print_row(d)
-        qb: list[dict[str, Any]] = []
-        if a.only in ("both", "qbroker"):
-            print("qbroker (every reply fsynced):", flush=True)
-            for shape in a.pools.split(","):
-                m = re.fullmatch(r"(processes|threads)(\d+)(?:\+p(\d+))?", shape)
-                if not m:
-                    raise SystemExit(f"bad pool shape {shape!r}")
-                pool, conc, prefetch = m[1], int(m[2]), int(m[3] or 0)
-                lat = lat_n if pool == "threads" and not prefetch else 0
-                qb += qb_session(
-                    pool, conc, prefetch, n, modes, lat,
-                    a.repeat, log_dir, a.profile, budget,
-                )  # fmt: skip
-            rows += qb
+            for fn in (peers.celery_redis, peers.dramatiq_rabbitmq):
+                for row in fn(n, lat_n, log_dir):
+                    rows.append(row)
+                    print_row(row)
+        if a.only in ("all", "qbroker"):
+            for shape in a.workers.split(","):
+                rows += qb_session(shape, n, lat_n, log_dir, a.profile, budget)
+            rows.append(qb_send_only(n))
+            print_row(rows[-1])
         print()
-        print(final_table(qb, cel))
+        print(tables(rows))
         if a.profile:
             print(f"\n# py-spy profiles in {a.profile}; summaries:")
             for p in sorted(a.profile.glob("*.txt")):
@@ -887,11 +845,8 @@ def main(argv: list[str] | None = None) -> int:
             kill_pids(survivors, signal.SIGKILL)
             print(f"WARNING: had to SIGKILL leftover PIDs {survivors}", file=sys.stderr)
             rc = 1
-        print(
-            f"# wall time {time.monotonic() - t_start:.0f} s; "
-            f"{len(STARTED_PIDS)} started PIDs (brokers, workers + pool children, "
-            f"py-spy) checked by PID: {len(survivors)} left"
-        )
+        print(f"# wall time {time.monotonic() - t_start:.0f} s; {len(STARTED_PIDS)} "
+              f"started PIDs checked: {len(survivors)} left")  # fmt: skip
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2, default=str))
     return rc

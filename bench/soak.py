@@ -47,6 +47,7 @@ import json
 import multiprocessing
 import os
 import platform
+import random
 import select
 import signal
 import socket
@@ -554,13 +555,49 @@ def format_report(r: dict[str, Any], argv: str) -> str:
     return "\n".join(out)
 
 
+def crash_main(a: argparse.Namespace, argv: list[str] | None) -> int:
+    """`--crash`: see bench/_crash.py."""
+    import _crash
+
+    a.seconds = a.seconds or (20.0 if a.quick else 60.0)
+    a.producers = a.producers or 8
+    a.seed = random.randrange(2**32) if a.seed is None else a.seed
+    cmd = "python bench/soak.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(
+        f"# soak --crash {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | "
+        f"python {platform.python_version()} | {os.cpu_count()} cpus | {a.seconds:g} s, "
+        f"{a.kills} broker SIGKILLs (seed {a.seed}), {a.producers} producer threads "
+        f"(send() and send_many() of {_crash.BATCH}), workers "
+        + ", ".join(f"{p}/{c}" for p, c in _crash.WORKERS)
+        + f" --prefetch 1000 | loadavg {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    t_start = time.monotonic()
+    rc = 1
+    try:
+        fig, rc = _crash.run(a)
+        print("  " + ", ".join(f"{k}={v}" for k, v in fig.items()))
+        print(f"  {'ok' if rc == 0 else 'FAILED'}; command: {cmd}")
+        if a.json:
+            a.json.write_text(json.dumps(fig))
+    finally:
+        survivors = e2e.alive(e2e.STARTED_PIDS)
+        if survivors:
+            e2e.kill_pids(survivors, signal.SIGKILL)
+            print(f"WARNING: had to SIGKILL leftover PIDs {survivors}", file=sys.stderr)
+            rc = 1
+        print(f"# wall time {time.monotonic() - t_start:.0f} s; "
+              f"{len(survivors)} started PIDs left")  # fmt: skip
+    return rc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="30 s, 5 s windows")
     ap.add_argument("--seconds", type=float, help="producing time (default 120)")
     ap.add_argument("--window", type=float, help="report window seconds (default 10)")
     ap.add_argument("--workers", type=int, default=200)
-    ap.add_argument("--producers", type=int, default=20)
+    ap.add_argument("--producers", type=int, help="threads (default 20; --crash: 8)")
     ap.add_argument("--queues", type=int, default=10)
     ap.add_argument("--rate", type=float, default=200.0, help="jobs/s, all producers")
     ap.add_argument(
@@ -570,7 +607,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burst-every", type=float, default=15.0, help="seconds")
     ap.add_argument("--burst-clients", type=int, default=20)
     ap.add_argument("--json", type=Path, help="also write the raw report here")
+    crash = ap.add_argument_group("--crash: the broker SIGKILLed under high load")
+    crash.add_argument("--crash", action="store_true", help="run it (bench/_crash.py)")
+    crash.add_argument("--kills", type=int, default=10, help="broker SIGKILLs")
+    crash.add_argument("--backlog", type=int, default=200_000,
+                       help="producers pause while more jobs than this wait")  # fmt: skip
+    crash.add_argument("--seed", type=int, help="of the kill times (default: random)")
     a = ap.parse_args(argv)
+    if a.crash:
+        return crash_main(a, argv)
+    a.producers = a.producers or 20
     a.seconds = a.seconds or (30.0 if a.quick else 120.0)
     a.window = a.window or (5.0 if a.quick else 10.0)
     if a.seconds > 420:

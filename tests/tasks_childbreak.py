@@ -18,7 +18,9 @@ if _first != str(os.getpid()) and _BREAK.exists():
     raise ImportError(f"broken while {_BREAK} exists")
 
 
-@task
+# Never again: killing the fork server may fail it with WorkerLost, and a retry
+# leased once children start again would break them a second time.
+@task(max_retries=0)
 def wt_break() -> None:
     _BREAK.touch()
     os.kill(os.getppid(), signal.SIGKILL)  # a pool child's parent: the fork server

@@ -184,7 +184,7 @@ def test_unknown_job_is_404_not_pending(wire: Wire) -> None:
 
 
 def test_expired_lease_requeues_job_then_makes_it_dead(wire: Wire) -> None:
-    job_id = wire.enqueue("q", timeout=0.3, max_retries=1)
+    job_id = wire.enqueue("q", timeout=1.0, max_retries=1)  # the shortest lease
     [first] = wire.lease("q")
     assert first["attempt"] == 1
     second = wait_for(lambda: wire.lease("q"), timeout=5)[0]
@@ -200,10 +200,10 @@ def test_expired_lease_requeues_job_then_makes_it_dead(wire: Wire) -> None:
 
 
 def test_extend_keeps_a_lease_alive(wire: Wire) -> None:
-    job_id = wire.enqueue("q", timeout=0.5)
+    job_id = wire.enqueue("q", timeout=1.0)  # the shortest lease
     [job] = wire.lease("q")
     for _ in range(4):
-        time.sleep(0.25)
+        time.sleep(0.5)
         reply = wire.ok("POST", f"/v1/jobs/{job_id}/extend", {"lease": job["lease"]})
         assert reply["cancelled"] is False
         assert reply["lease_expires_at"] > time.time()
@@ -605,7 +605,7 @@ def test_results_waits_for_every_job_and_answers_in_order(
     done = wire.enqueue("many-done")
     [j] = wire.lease("many-done")
     wire.ok("POST", f"/v1/jobs/{done}/ack", {"lease": j["lease"], "result": "early"})
-    leases = {x["id"]: x["lease"] for x in wire.lease("many", max=4, timeout=0.5)}
+    leases = {x["id"]: x["lease"] for x in wire.lease("many", max=4, timeout=1.0)}
     assert set(leases) == {a, b, c, d}
     ids = [e, a, "no-such-job", b, c, d, done, a]
     got: list[Any] = []
@@ -622,7 +622,7 @@ def test_results_waits_for_every_job_and_answers_in_order(
     wire.ok("POST", "/v1/ack", {"acks": [{"id": a, "lease": leases[a], "result": 1}]})
     wire.ok("POST", f"/v1/jobs/{b}/fail", {"lease": leases[b], "error": "E: b"})
     wire.ok("POST", f"/v1/jobs/{c}/cancel")
-    # d's 0.5 s lease runs out and, with no retries left, the reaper makes it dead
+    # d's 1 s lease runs out and, with no retries left, the reaper makes it dead
     time.sleep(0.3)
     assert not got
     wire.ok("POST", f"/v1/jobs/{e}/cancel")
@@ -808,7 +808,7 @@ def test_metrics_count_every_final_state_and_promoted_jobs(wire: Wire) -> None:
     wire.enqueue("fin", id="e-1", delay=0.2, expires=0.1)  # expires before it is due
     for i in range(3):
         wire.enqueue("fin", id=f"d-{i}", delay=0.1, max_retries=0)
-    [job] = wire.lease("fin", wait=5, timeout=0.2)  # then the lease runs out:
+    [job] = wire.lease("fin", wait=5, timeout=1.0)  # then the lease runs out:
     deadline = time.monotonic() + 10  # its only attempt, so the job ends dead
     while wire.job(job["id"])["state"] != "dead" and time.monotonic() < deadline:
         time.sleep(0.05)

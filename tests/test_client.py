@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import qclient
-from qclient import _api, _errors, _http
+from qclient import _api, _errors, _http, _retry
 from qclient.wire import CROCKFORD, JobState, crockford26, new_job_id, new_job_ids
 
 from .conftest import BrokerFactory, BrokerProcess, child_env
@@ -97,7 +97,7 @@ def test_invalid_value_raises_invalid_request_naming_the_field(
 
 
 def test_send_many_stores_every_job_in_order(client: qclient.Client) -> None:
-    items: list[Any] = [{"args": [i]} for i in range(2400)]  # three requests
+    items: list[Any] = [[i] for i in range(2400)]  # three requests
     items.append(qclient.JobSpec(args=["spec"], id="own-batch-id"))
     jobs = client.send_many("bulk", items)
     assert len(jobs) == 2401
@@ -118,7 +118,7 @@ def test_body_over_the_limit_is_invalid_and_send_many_splits_it(
             with pytest.raises(qclient.InvalidRequest) as info:
                 client.send("limit", "x" * size)
             assert (info.value.status, info.value.reason) == (413, "body_too_large")
-        jobs = client.send_many("limit", [{"args": ["y" * 100]} for _ in range(100)])
+        jobs = client.send_many("limit", [["y" * 100] for _ in range(100)])
         assert len(jobs) == 100
         assert client.queue("limit").counts["queued"] == 100
 
@@ -185,7 +185,7 @@ def test_result_raises_task_failed_with_traceback(client: qclient.Client) -> Non
 def test_results_returns_every_result_in_order(client: qclient.Client) -> None:
     """`Client.results()` waits for jobs spread over more than one request's 1,000
     ids while a worker thread finishes them, and raises the first failure."""
-    jobs = client.send_many("gather", [{"args": [i]} for i in range(1200)])
+    jobs = client.send_many("gather", [[i] for i in range(1200)])
 
     def work() -> None:
         left = len(jobs)
@@ -286,7 +286,7 @@ def test_extend_and_cancel_tell_the_worker_to_stop(client: qclient.Client) -> No
 
 
 def test_ack_many_and_fail_many_report_each_item(client: qclient.Client) -> None:
-    client.send_many("batch", [{"args": [i]} for i in range(4)])
+    client.send_many("batch", [[i] for i in range(4)])
     leased = client.lease(["batch"], max=4, wait=DEADLINE)
     assert len(leased) == 4
     acks = [
@@ -367,29 +367,29 @@ def test_connection_closed_by_idle_broker_is_replaced(
     broker = broker_factory(args=("--idle-timeout", "0.2")).start()
     with qclient.Client(broker.url, retries=0) as client:
         client.send("idle-close")
-        [conn] = client._idle
+        [conn] = client._pool.idle
         wait_until(lambda: _http.readable_now(conn.sock.fileno()))  # broker hung up
         client.send("idle-close")  # retries=0: it must not even try the dead socket
-        assert client._idle[0] is not conn
+        assert client._pool.idle[0] is not conn
         assert client.queue("idle-close").counts["queued"] == 2
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_forked_child_opens_its_own_connections(client: qclient.Client) -> None:
     client.send("fork")  # the parent now has a pooled socket
-    parent_socket = client._idle[0].sock
+    parent_socket = client._pool.idle[0].sock
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
         try:
             client.send("fork")
-            code = 0 if client._idle[0].sock is not parent_socket else 2
+            code = 0 if client._pool.idle[0].sock is not parent_socket else 2
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     client.send("fork")  # the parent's socket still works
-    assert client._idle[0].sock is parent_socket
+    assert client._pool.idle[0].sock is parent_socket
     assert client.queue("fork").counts["queued"] == 3
 
 
@@ -436,7 +436,7 @@ def test_a_resent_enqueue_is_success_only_if_its_own_jobs_are_stored(
         # The reply lost after the commit: the resend's 409 is the first attempt's
         # success, and nothing is stored twice.
         proxy.lose_replies(1)
-        jobs = client.send_many("lossy", [{"args": [i]} for i in range(5)])
+        jobs = client.send_many("lossy", [[i] for i in range(5)])
         assert [client.get_job(j.id).args for j in jobs] == [[i] for i in range(5)]
         proxy.lose_replies(1)
         assert client.send("lossy", [5], job_id="mine-1").id == "mine-1"
@@ -445,7 +445,7 @@ def test_a_resent_enqueue_is_success_only_if_its_own_jobs_are_stored(
         client.send("lossy", ["old"], job_id="taken")
         proxy.swallow(1)
         with pytest.raises(qclient.DuplicateJob):
-            client.send_many("lossy", [{"args": [7]}, {"id": "taken", "args": ["new"]}])
+            client.send_many("lossy", [[7], qclient.spec(["new"], job_id="taken")])
         proxy.swallow(1)
         with pytest.raises(qclient.DuplicateJob):
             client.send("lossy", ["new"], job_id="taken")
@@ -466,12 +466,12 @@ def test_a_protocol_error_from_send_carries_the_ids_to_send_again_with(
             client.send("ids", [1], job_id=stored)
         proxy.swallow(2)  # never reached the broker (2: the free keep-alive resend)
         with pytest.raises(qclient.ProtocolError) as unsent:
-            client.send_many("ids", [{"args": [2]}, {"args": [3]}])
+            client.send_many("ids", [[2], [3]])
         ids = unsent.value.job_ids
         assert len(ids) == 2
         again = client.send_many(
             "ids",
-            [{"id": i, "args": [n]} for i, n in zip(ids, (2, 3), strict=True)],
+            [qclient.spec([n], job_id=i) for i, n in zip(ids, (2, 3), strict=True)],
         )
         assert [j.id for j in again] == ids
         assert client.queue("ids").counts["queued"] == 3
@@ -482,7 +482,7 @@ def test_a_lease_whose_reply_was_lost_is_resent_safely(proxy: LossyProxy) -> Non
     # job, not lease another and leave the first active with an attempt counted (a
     # job allowed no retries would end dead without ever running).
     with qclient.Client(proxy.url, timeout=5) as client:
-        first, second, _ = client.send_many("once", [{"max_retries": 0}] * 3)
+        first, second, _ = client.send_many("once", [qclient.spec(max_retries=0)] * 3)
         proxy.lose_replies(1)
         [job] = client.lease(["once"], wait=1, timeout=30)
         assert (job.id, job.attempt) == (first.id, 1)
@@ -642,7 +642,7 @@ def test_module_functions_use_the_configured_default_client(
     job = qclient.send("module", [1])
     assert qclient.get_job(job.id).args == [1]
     assert qclient.job(job.id).status() is JobState.QUEUED
-    jobs = qclient.send_many("module", [{"args": [2]}])
+    jobs = qclient.send_many("module", [[2]])
     assert jobs[0].info().args == [2]
 
 
@@ -763,9 +763,9 @@ def test_split_error_finds_the_exception_type() -> None:
 
 def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
     for attempt in range(12):
-        delay = min(_http.BACKOFF_MAX, _http.BACKOFF_INITIAL * 2**attempt)
+        delay = min(_retry.BACKOFF_MAX, _retry.BACKOFF_INITIAL * 2**attempt)
         for _ in range(20):
-            assert delay / 2 <= _http.backoff(attempt) <= delay
+            assert delay / 2 <= _retry.backoff(attempt) <= delay
 
 
 def test_errors_pickle_with_their_attributes() -> None:

@@ -40,12 +40,12 @@ async def test_a_resent_enqueue_is_success_only_if_its_own_jobs_are_stored(
     try:
         async with qclient.AsyncClient(proxy.url) as client:
             proxy.lose_replies(1)
-            jobs = await client.send_many("lossy", [{"args": [i]} for i in range(3)])
+            jobs = await client.send_many("lossy", [[i] for i in range(3)])
             assert [(await j.info()).args for j in jobs] == [[0], [1], [2]]
             await client.send("lossy", ["old"], job_id="taken")
             proxy.swallow(1)
             with pytest.raises(qclient.DuplicateJob):
-                await client.send_many("lossy", [{"args": [7]}, {"id": "taken"}])
+                await client.send_many("lossy", [[7], qclient.spec(job_id="taken")])
             assert (await client.queue("lossy")).counts["queued"] == 4
     finally:
         proxy.close()
@@ -84,7 +84,7 @@ async def test_a_call_ends_within_its_timeout_when_connects_hang() -> None:
 
 
 async def test_send_many_and_lease_many(client: qclient.AsyncClient) -> None:
-    jobs = await client.send_many("t-bulk", [{"args": [i]} for i in range(1500)])
+    jobs = await client.send_many("t-bulk", [[i] for i in range(1500)])
     assert len({j.id for j in jobs}) == 1500
     assert (await client.queue("t-bulk")).counts["queued"] == 1500
     leased = await client.lease(["t-bulk"], max=10, wait=DEADLINE)
@@ -114,7 +114,7 @@ async def test_result_is_woken_by_ack_from_another_task(
 
 
 async def test_results_waits_for_many_jobs(client: qclient.AsyncClient) -> None:
-    jobs = await client.send_many("t-gather", [{"args": [i]} for i in range(5)])
+    jobs = await client.send_many("t-gather", [[i] for i in range(5)])
     got: list[object] = []
 
     async def gather() -> None:
@@ -149,7 +149,7 @@ async def test_failures_surface_as_exceptions(client: qclient.AsyncClient) -> No
 
 
 async def test_release_and_fail_many(client: qclient.AsyncClient) -> None:
-    await client.send_many("t-rel", [{}, {}])
+    await client.send_many("t-rel", [None, None])
     first, second = await client.lease(["t-rel"], max=2, wait=DEADLINE)
     await client.release(first.id, first.lease)
     await client.release(first.id, first.lease)  # a resend: ok, nothing changes
@@ -216,7 +216,7 @@ async def test_body_over_the_limit_is_invalid(broker_factory: BrokerFactory) -> 
             with pytest.raises(qclient.InvalidRequest) as info:
                 await client.send("limit", "x" * size)
             assert info.value.status == 413
-        jobs = await client.send_many("limit", [{"args": ["y" * 100]}] * 100)
+        jobs = await client.send_many("limit", [["y" * 100]] * 100)
         assert len({j.id for j in jobs}) == 100
 
 

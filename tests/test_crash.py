@@ -310,12 +310,12 @@ class Producer(threading.Thread):
                     )
                 else:
                     items = [
-                        {
-                            "id": i,
-                            "args": self.job_args(i),
-                            "timeout": LEASE,
-                            "max_retries": MAX_RETRIES,
-                        }
+                        qclient.JobSpec(
+                            id=i,
+                            args=self.job_args(i),
+                            timeout=LEASE,
+                            max_retries=MAX_RETRIES,
+                        )
                         for i in ids
                     ]
                     client.send_many(QUEUE, items)

@@ -42,6 +42,7 @@ from qbroker import errors, protocol
 from qbroker.store import SWEEP_BATCH, Defaults, Reader, Store
 from qbroker.writer import Call, Writer
 from qclient.wire import (
+    MIN_LEASE_SECONDS,
     NAME_PATTERN,
     AckItem,
     AckManyRequest,
@@ -372,7 +373,7 @@ valid_specs = st.fixed_dictionaries(
         "delay": _seconds,
         "expires": _seconds,
         "max_retries": st.integers(0, 1000),
-        "timeout": st.floats(0, 604800.0, exclude_min=True),
+        "timeout": st.floats(MIN_LEASE_SECONDS, 604800.0),
         "result_ttl": _seconds,
         "dedup_key": names,
     },

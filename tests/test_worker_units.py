@@ -157,7 +157,9 @@ def test_retry_policy_retry_for_and_retry() -> None:
     assert narrow.should_retry(ConnectionResetError())
     assert not narrow.should_retry(ValueError())
     assert narrow.should_retry(Retry())  # on purpose: always
-    assert Task(_plain).should_retry(TimeLimitExceeded())
+    # issue 20: a time limit retries only when asked for, by name or retry_on_timeout
+    assert not Task(_plain).should_retry(TimeLimitExceeded())
+    assert Task(_plain, retry_on_timeout=True).should_retry(TimeLimitExceeded())
     assert not Task(_plain).should_retry(KeyboardInterrupt())
     assert not Task(_plain, retry_for=()).should_retry(ValueError())
 
@@ -190,7 +192,8 @@ def test_execute_reports_a_result_as_json_like_builtins() -> None:
 
     outcome = _run(Task(shaped))
     assert outcome.ok
-    assert outcome.result == {"a": (1, 2), "b": [3]}  # sets become lists
+    # a tuple goes as a list; a set is tagged so Job.result() gives a set back
+    assert outcome.result == {"a": [1, 2], "b": {"__type__": "set", "__value__": [3]}}
 
 
 def test_execute_reports_an_exception_with_type_message_and_traceback() -> None:

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
+import msgspec
 import prometheus_client
 import trio
 from qclient.wire import (
@@ -254,8 +255,11 @@ class Broker:
             req.path == "/healthz" and req.method in ("GET", "HEAD")
         ):
             return
-        given = req.headers.get(b"authorization", b"")
-        if not hmac.compare_digest(given, b"Bearer " + self._token):
+        # RFC 9110 section 11.1: the scheme is case-insensitive ("bearer" too)
+        scheme, _, given = req.headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(
+            given.strip(b" "), self._token
+        ):
             raise errors.Unauthorized(
                 "a valid 'Authorization: Bearer <token>' is needed"
             )
@@ -380,6 +384,7 @@ class Broker:
                 record = await self.reads.call(self.reader.get_job, job_id)
                 if record.state in FINAL_STATES or self.closing:
                     return encode(req, record)
+                del record  # a parked wait holds the id, not the record
                 with trio.move_on_at(deadline):
                     await slot.event.wait()
                 if slot.value is not None:  # the final record, read by the writer
@@ -390,52 +395,44 @@ class Broker:
 
     async def on_results(self, req: Request) -> Response:
         body = decode(req, ResultsRequest)
+        req.body = b""  # what a parked wait holds: its ids, no bytes, no records
         deadline = trio.current_time() + body.wait
         ids = list(dict.fromkeys(body.ids))
-        with self.job_waiters.register(ids, many=True) as slot:
-            records = await self.reads.call(self.reader.get_jobs, ids)
-            pending = {i for i, r in records.items() if r.state not in FINAL_STATES}
-            values = slot.values
-            assert values is not None
-            while True:
-                # What finished since the read: records the writer read for us, or
-                # (None) ids to read again.
-                again = []
-                for job_id, record in values.items():
-                    if job_id in pending:
-                        if record is None:
-                            again.append(job_id)
-                        else:
-                            records[job_id] = record
-                            pending.discard(job_id)
-                values.clear()
-                slot.event = trio.Event()
-                if again:
-                    pending.difference_update(await self._reread(records, again))
-                    continue  # more may have finished during the read
-                if not pending or self.closing or trio.current_time() >= deadline:
-                    break
-                with trio.move_on_at(deadline):
-                    await slot.event.wait()
-        if pending and body.wait > 0:  # report where the unfinished ones are now
-            await self._reread(records, list(pending))
+        if body.wait > 0:
+            with self.job_waiters.register(ids, many=True) as slot:
+                if await self._wait_finished(ids, slot, deadline) and self.closing:
+                    # cheap, where reading and sending a thousand waits' records
+                    # took minutes; clients resend a 503 to the restarted broker
+                    raise errors.ShuttingDown("the broker is stopping; ask again")
+        records = await self.reads.call(self.reader.get_jobs, ids)
         return encode(req, ResultsReply(jobs=[records.get(i) for i in body.ids]))
 
-    async def _reread(self, records: dict[str, JobRecord], ids: list[str]) -> set[str]:
-        """Read `ids` again into `records` (dropping ids gone since); returns the
-        ids now final or gone."""
-        fresh = await self.reads.call(self.reader.get_jobs, ids)
-        done = set()
-        for job_id in ids:
-            record = fresh.get(job_id)
-            if record is None:
-                records.pop(job_id, None)
-                done.add(job_id)
-            else:
-                records[job_id] = record
-                if record.state in FINAL_STATES:
-                    done.add(job_id)
-        return done
+    async def _wait_finished(self, ids: list[str], slot: Slot, deadline: float) -> bool:
+        """Wait until every job of `ids` is final or gone, the deadline passes or the
+        broker stops; `slot` is registered under `ids`. Returns whether some are
+        still unfinished. Holds ids only: a thousand waits on the same thousand jobs
+        held a record each (973 MiB)."""
+        pending = await self.reads.call(self.reader.unfinished, ids)
+        values = slot.values
+        assert values is not None
+        while pending and not self.closing and trio.current_time() < deadline:
+            with trio.move_on_at(deadline):
+                await slot.event.wait()
+            slot.event = trio.Event()  # set again by what finishes during a read
+            # What finished since the look: a final record the writer read for
+            # others, or (None) ids to look at again.
+            again = []
+            for job_id, record in values.items():
+                if job_id in pending:
+                    if record is None or record.state not in FINAL_STATES:
+                        again.append(job_id)
+                    else:
+                        pending.discard(job_id)
+            values.clear()
+            if again:
+                pending.difference_update(again)
+                pending |= await self.reads.call(self.reader.unfinished, again)
+        return bool(pending)
 
     async def on_cancel(self, req: Request) -> Response:
         job_id = req.params["id"]
@@ -451,8 +448,12 @@ class Broker:
 
     async def on_lease(self, req: Request) -> Response:
         body = decode(req, LeaseRequest)
+        req.body = b""  # a parked lease holds neither the bytes nor the results
         deadline = trio.current_time() + body.wait
-        settle = bool(body.acks or body.fails)
+        acks, fails = body.acks, body.fails
+        settle = bool(acks or fails)
+        if settle:
+            body = msgspec.structs.replace(body, acks=[], fails=[])
         results: list[BatchResult] = []
         first = True
         while True:
@@ -464,9 +465,8 @@ class Broker:
                 first = False
                 if settle:  # the outcomes first, in the first pass's commit
                     settle = False
-                    results, leased = await self._settle(
-                        body.acks, body.fails, now, lease
-                    )
+                    results, leased = await self._settle(acks, fails, now, lease)
+                    acks, fails = [], []
                     got = leased or Leased([])
                 else:
                     got = await self.writer.call(lease)

@@ -12,6 +12,7 @@ import structlog
 import trio
 
 from qbroker import __version__, config as cfg, errors, logs, schedule_cli
+from qbroker.datadir import DataDirInUse
 from qbroker.server import serve
 
 log = structlog.get_logger("qbroker.cli")
@@ -128,6 +129,8 @@ def _check_data_dir(config: cfg.Config) -> None:
     if not os.access(config.data_dir, os.W_OK | os.X_OK):
         raise SystemExit(f"qbroker: data dir {config.data_dir} is not writable")
     db = config.db_path
+    if db.exists() and not db.is_file():
+        raise SystemExit(f"qbroker: {db} is not a regular file; move it away")
     if db.exists():
         with db.open("rb") as f:
             magic = f.read(16)
@@ -182,6 +185,8 @@ def _startup_failure(exc: BaseException) -> str | None:
         exc = exc.exceptions[0]
     if isinstance(exc, errors.QBrokerError):
         return exc.message
+    if isinstance(exc, DataDirInUse):
+        return str(exc)
     if isinstance(exc, OSError):
         return str(exc)
     return None

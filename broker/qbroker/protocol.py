@@ -185,15 +185,25 @@ def route(req: Request) -> None:
     if methods is None or (
         value is not None and param != "name" and not _NAME_RE.match(value)
     ):
-        raise errors.NotFound(f"no route for {req.path}")
+        raise errors.NotFound(f"no route for {_quoted(req.path)}")
     name = methods.get("GET" if req.method == "HEAD" else req.method)
     if name is None:
         raise errors.MethodNotAllowed(
-            f"{req.method} is not allowed on {req.path}", allow=_ALLOW[shape]
+            f"{req.method} is not allowed on {_quoted(req.path)}", allow=_ALLOW[shape]
         )
     req.route = name
     if param is not None and value is not None:
         req.params[param] = value
+
+
+QUOTED_PATH_CHARS = 100  #: characters of a path an error message repeats
+
+
+def _quoted(path: str) -> str:
+    """`path` for an error message: a 15 KB path is not sent back whole."""
+    if len(path) <= QUOTED_PATH_CHARS:
+        return path
+    return f"{path[:QUOTED_PATH_CHARS]}... ({len(path)} characters)"
 
 
 _json_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
@@ -362,7 +372,7 @@ def encode(req: Request | None, obj: Any, status: int = 200) -> Response:
 # errors after which the connection cannot (or should not) carry another request
 _CLOSING_REASONS = frozenset(
     {"bad_request", "request_timeout", "body_too_large", "too_many_connections",
-     "headers_too_large", "internal_error", "shutting_down"}
+     "headers_too_large", "internal_error", "shutting_down", "unauthorized"}
 )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ import trio
 
 from qbroker import errors, metrics
 from qbroker.app import Broker
+from qbroker.clock import BEAT_SECONDS
 from qbroker.config import CHECKPOINT_INTERVAL, REAPER_MAX_SLEEP
 from qbroker.store import TickResult
 
@@ -60,6 +61,14 @@ async def run_reaper(broker: Broker) -> None:
             broker.reaper_wakeup = trio.Event()
             with trio.move_on_after(left):
                 await broker.reaper_wakeup.wait()
+
+
+async def run_heartbeat(broker: Broker) -> None:
+    """Mark the loop as running every BEAT_SECONDS, so that the clock can leave a
+    stall of the broker out of lease times (clock.py)."""
+    while True:
+        broker.clock.beat()
+        await trio.sleep(BEAT_SECONDS)
 
 
 async def run_checkpointer(broker: Broker) -> None:

@@ -9,7 +9,12 @@ Per connection: read a request head (h11, 16 KiB limit -> 431) within REQUEST_TI
 its first byte; refuse a declared body over --max-body with 413 before reading it; read the
 body within the same deadline; answer, closing the connection if the client has not taken
 the reply within REQUEST_TIMEOUT; keep the connection for the next request, closing it
-after IDLE_TIMEOUT of silence. A connection past --max-connections gets 429 and is closed.
+after IDLE_TIMEOUT of silence. A connection past --max-connections first makes room by
+closing the keep-alive connection idle the longest; with none idle it gets 429 and is
+closed. An error reply that ends the connection is followed by a lingering close
+(`_Conn.linger`), so a client still writing its body reads the reply instead of a reset.
+A request in flight whose client has gone (a parked long-poll, mostly) is dropped by
+`Server.watch_parked`.
 Pipelined enqueues already buffered behind the one just read are answered as one batch
 whose writes share commits (`_buffered_batch`, `_answer_batch`); anything else, in turn.
 
@@ -39,10 +44,11 @@ import trio
 
 from qbroker import errors, metrics, protocol
 from qbroker.app import Broker
-from qbroker.clock import Clock
+from qbroker.clock import STALL_SECONDS, Clock
 from qbroker.config import MAX_HEADER_BYTES, Config
+from qbroker.datadir import DataDirLock
 from qbroker.readers import ReadThreads
-from qbroker.reaper import run_checkpointer, run_reaper
+from qbroker.reaper import run_checkpointer, run_heartbeat, run_reaper
 from qbroker.schedule_api import open_schedules
 from qbroker.schedule_store import ScheduleStore
 from qbroker.store import Reader, Store
@@ -52,6 +58,10 @@ log = structlog.get_logger("qbroker.server")
 READ_SIZE = 65536  #: bytes per socket read
 EAGER_READS = 16  #: reads in a row that found bytes waiting before one yields anyway
 PIPELINE_MAX = 64  #: pipelined enqueues answered as one batch (see `_buffered_batch`)
+LINGER_SECONDS = 2.0  #: how long a lingering close reads what the client still sends
+LINGER_BYTES = 4 * 1024 * 1024  #: and how much of it, at most
+PARKED_CHECK_SECONDS = 1.0  #: how often requests in flight are checked for gone clients
+REFUSED_LOG_SECONDS = 10.0  #: at most one `conn.refused` log line this often
 _SERVER_HEADER = (b"server", b"qbroker")
 #: what a send or receive raises when the client has gone
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
@@ -73,6 +83,14 @@ class _Conn:
             h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES
         )
         self.timer = _Timer()
+        self.waiting = False  #: blocked until the socket is readable
+        self.linger_after = False  #: an error reply ends it: close lingering
+        #: the number of the request being answered (0: none); `Server.watch_parked`
+        #: drops the request if its client has gone
+        self.answering = 0
+        self.requests = 0  #: requests begun on this connection
+        self.seen = 0  #: `answering` at the watcher's last look
+        self.dropped = False  #: its client went while a request was in flight
 
     async def next_event(self) -> Any:
         while True:
@@ -97,7 +115,11 @@ class _Conn:
                 data = self.sock.recv(READ_SIZE)
             except BlockingIOError:
                 self._eager = 0
-                await trio.lowlevel.wait_readable(self.sock)
+                self.waiting = True
+                try:
+                    await trio.lowlevel.wait_readable(self.sock)
+                finally:
+                    self.waiting = False
                 continue
             except OSError as exc:  # reset, timed out: as trio's streams say it
                 raise trio.BrokenResourceError(str(exc)) from exc
@@ -127,6 +149,47 @@ class _Conn:
             return True  # open, and nothing sent yet
         except OSError:
             return False
+
+    def quiet(self) -> bool:
+        """True while the client has sent nothing unread (and not closed): a peek."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    async def linger(self) -> None:
+        """Close as nginx's lingering close does: end our side, then read and discard
+        what the client still sends, for LINGER_SECONDS and LINGER_BYTES at most.
+        Closing with unread bytes makes the kernel send a reset, which reaches a
+        client still writing a body (urllib, requests: no `Expect: 100-continue`)
+        before it can read the error reply that was sent. Not when the request was
+        read whole and nothing follows it: then the slot is freed at once."""
+        if (
+            self.h11.their_state in (h11.DONE, h11.MUST_CLOSE)
+            and not self.h11.trailing_data[0]
+            and self.quiet()
+        ):
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        left = LINGER_BYTES
+        with trio.move_on_after(LINGER_SECONDS):
+            while left > 0:
+                try:
+                    data = self.sock.recv(min(READ_SIZE, left))
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self.sock)
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                left -= len(data)
 
     async def send(self, resp: protocol.Response, *, head: bool = False) -> None:
         await self.send_bytes(self.render(resp, head=head))
@@ -190,6 +253,11 @@ class Server:
         self.broker = broker
         self.active_requests = 0
         self.connections = 0
+        self._conns: dict[_Conn, None] = {}  #: every open connection
+        #: keep-alive connections waiting for their next request, idle longest first
+        self._idle: dict[_Conn, None] = {}
+        self._refused = 0  #: connections refused since the last `conn.refused` line
+        self._refused_logged = -math.inf  #: trio time of that line
         self._next_conn_id = 0
         self.idle = trio.Event()  #: set when no request is in flight during shutdown
         #: (when to look, tie-break, timer): a heap of every open connection's timer
@@ -216,8 +284,16 @@ class Server:
         set in between is never before that next look.
         """
         timers = self._timers
+        wake = trio.current_time()
         while True:
             now = trio.current_time()
+            late = now - wake
+            if late > STALL_SECONDS:
+                # the broker stalled (clock.py): the time it read nothing does not
+                # count against its clients either
+                for entry in timers:
+                    entry[2].deadline += late
+                timers[:] = [(at + late, i, t) for at, i, t in timers]
             while timers and timers[0][0] <= now:
                 timer = heapq.heappop(timers)[2]
                 if timer.done:
@@ -231,21 +307,78 @@ class Server:
                 wake = timers[0][0]
             await trio.sleep_until(wake)
 
+    async def watch_parked(self) -> None:
+        """Drop the requests whose client has gone; runs forever.
+
+        Every PARKED_CHECK_SECONDS, a request still in flight since the last look (a
+        long-poll parked for a job or a result, mostly) has its socket peeked; once
+        the client has closed it, the request's connection is cancelled, which ends
+        its wait and frees what it holds. A write already submitted still commits
+        (the writer's waits cannot be cancelled). A peek is one syscall, for the
+        requests that have waited a second or more only.
+        """
+        while True:
+            await trio.sleep(PARKED_CHECK_SECONDS)
+            for conn in self._conns:
+                if (
+                    conn.answering
+                    and conn.answering == conn.seen
+                    and not conn.dropped
+                    and not conn.peer_alive()
+                ):
+                    conn.dropped = True
+                    conn.timer.scope.cancel()
+                conn.seen = conn.answering
+
+    def _evict_idle(self) -> bool:
+        """Close the keep-alive connection idle the longest, to make room for a new
+        one (nginx reuses its keep-alive connections so); False if none is idle.
+
+        Only one whose task waits on its socket with nothing unread is taken: the
+        cancel then lands in that wait, never in a request it has begun to read.
+        """
+        for conn in self._idle:
+            if conn.waiting and conn.quiet():
+                del self._idle[conn]
+                conn.timer.scope.cancel()
+                return True
+        return False
+
+    def _log_refused(self) -> None:
+        """Log refused connections, one line per REFUSED_LOG_SECONDS at most: a flood
+        of them must not become a flood of log lines."""
+        self._refused += 1
+        now = trio.current_time()
+        if now - self._refused_logged >= REFUSED_LOG_SECONDS:
+            log.warning("conn.refused", reason="too_many_connections",
+                        refused=self._refused, limit=self.config.max_connections)  # fmt: skip
+            self._refused = 0
+            self._refused_logged = now
+
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         self._next_conn_id += 1
         conn = _Conn(stream, self._next_conn_id)
         self.connections += 1
         metrics.CONNECTIONS.inc()
         try:
-            if self.connections > self.config.max_connections:
+            if self.connections > self.config.max_connections and not (
+                self._evict_idle()
+            ):
+                self._log_refused()
                 err = errors.TooManyConnections("the broker is at its connection limit")
                 with trio.move_on_after(1):
                     await conn.send(protocol.error_response(None, err))
+                await conn.linger()
                 return
+            self._conns[conn] = None
             await self._serve(conn)
+            if conn.linger_after:
+                await conn.linger()
         except _GONE:
             pass
         finally:
+            self._conns.pop(conn, None)
+            self._idle.pop(conn, None)
             conn.timer.done = True
             conn.sock.detach()  # the fd is the stream's to close
             self.connections -= 1
@@ -272,7 +405,14 @@ class Server:
                 if conn.h11.their_state is h11.IDLE and not conn.h11.trailing_data[0]:
                     wait = cfg.request_timeout if first else cfg.idle_timeout
                     timer.deadline = trio.current_time() + wait
-                    data = await conn.receive()
+                    if first:
+                        data = await conn.receive()
+                    else:
+                        self._idle[conn] = None
+                        try:
+                            data = await conn.receive()
+                        finally:
+                            self._idle.pop(conn, None)
                     if not data:
                         return
                     conn.h11.receive_data(data)
@@ -306,6 +446,8 @@ class Server:
                     else None
                 )
                 reading = False
+                conn.requests += 1
+                conn.answering = conn.requests
                 try:  # in flight, for a graceful stop, until the reply is written
                     if batch is None:
                         resp = await self._dispatch(req)
@@ -317,16 +459,22 @@ class Server:
                     timer.deadline = trio.current_time() + cfg.request_timeout
                     await conn.send_bytes(out)
                 finally:
+                    conn.answering = 0
                     self._done(1 if batch is None else len(batch))
                 sending = None
                 if resp.close or conn.h11.our_state is h11.MUST_CLOSE:
+                    conn.linger_after = resp.status >= 400
                     return
                 try:
                     conn.h11.start_next_cycle()
                 except h11.LocalProtocolError:
                     return
         # the watchdog cancelled the scope: a request (or its first byte) is late, or
-        # the client has not taken its reply
+        # the client has not taken its reply; or the client has gone (`watch_parked`),
+        # or the connection was idle and its slot is wanted (`_evict_idle`)
+        if conn.dropped:
+            log.debug("request.dropped", conn_id=conn.id, reason="client gone")
+            return
         if sending is not None:
             log.warning("reply.undelivered", route=sending[0], status=sending[1],
                         seconds=cfg.request_timeout)  # fmt: skip
@@ -432,7 +580,9 @@ class Server:
         req = self._request_head(event)
         if conn.h11.they_are_waiting_for_100_continue:
             # curl sends `Expect: 100-continue` with a body over 1 KiB and waits a
-            # second for this before sending it anyway (a refused body got its 413)
+            # second for this before sending it anyway (a refused body got its 413,
+            # a request without the token its 401: RFC 9110 section 10.1.1)
+            self.broker.authorize(req)
             await conn.send_bytes(conn.h11.send(_CONTINUE))
         chunks: list[bytes] = []
         size = 0
@@ -467,15 +617,28 @@ class Server:
 
         Raises:
             errors.HeadersTooLarge, errors.BodyTooLarge
+            errors.BadRequest: a head that could be read two ways (see below).
         """
         # h11 only bounds a head that arrives in pieces; bound one that came whole, too
         headers: dict[bytes, bytes] = {}
         head_size = len(event.target)
+        auths = 0
         for k, v in event.headers:  # h11 gives the names lower-cased
+            if k == b"authorization":
+                auths += 1
             headers[k] = v
             head_size += len(k) + len(v) + 4
         if head_size > MAX_HEADER_BYTES:
             raise errors.HeadersTooLarge("the request head is over 16 KiB")
+        if b"transfer-encoding" in headers and b"content-length" in headers:
+            # RFC 9112 section 6.1: h11 reads such a body by its chunks, a proxy in
+            # front may read it by its length; a request hidden in the difference is
+            # smuggled past the proxy. An error, and the connection must close.
+            raise errors.BadRequest(
+                "a request may not have both Content-Length and Transfer-Encoding"
+            )
+        if auths > 1:  # which one a proxy checked is anyone's guess
+            raise errors.BadRequest("a request may have one Authorization header")
         req = protocol.Request.from_target(
             event.method.decode("ascii", "replace"),
             event.target.decode("ascii", "replace"),
@@ -540,6 +703,7 @@ class Server:
         metrics.observe_request("unmatched", resp.status, None)
         if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
+        conn.linger_after = True
         try:
             with trio.move_on_after(1):
                 await conn.send(resp)
@@ -591,10 +755,19 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
     """Run the broker until SIGTERM/SIGINT; `task_status.started(port)` once bound.
 
     Raises:
+        DataDirInUse: another process holds the data dir.
         errors.InternalError: the database cannot be opened or is not a qbroker database.
         OSError: the address cannot be bound.
     """
     _raise_fd_limit()
+    lock = DataDirLock(config.data_dir)  # held until the broker has stopped
+    try:
+        await _serve_locked(config, task_status)
+    finally:
+        lock.release()
+
+
+async def _serve_locked(config: Config, task_status: Any) -> None:
     store = await trio.to_thread.run_sync(
         lambda: Store(
             config.db_path,
@@ -620,9 +793,11 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
     port = listeners[0].socket.getsockname()[1]
     try:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_heartbeat, broker)
             nursery.start_soon(run_reaper, broker)
             nursery.start_soon(schedules.run)
             nursery.start_soon(server.watch_timeouts)
+            nursery.start_soon(server.watch_parked)
             nursery.start_soon(run_checkpointer, broker)
             nursery.start_soon(_watch_writer, writer)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -693,24 +693,31 @@ class Store:
         states: tuple[str, ...],
         *,
         released: bool = False,
+        result: bytes | None = None,
     ) -> str:
         """The state of a job that `lease`'s own ack, fail or release (with
         `released`) already put in one of `states`: a report resent after its reply was
         lost. Ack, fail and release keep the token; only a release clears `started_at`,
-        which tells a released job from one whose failure was retried.
+        which tells a released job from one whose failure was retried. A resent ack
+        with another `result` (packed) than the stored one is logged: the first stands.
 
         Raises:
             errors.StaleLease: it is not such a repeat.
             errors.JobNotFound
         """
         row = self.conn.execute(
-            "SELECT state, lease, started_at IS NULL FROM jobs WHERE id = ?",
+            "SELECT state, lease, started_at IS NULL, result FROM jobs WHERE id = ?",
             (job_id,),
         ).fetchone()
         if row is None:
             raise errors.JobNotFound(f"no job {job_id}")
         if row[1] != lease or row[0] not in states or bool(row[2]) != released:
             raise errors.StaleLease("this lease is not the job's current lease")
+        if result is not None and row[3] != result:
+            # two workers think they ran this delivery, or a task is not deterministic
+            log.warning("job.ack_repeated", job_id=job_id,
+                        detail="a second ack of this lease with another result;"
+                               " the first result stands")  # fmt: skip
         return str(row[0])
 
     def ack(self, job_id: str, lease: str, result: Any, *, now: float) -> str | None:
@@ -724,16 +731,17 @@ class Store:
             errors.StaleLease: the lease expired, moved on, or the job was cancelled.
             errors.JobNotFound
         """
+        packed = _pack(result, "result")
         with translate_errors():
             row = self.conn.execute(
                 "UPDATE jobs SET state = 'succeeded', result = ?1, finished_at = ?2,"
                 " purge_at = ?2 + result_ttl, lease_expires_at = NULL"
                 " WHERE id = ?3 AND lease = ?4 AND state = 'active'"
                 " AND lease_expires_at > ?2 RETURNING queue",
-                (_pack(result, "result"), now, job_id, lease),
+                (packed, now, job_id, lease),
             ).fetchone()
             if row is None:
-                self._resent(job_id, lease, _ACKED)
+                self._resent(job_id, lease, _ACKED, result=packed)
                 return None
         return str(row[0])
 
@@ -803,11 +811,14 @@ class Store:
         batch = [it for it in items if it.id not in repeated] if repeated else items
         packed: list[tuple[str, str, bytes]] = []
         invalid: set[str] = set()  #: ids whose result msgpack cannot carry
+        packed_of: dict[str, bytes] = {}
         for it in batch:
             try:
-                packed.append((it.id, it.lease, _pack(it.result, "result")))
+                packed_of[it.id] = _pack(it.result, "result")
             except errors.InvalidField:
                 invalid.add(it.id)
+            else:
+                packed.append((it.id, it.lease, packed_of[it.id]))
         with translate_errors():
             for start in range(0, len(packed), ACK_CHUNK):
                 chunk = packed[start : start + ACK_CHUNK]
@@ -849,7 +860,7 @@ class Store:
                 out.append(BatchResult(id=it.id, ok=True))
             else:
                 try:
-                    self._resent(it.id, it.lease, _ACKED)
+                    self._resent(it.id, it.lease, _ACKED, result=packed_of[it.id])
                 except (errors.StaleLease, errors.JobNotFound) as exc:
                     out.append(BatchResult(id=it.id, ok=False, error=exc.reason))
                 else:
@@ -1080,6 +1091,25 @@ class Reader:
                     f"SELECT {_RECORD_COLUMNS} FROM jobs WHERE id IN ({marks})", chunk
                 ).fetchall()
                 out.update((r.id, r) for r in map(_record, rows))
+        return out
+
+    def unfinished(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of `job_ids` that exist and are not in a final state: what a result
+        long-poll waits for (ids only: a parked wait holds no records)."""
+        out: set[str] = set()
+        ids = list(dict.fromkeys(job_ids))
+        with translate_errors(), self._conn() as conn:
+            for i in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[i : i + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                out.update(
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT id FROM jobs WHERE id IN ({marks})"
+                        f" AND state NOT IN ({_FINAL_SQL})",
+                        chunk,
+                    )
+                )
         return out
 
     def queue_stats(self, queue: str, *, now: float) -> QueueStats:

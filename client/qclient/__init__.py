@@ -2,19 +2,22 @@
 
     import qclient
 
-    job = qclient.send("send_email", {"to": "a@b.c"})   # kwargs of tasks.send_email
+    job = qclient.send("send_email", {"name": "mjtree"})   # kwargs of tasks.send_email
     print(job.result(timeout=10))
     print(qclient.results(jobs, timeout=60))             # many at once, in order
 
     with qclient.Client("http://broker:7733") as client:
-        jobs = client.send_many("resize", [{"args": [path]} for path in paths])
+        jobs = client.send_many("resize", [[path] for path in paths])   # args each
+        client.send("report", {"day": date.today()}, eta=tomorrow_9am)   # aware datetime
 
     async with qclient.AsyncClient() as client:           # under trio or asyncio
-        job = await client.send("send_email", {"to": "a@b.c"})
+        job = await client.send("send_email", {"name": "mjtree"})
         print(await job.result(timeout=10))
 
 The wire shapes (JobRecord, LeasedJob, ...) live in `qclient.wire`; the common ones are
-re-exported here. Importing qclient loads neither trio, asyncio nor sqlite3.
+re-exported here. Arguments and results of types JSON lacks (datetime, Decimal, UUID,
+set, bytes) travel tagged (`qclient.tags`) and arrive as they were sent. Importing
+qclient loads neither trio, asyncio nor sqlite3.
 """
 
 from qclient._api import (
@@ -26,7 +29,7 @@ from qclient._api import (
     send as send,
     send_many as send_many,
 )
-from qclient._async import AsyncClient as AsyncClient
+from qclient._async import AsyncClient as AsyncClient, AsyncJob as AsyncJob
 from qclient._errors import (
     BrokerError as BrokerError,
     DuplicateJob as DuplicateJob,
@@ -40,8 +43,13 @@ from qclient._errors import (
     StaleLease as StaleLease,
     TaskFailed as TaskFailed,
 )
-from qclient._job import AsyncJob as AsyncJob, Job as Job, new_job_id as new_job_id
-from qclient._sync import Client as Client
+from qclient._options import (
+    JobOptions as JobOptions,
+    LeaseOptions as LeaseOptions,
+    SendOptions as SendOptions,
+    spec as spec,
+)
+from qclient._sync import Client as Client, Job as Job
 from qclient.wire import (
     AckItem as AckItem,
     BatchResult as BatchResult,
@@ -53,6 +61,7 @@ from qclient.wire import (
     JobState as JobState,
     LeasedJob as LeasedJob,
     QueueStats as QueueStats,
+    new_job_id as new_job_id,
 )
 
 __all__ = [
@@ -72,13 +81,16 @@ __all__ = [
     "JobExpired",
     "JobNotFound",
     "JobNotSucceeded",
+    "JobOptions",
     "JobRecord",
     "JobSpec",
     "JobState",
+    "LeaseOptions",
     "LeasedJob",
     "ProtocolError",
     "QClientError",
     "QueueStats",
+    "SendOptions",
     "StaleLease",
     "TaskFailed",
     "configure",
@@ -89,6 +101,7 @@ __all__ = [
     "results",
     "send",
     "send_many",
+    "spec",
 ]
 
 __version__ = "0.1.0"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Unpack
 
 from qclient._http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, Encoding
-from qclient._job import Job
-from qclient._sync import Client
-from qclient.wire import JobRecord, JobSpec
+from qclient._options import SendOptions
+from qclient._sync import Client, Job
+from qclient.wire import JobRecord
 
 __all__ = [
     "configure",
@@ -73,45 +73,12 @@ def configure(
     return client
 
 
-def send(
-    queue: str,
-    payload: Any = None,
-    *,
-    task: str | None = None,
-    args: Sequence[Any] | None = None,
-    kwargs: Mapping[str, Any] | None = None,
-    delay: float | None = None,
-    eta: float | None = None,
-    expires: float | None = None,
-    priority: int = 0,
-    job_id: str | None = None,
-    max_retries: int | None = None,
-    timeout: float | None = None,
-    result_ttl: float | None = None,
-    headers: Mapping[str, Any] | None = None,
-    dedup_key: str | None = None,
-) -> Job:
+def send(queue: str, payload: Any = None, **options: Unpack[SendOptions]) -> Job:
     """Enqueue one job through the default client; see `Client.send()`."""
-    return default_client().send(
-        queue,
-        payload,
-        task=task,
-        args=args,
-        kwargs=kwargs,
-        delay=delay,
-        eta=eta,
-        expires=expires,
-        priority=priority,
-        job_id=job_id,
-        max_retries=max_retries,
-        timeout=timeout,
-        result_ttl=result_ttl,
-        headers=headers,
-        dedup_key=dedup_key,
-    )
+    return default_client().send(queue, payload, **options)
 
 
-def send_many(queue: str, items: Iterable[JobSpec | Mapping[str, Any]]) -> list[Job]:
+def send_many(queue: str, items: Iterable[Any]) -> list[Job]:
     """Enqueue many jobs through the default client; see `Client.send_many()`."""
     return default_client().send_many(queue, items)
 

@@ -2,7 +2,7 @@
 
 A backend opens a TCP stream, runs one request/reply exchange under a deadline,
 and sleeps; a stream moves bytes. Everything else (h11, retries, decoding) is the
-loop-agnostic code in `_http` and `_async`. `current_backend()` asks sniffio which
+loop-agnostic code in `_http`, `_retry` and `_ops`. `current_backend()` asks sniffio which
 loop runs the calling task. Neither trio nor asyncio is imported before the first
 async call, so `import qclient` stays light.
 """
@@ -13,10 +13,9 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-import h11
-
 from qclient._http import (
     RECV_SIZE,
+    TRANSPORT_ERRORS,
     ConnectionLost,
     HTTPConnection,
     Response,
@@ -27,8 +26,6 @@ if TYPE_CHECKING:
     import asyncio
 
 __all__ = ["Backend", "Stream", "current_backend"]
-
-TRANSPORT_ERRORS = (OSError, ConnectionLost, h11.ProtocolError)
 
 
 class Stream(Protocol):

@@ -1,27 +1,24 @@
-"""Sans-IO core of the client: request bytes, reply decoding, retry policy.
+"""Sans-IO HTTP for the client: request bytes and reply decoding.
 
 Theory of operation (h11's examples, httpx's `_transports`): this module never touches a
-socket or an event loop. `_sync.py` and `_async.py` are thin shells around it that only
-move bytes and wait:
+socket or an event loop.
 
 1. `Codec` turns a msgspec struct into a body and knows the fixed headers (Host,
    Content-Type, Accept, Authorization) and the URL prefix; one per client.
 2. `HTTPConnection` wraps one `h11.Connection` per socket. `request()` gives the
-   bytes to write; the shell feeds whatever it reads to `receive()` and calls
+   bytes to write; the driver feeds whatever it reads to `receive()` and calls
    `next_response()` until it returns a `Response`. `reusable` then says if the
    socket may go back to the pool (keep-alive) or must be closed.
 3. `Codec.decode()` turns a 2xx `Response` into its reply struct with a module-level
    reused msgspec Decoder, and any other status into the matching `BrokerError`.
-4. `should_retry()` and `backoff()` are the retry policy both shells share.
+
+What to send is decided by the operations (`_ops`), when to resend by `_retry`.
 """
 
 from __future__ import annotations
 
-import random
 import re
 import select
-import time
-from collections.abc import Callable
 from typing import Any, Final, Generic, Literal, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -57,48 +54,13 @@ DEFAULT_TIMEOUT: Final = (
     30.0  #: seconds for connect, and for a reply beyond a long-poll wait
 )
 DEFAULT_RETRIES: Final = 10  #: resends after connection trouble (~10 s in all)
-BACKOFF_INITIAL: Final = 0.05  #: seconds before the first retry; doubles each time
-BACKOFF_MAX: Final = 2.0  #: seconds; the cap of one backoff sleep
 MAX_IDLE_CONNECTIONS: Final = 64  #: keep-alive sockets a client keeps open while idle
 RECV_SIZE: Final = 65536  #: bytes asked of one recv()
 RESULT_POLL_CHUNK: Final = 60.0  #: seconds of one long-poll for a job's result
 SEND_MANY_CHUNK: Final = 1000  #: jobs per send_many() request; <= MAX_RESULTS
 MAX_HEADS: Final = 1024  #: request heads a client keeps built before it starts over
 
-#: Replies that mean "nothing was done, try again later" (protocol.md section 4).
-RETRY_STATUSES: Final = frozenset({408, 429, 503})
-
 _NAME_RE = re.compile(NAME_PATTERN)
-
-
-#: builds a request's (path, body) anew for a resend, given what is left of its wait
-Rewait = Callable[[float], tuple[str, bytes]]
-
-
-def rebuild(
-    codec: Codec, method: bytes, rewait: Rewait, wait: float, start: float
-) -> tuple[bytes, h11.Request, float]:
-    """A resend's body and head, built by `rewait` with what is left of `wait` since
-    `start` (time.monotonic()), and that wait."""
-    left = max(0.0, wait - (time.monotonic() - start))
-    path, body = rewait(left)
-    return body, codec.head(method, codec.target(path), body), left
-
-
-def backoff(attempt: int) -> float:
-    """Seconds to sleep before retry number `attempt` (0-based).
-
-    Exponential from BACKOFF_INITIAL, capped at BACKOFF_MAX, with "equal jitter"
-    (half fixed, half random) so that many clients cut off by one broker restart
-    don't come back in lockstep.
-    """
-    delay = min(BACKOFF_MAX, BACKOFF_INITIAL * (2.0**attempt))
-    return delay / 2 + random.random() * delay / 2
-
-
-def should_retry(status: int) -> bool:
-    """Whether a reply status means the request was not applied and may be resent."""
-    return status in RETRY_STATUSES
 
 
 def path_name(name: str) -> str:
@@ -126,8 +88,8 @@ def readable_now(fd: int) -> bool:
 
 
 class Response:
-    """One complete HTTP reply. `retried` is set by the shell: True if an earlier
-    attempt of the same call failed in a way that may have reached the broker."""
+    """One complete HTTP reply. `retried` is set by the retry policy: True if an
+    earlier attempt of the same call failed in a way that may have reached the broker."""
 
     __slots__ = ("body", "msgpack", "retried", "status")
 
@@ -140,6 +102,10 @@ class Response:
 
 class ConnectionLost(Exception):
     """The broker closed the connection before a whole reply arrived (internal)."""
+
+
+#: What a failed exchange on a connection raises, besides TimeoutError.
+TRANSPORT_ERRORS: Final = (OSError, ConnectionLost, h11.ProtocolError)
 
 
 class HTTPConnection:

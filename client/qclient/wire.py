@@ -21,8 +21,10 @@ __all__ = [
     "FINAL_STATES",
     "FIRE_TIME_HEADER",
     "MAX_BATCH",
+    "MAX_LEASE_SECONDS",
     "MAX_RESULTS",
     "MAX_SECONDS",
+    "MIN_LEASE_SECONDS",
     "NAME_PATTERN",
     "SCHEDULE_HEADER",
     "AckItem",
@@ -87,8 +89,9 @@ FINAL_STATES = frozenset(
     }
 )
 
-#: Queue names, task names, job ids and worker names: 1-200 characters of this set.
-NAME_PATTERN = r"^[A-Za-z0-9_.:@\-]{1,200}(?!\n)$"
+#: Queue names, task names, job ids and dedup keys: 1-200 characters of this set, but
+#: not "." or ".." (proxies and curl resolve those in a path, RFC 3986 section 5.2.4).
+NAME_PATTERN = r"^(?!\.\.?$)[A-Za-z0-9_.:@\-]{1,200}(?!\n)$"
 
 #: Items one batch request (enqueue, ack, fail) may carry.
 MAX_BATCH = 10_000
@@ -100,7 +103,13 @@ RequestId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{8,64}(?!\n)$")
 MAX_SECONDS = 10 * 365 * 86400.0  #: the longest delay, lease or retry_in: ten years
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=MAX_SECONDS)]
 UnixTime = Annotated[float, msgspec.Meta(ge=0, le=32503680000.0)]  # up to year 3000
-LeaseSeconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 86400.0)]
+#: The shortest lease: a job's `timeout`, a lease's `timeout`, an extend's `timeout`.
+#: Shorter leases ran out before an immediate ack could arrive (409, then dead jobs).
+MIN_LEASE_SECONDS = 1.0
+MAX_LEASE_SECONDS = 7 * 86400.0  #: the longest lease: a week
+LeaseSeconds = Annotated[
+    float, msgspec.Meta(ge=MIN_LEASE_SECONDS, le=MAX_LEASE_SECONDS)
+]
 Priority = Annotated[int, msgspec.Meta(ge=-1_000_000, le=1_000_000)]
 Retries = Annotated[int, msgspec.Meta(ge=0, le=1000)]
 Text = Annotated[str, msgspec.Meta(max_length=65536)]

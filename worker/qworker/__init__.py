@@ -10,6 +10,8 @@ Define tasks with `@task`, run them with the `qworker` command (or `Worker(...).
 
     send_email.delay(name="x")          # enqueue; returns a qclient.Job
 
+    job = current_job()                 # inside a task: id, attempt, progress(), ...
+
     $ qworker --queue send_email --module tasks --concurrency 8
 
 Importing qworker (what a web app does to call `.delay()`) stays light: the runner and
@@ -20,7 +22,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qworker._task import Retry, Task, TimeLimitExceeded, TooManyAttempts, task
+from qworker._context import JobContext, current_job
+from qworker._task import (
+    InvalidArguments,
+    Retry,
+    Task,
+    TimeLimitExceeded,
+    TooManyAttempts,
+    task,
+)
 from qworker.registry import NotRegistered, Registry, default_registry
 
 if TYPE_CHECKING:
@@ -30,6 +40,8 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "InvalidArguments",
+    "JobContext",
     "NotRegistered",
     "Registry",
     "Retry",
@@ -38,6 +50,7 @@ __all__ = [
     "TooManyAttempts",
     "Worker",
     "WorkerLost",
+    "current_job",
     "default_registry",
     "task",
 ]

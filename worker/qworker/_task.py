@@ -11,6 +11,10 @@ Retry policy (the one rule, also in docs/worker.md):
   exception) retries the job while attempts are left (`attempt <= max_retries`, the
   job's own and the task's, when it declares one), after
   `backoff(attempt)` seconds. Any other exception fails the job at once.
+- Arguments that do not bind to the function's signature (`InvalidArguments`) and a
+  run over its `time_limit` (`TimeLimitExceeded`) would fail the same way again: they
+  retry only when `retry_for` names their class itself (or, for a time limit,
+  `retry_on_timeout=True`), never through a base class such as `Exception`.
 - `raise Retry(delay=...)` always retries while attempts are left, whatever `retry_for` says,
   after `delay` seconds (or the backoff when `delay` is None).
 - With no attempts left, the job ends `failed` with the last error and traceback.
@@ -24,7 +28,7 @@ import math
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, Unpack, overload
 
 from qclient.wire import NAME_PATTERN
 
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_BACKOFF_BASE",
     "DEFAULT_BACKOFF_MAX",
+    "InvalidArguments",
     "Retry",
     "Task",
     "TimeLimitExceeded",
@@ -77,6 +82,16 @@ class Retry(Exception):
 
 class TimeLimitExceeded(Exception):
     """The task ran longer than its `time_limit` and was stopped (or, in a thread, abandoned)."""
+
+
+class InvalidArguments(TypeError):
+    """The job's arguments do not bind to the task's signature (checked with
+    `inspect.Signature.bind` before the call, so a TypeError the task raises itself
+    is not mistaken for one)."""
+
+
+#: Failures that the same job would meet again: retried only when asked by name.
+_RETRIED_ONLY_BY_NAME = (InvalidArguments, TimeLimitExceeded)
 
 
 class TooManyAttempts(Exception):
@@ -135,7 +150,9 @@ class Task(Generic[P, R]):
         retry_backoff_max: the largest backoff in seconds.
         retry_jitter: use full jitter on the backoff.
         retry_for: exception types that retry automatically.
-        timeout: lease seconds sent with each job (None: the broker's default, 30 s).
+        retry_on_timeout: a run over `time_limit` retries (as `retry_for` allows).
+        timeout: lease seconds sent with each job (None: the broker's default, 30 s),
+            and applied by the worker to a job sent without one.
         time_limit: hard limit in seconds on one run (None: no limit).
     """
 
@@ -155,6 +172,7 @@ class Task(Generic[P, R]):
         retry_for: Sequence[type[BaseException]] = (Exception,),
         timeout: float | None = None,
         time_limit: float | None = None,
+        retry_on_timeout: bool = False,
     ) -> None:
         self.fn = fn
         self.name = name if name is not None else fn.__name__
@@ -178,7 +196,10 @@ class Task(Generic[P, R]):
         self.retry_for: tuple[type[BaseException], ...] = tuple(retry_for)
         self.timeout = timeout
         self.time_limit = time_limit
+        self.retry_on_timeout = retry_on_timeout
         self.is_async = inspect.iscoroutinefunction(fn)
+        self._signature: inspect.Signature | None = None
+        self._signature_known = False
         functools.update_wrapper(self, fn)
 
     def __repr__(self) -> str:
@@ -189,10 +210,49 @@ class Task(Generic[P, R]):
         return self.fn(*args, **kwargs)
 
     def should_retry(self, exc: BaseException) -> bool:
-        """True if `exc` asks for a retry: a `Retry`, or an instance of `retry_for`."""
-        return isinstance(exc, Retry) or (
-            isinstance(exc, Exception) and isinstance(exc, self.retry_for)
-        )
+        """True if `exc` asks for a retry: a `Retry`, or an instance of `retry_for`.
+
+        `InvalidArguments` and `TimeLimitExceeded` retry only when `retry_for` names
+        their class itself (a time limit also with `retry_on_timeout`).
+        """
+        if isinstance(exc, Retry):
+            return True
+        for special in _RETRIED_ONLY_BY_NAME:
+            if isinstance(exc, special):
+                asked = special in self.retry_for
+                if special is TimeLimitExceeded:
+                    asked = asked or self.retry_on_timeout
+                return asked
+        return isinstance(exc, Exception) and isinstance(exc, self.retry_for)
+
+    def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """Check that a job's arguments bind to the function's signature.
+
+        Raises:
+            InvalidArguments: they do not; the message names the task and why.
+        """
+        if not self._signature_known:
+            try:
+                self._signature = inspect.signature(self.fn)
+            except (TypeError, ValueError):  # a builtin without one: let the call say
+                self._signature = None
+            self._signature_known = True
+        if self._signature is None:
+            return
+        signature = self._signature
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            why = str(exc)
+            params = signature.parameters
+            if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                # bind names a missing argument first; a misspelt one says more
+                unknown = [repr(k) for k in kwargs if k not in params]
+                if unknown and "unexpected" not in why:
+                    why = f"unexpected keyword argument {', '.join(unknown)}; {why}"
+            raise InvalidArguments(
+                f"the job's arguments do not fit {self.name}{_bare(signature)}: {why}"
+            ) from None
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before the retry that follows failed attempt `attempt`."""
@@ -219,16 +279,8 @@ class Task(Generic[P, R]):
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
         *,
-        delay: float | None = None,
-        eta: float | None = None,
-        expires: float | None = None,
-        priority: int = 0,
-        job_id: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        result_ttl: float | None = None,
-        max_retries: int | None = None,
-        timeout: float | None = None,
         client: qclient.Client | None = None,
+        **options: Unpack[qclient.JobOptions],
     ) -> qclient.Job:
         """Enqueue a job for this task with options (Celery's `apply_async`).
 
@@ -238,42 +290,35 @@ class Task(Generic[P, R]):
         Args:
             args: positional arguments for the function.
             kwargs: keyword arguments for the function.
-            delay: seconds from now before it may run (not with `eta`).
-            eta: unix seconds when it may run.
-            expires: seconds from now after which it is never started.
-            priority: higher runs first.
-            job_id: a client-chosen id (a repeat gets `BrokerError` 409 `duplicate_id`).
-            headers: free-form metadata passed to the worker.
-            result_ttl: seconds the broker keeps the finished job.
-            max_retries: this job's retries; the task's own `max_retries`, when it
-                declares one, still bounds them.
-            timeout: override the task's lease seconds.
             client: the `qclient.Client` to use; default: qclient's module-level one.
+            **options: `delay`, `eta`, `expires`, `priority`, `job_id`,
+                `max_retries`, `timeout`, `result_ttl`, `headers`, `dedup_key`: the
+                options of `qclient.send` (`qclient.JobOptions`). The task's own
+                `max_retries`, when it declares one, still bounds the job's.
 
         Returns:
             The `qclient.Job` handle.
 
         Raises:
             qclient.BrokerError, qclient.ProtocolError: as `qclient.send` does.
+            TypeError, ValueError: an unknown option or a naive datetime, as
+                `qclient.send` does.
         """
         import qclient  # here, so that importing tasks never needs a broker or the client
 
+        if options.get("max_retries") is None:
+            options["max_retries"] = self.max_retries
+        if options.get("timeout") is None:
+            options["timeout"] = self.timeout
         send = client.send if client is not None else qclient.send
-        return send(
-            self.queue,
-            task=self.name,
-            args=list(args) if args is not None else None,
-            kwargs=dict(kwargs) if kwargs is not None else None,
-            delay=delay,
-            eta=eta,
-            expires=expires,
-            priority=priority,
-            job_id=job_id,
-            max_retries=self.max_retries if max_retries is None else max_retries,
-            timeout=self.timeout if timeout is None else timeout,
-            result_ttl=result_ttl,
-            headers=dict(headers) if headers is not None else None,
-        )
+        return send(self.queue, task=self.name, args=args, kwargs=kwargs, **options)
+
+
+def _bare(signature: inspect.Signature) -> inspect.Signature:
+    """`signature` without annotations: what a sender needs to see, and short."""
+    empty = inspect.Parameter.empty
+    params = [p.replace(annotation=empty) for p in signature.parameters.values()]
+    return signature.replace(parameters=params, return_annotation=empty)
 
 
 @overload
@@ -292,6 +337,7 @@ def task(
     retry_for: Sequence[type[BaseException]] = (Exception,),
     timeout: float | None = None,
     time_limit: float | None = None,
+    retry_on_timeout: bool = False,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
@@ -308,6 +354,7 @@ def task(
     retry_for: Sequence[type[BaseException]] = (Exception,),
     timeout: float | None = None,
     time_limit: float | None = None,
+    retry_on_timeout: bool = False,
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Make a function a task and register it, bare (`@task`) or with options.
 
@@ -325,13 +372,15 @@ def task(
         retry_jitter: full jitter on the backoff; default True.
         retry_for: exception types that retry automatically; default `(Exception,)`, so
             every ordinary exception retries while attempts are left. Pass `()` to retry
-            only on `raise Retry(...)`.
-        timeout: lease seconds sent with each job by `delay()`/`send()` (a job sent
-            with `qclient.send` carries its own, or the broker's 30 s); the worker
-            heartbeats at a third of it, so it bounds how soon a dead worker's job
-            comes back, not how long it may run.
+            only on `raise Retry(...)`. Arguments that do not fit the function
+            (`InvalidArguments`) and `TimeLimitExceeded` retry only when named here.
+        timeout: lease seconds sent with each job by `delay()`/`send()`; the worker
+            applies it to a job sent without one (`qclient.send` by name, which gets
+            the broker's 30 s); it heartbeats at a third of it, so it bounds how soon
+            a dead worker's job comes back, not how long it may run.
         time_limit: hard limit on one run, seconds; over it the run is stopped and fails
-            with `TimeLimitExceeded` (retried like any exception in `retry_for`).
+            with `TimeLimitExceeded`, not retried unless `retry_on_timeout`.
+        retry_on_timeout: retry a run stopped by `time_limit` (while attempts are left).
 
     Returns:
         The `Task` (bare use), or a decorator that makes one.
@@ -353,6 +402,7 @@ def task(
             retry_for=retry_for,
             timeout=timeout,
             time_limit=time_limit,
+            retry_on_timeout=retry_on_timeout,
         )
         default_registry.register(t)
         return t

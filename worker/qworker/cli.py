@@ -1,7 +1,9 @@
 """`qworker --queue Q --module tasks [...]`: parse flags, import the tasks, run a Worker.
 
 Exit status: 0 after a clean stop (SIGTERM/SIGINT, or `--burst` drained); 1 after a
-second signal or an internal error; 2 for bad flags or a task module that fails to import.
+second signal, an internal error, a broker that refuses the token (401/403), or with
+`--burst` a broker unreachable for the client's timeout; 2 for bad flags, a task module
+that fails to import, or a processes pool none of whose children can start.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="broker URL (default: env QBROKER_URL, else http://127.0.0.1:7733)",
     )  # fmt: skip
     p.add_argument(
+        "--token", default=None,
+        help="the broker's bearer token (default: env QBROKER_TOKEN)",
+    )  # fmt: skip
+    p.add_argument(
         "--name", default=None, help="worker name in the broker (default: host:pid)"
     )
     p.add_argument(
@@ -132,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ns.queues,
             modules=ns.modules,
             url=ns.url,
+            token=ns.token,
             concurrency=ns.concurrency,
             pool=ns.pool,
             max_tasks_per_child=ns.max_tasks_per_child,

@@ -268,6 +268,7 @@ class SyncReport:
 def sync(
     url: str | None = None,
     *,
+    token: str | None = None,
     registry: Registry | None = None,
     prune: bool = False,
 ) -> SyncReport:
@@ -275,6 +276,7 @@ def sync(
 
     Args:
         url: the broker; default: env QBROKER_URL, else http://127.0.0.1:7733.
+        token: the broker's bearer token; default: env QBROKER_TOKEN.
         registry: whose tasks `@periodic` marked; default: the default registry.
         prune: delete the broker's schedules that are not declared.
 
@@ -285,7 +287,7 @@ def sync(
     from qclient.schedules import Schedules
 
     specs = declared(registry)
-    with Schedules(url) as client:
+    with Schedules(url, token) as client:
         put = []
         for name, spec in specs.items():
             client.put(name, spec)
@@ -299,7 +301,7 @@ def sync(
     return SyncReport(put=put, stale=stale, deleted=deleted)
 
 
-def sync_on_start(url: str, registry: Registry, log: Any) -> None:
+def sync_on_start(url: str, token: str | None, registry: Registry, log: Any) -> None:
     """A worker's start: send its modules' schedules, if they declare any. A broker
     that cannot be reached or refuses is logged, not fatal: the worker still runs jobs.
 
@@ -311,7 +313,7 @@ def sync_on_start(url: str, registry: Registry, log: Any) -> None:
     import qclient
 
     try:
-        report = sync(url, registry=registry)
+        report = sync(url, token=token, registry=registry)
     except (qclient.BrokerError, qclient.ProtocolError) as exc:
         log.warning("worker.schedules_sync_failed", error=str(exc))
         return
