@@ -43,7 +43,7 @@ _ERRORS = {
     "429": "too many connections",
     "431": "headers too large",
     "500": "internal error",
-    "503": "shutting down",
+    "503": "shutting down, or the database file is gone",
 }
 _BODY_ERRORS = {
     "413": "body too large",
@@ -150,7 +150,9 @@ def document() -> dict[str, Any]:
                 codes.update(_BODY_ERRORS)
             if op_id in _CONFLICTS:
                 codes["409"] = "stale lease or duplicate"
-            if method in ("post", "put", "delete"):
+            if method == "post":
+                codes["507"] = "disk full, or (enqueue) under --min-free-disk"
+            elif method in ("put", "delete"):
                 codes["507"] = "disk full"
             for code, text in sorted(codes.items()):
                 responses[code] = {

@@ -28,7 +28,7 @@ from qbroker.protocol import Request, Response, decode, encode
 from qbroker.schedule_store import LIST_MAX, Fired, ScheduleReader, ScheduleStore
 
 SCHEDULER_MAX_SLEEP = 60.0  #: seconds the firing task sleeps at most between passes
-DISK_FULL_RETRY = 1.0  #: seconds before a pass that found the disk full is tried again
+HELD_RETRY = 1.0  #: seconds before a pass the disk or a lost database held is retried
 LIST_DEFAULT = 100  #: jobs `GET /v1/jobs?schedule=` returns unless `limit` says
 log = structlog.get_logger("qbroker.schedules")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -106,6 +106,8 @@ class Schedules:
 
     async def on_run(self, req: Request) -> Response:
         b = self.broker
+        if b.floor is not None:
+            b.floor.check()  # as an enqueue does
         job_id, queue = await b.writer.call(
             self.store.run_now,
             req.params["name"],
@@ -153,12 +155,16 @@ class Schedules:
             # a poke during the pass lowers `due` from infinity (see reaper.py)
             self.due = math.inf
             try:
+                if b.floor is not None:
+                    b.floor.check()  # ticks held back meanwhile follow catch_up
                 fired = await b.writer.call(
                     self.store.fire_due, now=now, defaults=b.defaults
                 )
-            except errors.DiskFull:
-                log.warning("schedules.disk_full")
-                fired = Fired(next_due=now + DISK_FULL_RETRY)
+            except (errors.DiskFull, errors.DiskLow, errors.DatabaseGone) as exc:
+                # nothing of the pass was written: its ticks wait, then follow catch_up
+                if not isinstance(exc, errors.DatabaseGone):  # the guard logs that
+                    log.warning("schedules.held", reason=exc.reason)
+                fired = Fired(next_due=now + HELD_RETRY)
             self._count(fired)
             if fired.more:
                 continue

@@ -47,6 +47,7 @@ from qbroker.app import Broker
 from qbroker.clock import STALL_SECONDS, Clock
 from qbroker.config import MAX_HEADER_BYTES, Config
 from qbroker.datadir import DataDirLock
+from qbroker.guards import FileGuard, FreeSpaceFloor
 from qbroker.readers import ReadThreads
 from qbroker.reaper import run_checkpointer, run_heartbeat, run_reaper
 from qbroker.schedule_api import open_schedules
@@ -777,11 +778,13 @@ async def _serve_locked(config: Config, task_status: Any) -> None:
     )
     schedule_store = await trio.to_thread.run_sync(ScheduleStore, store)
     reader = Reader(config.db_path)
-    writer = Writer(store)
+    guard = FileGuard(config.db_path)
+    writer = Writer(store, guard.check)
     writer.start()
     reads = ReadThreads()
     reads.start()
-    broker = Broker(config, writer, reader, reads, Clock())
+    floor = FreeSpaceFloor(config.data_dir, config.min_free_disk)
+    broker = Broker(config, writer, reader, reads, Clock(), guard=guard, floor=floor)
     schedules = open_schedules(broker, schedule_store, config.db_path)
     server = Server(config, broker)
     try:
@@ -789,6 +792,7 @@ async def _serve_locked(config: Config, task_status: Any) -> None:
     except OSError as exc:
         await trio.to_thread.run_sync(writer.stop)
         await trio.to_thread.run_sync(reads.stop)
+        guard.close()
         raise OSError(exc.errno or errno.EADDRINUSE, f"cannot listen: {exc}") from exc
     port = listeners[0].socket.getsockname()[1]
     try:
@@ -839,5 +843,6 @@ async def _serve_locked(config: Config, task_status: Any) -> None:
             await trio.to_thread.run_sync(writer.stop)
             await trio.to_thread.run_sync(reads.stop)
             reader.close()
+            guard.close()
             schedules.reader.close()
         log.info("broker.stopped")
