@@ -214,3 +214,18 @@ def test_readme_periodic_example_syncs(
     assert done.returncode == 0, done.stderr
     names = [r["name"] for r in w.ok("GET", "/v1/schedules")["schedules"]]
     assert "add" in names and "weekly_report" in names
+
+
+def test_schedules_hold_while_the_disk_is_under_the_floor(
+    broker_factory: BrokerFactory,
+) -> None:
+    b = broker_factory(args=("--min-free-disk", str(10**18))).start()
+    w = Wire(b.url)
+    try:
+        w.ok("PUT", "/v1/schedules/held", {"task": "t", "every": 1})
+        status, reply = w.call("POST", "/v1/schedules/held/run")
+        assert (status, reply["error"]) == (507, "disk_low")
+        time.sleep(2.5)
+        assert jobs_of(w, "held") == []
+    finally:
+        w.close()
