@@ -229,3 +229,54 @@ def test_schedules_hold_while_the_disk_is_under_the_floor(
         assert jobs_of(w, "held") == []
     finally:
         w.close()
+
+
+def test_a_worker_token_syncs_schedules_but_may_not_delete_them(
+    broker_factory: BrokerFactory, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("worker:work-Tok3n\nread:read-Tok3n\nadmin:admin-Tok3n\n")
+    b = broker_factory(args=("--tokens-file", str(tokens))).start()
+    cmd = ["-m", "qworker", "--burst", "--module", "tasks_periodic", "--url", b.url,
+           "--token", "work-Tok3n"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, *cmd], cwd=TESTS_DIR, env=child_env(),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "worker.schedules_synced" in done.stdout + done.stderr
+    w = Wire(b.url)
+    try:
+        for token, method, path, status in (
+            ("read-Tok3n", "GET", "/v1/schedules", 200),
+            ("read-Tok3n", "PUT", "/v1/schedules/add", 403),
+            ("work-Tok3n", "DELETE", "/v1/schedules/add", 403),
+            ("admin-Tok3n", "DELETE", "/v1/schedules/add", 200),
+        ):
+            body = b'{"task": "add", "every": 5}' if method == "PUT" else None
+            got, raw, _ = w.raw(
+                method, path, body, {"Authorization": f"Bearer {token}"}
+            )
+            assert got == status, (token, method, path, raw)
+    finally:
+        w.close()
+
+
+def test_schedules_sync_and_list_over_tls(
+    broker_factory: BrokerFactory, tmp_path: Path
+) -> None:
+    from tests.test_secure_tls import pki as make_pki
+
+    pki = make_pki.__wrapped__(tmp_path)  # type: ignore[attr-defined]
+    args = ("--tls-cert", str(pki.cert), "--tls-key", str(pki.key))
+    b = broker_factory(name="tls", args=args, ca=pki.ca).start()
+    assert b.url.startswith("https://")
+    for extra in (["--ca", str(pki.ca)], ["--ca", str(pki.other_ca)]):
+        done = run("-m", "qbroker", "schedules", "sync", "-m", "tasks_periodic",
+                   *extra, url=b.url)  # fmt: skip
+        if extra[1] == str(pki.ca):
+            assert done.returncode == 0, done.stderr
+            assert "synced  weekly_report" in done.stdout
+        else:  # a certificate the CA did not sign: refused at once, one line
+            assert done.returncode == 1
+            assert done.stderr.count("\n") == 1, done.stderr

@@ -5,7 +5,8 @@
     qbroker schedules sync --module tasks --prune
     qbroker schedules pause|resume|run|delete NAME
 
-A client of a running broker (`--url`, env QBROKER_URL; token: env QBROKER_TOKEN).
+A client of a running broker (`--url`, env QBROKER_URL; token: env QBROKER_TOKEN, an
+admin one to change schedules; `--ca` or env QBROKER_CA for an https broker).
 Exit status: 0 done; 1 the broker refused or could not be reached; 2 bad flags or a
 task module that fails to import.
 """
@@ -31,6 +32,10 @@ def add_parser(sub: Any) -> None:
     url.add_argument(
         "--url", default=argparse.SUPPRESS,
         help="broker URL (default: env QBROKER_URL, else http://127.0.0.1:7733)",
+    )  # fmt: skip
+    url.add_argument(
+        "--ca", default=argparse.SUPPRESS,
+        help="for an https broker, its CA's PEM file (default: env QBROKER_CA)",
     )  # fmt: skip
     p = sub.add_parser("schedules", help=_HELP, description=_HELP, parents=[url])
     acts = p.add_subparsers(dest="action")
@@ -64,8 +69,9 @@ def add_parser(sub: Any) -> None:
 def main(ns: argparse.Namespace) -> int:
     """Run `qbroker schedules ...`; returns the exit status."""
     ns.url = getattr(ns, "url", None)  # --url may come before or after the action
+    ns.ca = getattr(ns, "ca", None)
     try:
-        with Schedules(ns.url) as client:
+        with Schedules(ns.url, ca=ns.ca) as client:
             if ns.action == "sync":
                 return _sync(ns)
             if ns.action in ("pause", "resume"):
@@ -106,7 +112,7 @@ def _sync(ns: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    report = periodic.sync(ns.url, prune=ns.prune)
+    report = periodic.sync(ns.url, ca=ns.ca, prune=ns.prune)
     for name in report.put:
         print(f"synced  {name}")
     for name in report.deleted:

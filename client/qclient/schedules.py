@@ -25,6 +25,7 @@ from urllib.parse import quote, urlsplit
 import msgspec
 
 from qclient._errors import ProtocolError, broker_error
+from qclient._tls import client_context, is_certificate_error
 from qclient.wire import (
     EnqueueReply,
     ErrorBody,
@@ -53,9 +54,11 @@ class Schedules:
         timeout: seconds to connect and for each reply.
         retries: resends of an idempotent call (all but `run`) after connection
             trouble, with a growing pause.
+        ca: for an https URL, the PEM file of the CA that signed the broker's
+            certificate; default: env QBROKER_CA, else the system's CAs.
 
     Raises:
-        ValueError: the URL is not `http://host[:port]`.
+        ValueError: the URL is not `http(s)://host[:port]`, or the CA file is unusable.
     """
 
     def __init__(
@@ -65,11 +68,15 @@ class Schedules:
         *,
         timeout: float = 30.0,
         retries: int = RETRIES,
+        ca: str | None = None,
     ) -> None:
         self.url = url or os.environ.get("QBROKER_URL") or DEFAULT_URL
         parts = urlsplit(self.url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"the broker URL must be http://host[:port], not {url!r}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"the broker URL must be http(s)://host[:port], not {self.url!r}"
+            )
+        self._tls = client_context(ca) if parts.scheme == "https" else None
         self._host = parts.hostname
         self._port = parts.port or 7733
         self._prefix = parts.path.rstrip("/")
@@ -146,8 +153,14 @@ class Schedules:
         attempt = 0
         while True:
             if self._conn is None:
-                self._conn = http.client.HTTPConnection(
-                    self._host, self._port, timeout=self.timeout
+                self._conn = (
+                    http.client.HTTPSConnection(
+                        self._host, self._port, timeout=self.timeout, context=self._tls
+                    )
+                    if self._tls is not None
+                    else http.client.HTTPConnection(
+                        self._host, self._port, timeout=self.timeout
+                    )
                 )
             try:
                 self._conn.request(method, self._prefix + path, body, self._headers)
@@ -155,7 +168,7 @@ class Schedules:
                 data = reply.read()
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                if not retry or attempt >= self.retries:
+                if not retry or attempt >= self.retries or is_certificate_error(exc):
                     raise ProtocolError(
                         f"{method} {path} to {self.url}: {exc!r}"
                     ) from exc

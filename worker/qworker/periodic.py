@@ -269,16 +269,21 @@ def sync(
     url: str | None = None,
     *,
     token: str | None = None,
+    ca: str | None = None,
     registry: Registry | None = None,
     prune: bool = False,
+    stale: bool = True,
 ) -> SyncReport:
     """Send every declared schedule to the broker (an idempotent upsert by name).
 
     Args:
         url: the broker; default: env QBROKER_URL, else http://127.0.0.1:7733.
         token: the broker's bearer token; default: env QBROKER_TOKEN.
+        ca: for an https broker, its CA's PEM file; default: env QBROKER_CA.
         registry: whose tasks `@periodic` marked; default: the default registry.
         prune: delete the broker's schedules that are not declared.
+        stale: list the broker's schedules that are not declared (a worker's sync
+            does not: its token's role may not read them).
 
     Raises:
         ValueError: see `declared`.
@@ -287,21 +292,25 @@ def sync(
     from qclient.schedules import Schedules
 
     specs = declared(registry)
-    with Schedules(url, token) as client:
+    with Schedules(url, token, ca=ca) as client:
         put = []
         for name, spec in specs.items():
             client.put(name, spec)
             put.append(name)
-        stale = sorted(r.name for r in client.list() if r.name not in specs)
+        old: list[str] = []
+        if stale or prune:
+            old = sorted(r.name for r in client.list() if r.name not in specs)
         deleted = []
         if prune:
-            for name in stale:
+            for name in old:
                 client.delete(name)
                 deleted.append(name)
-    return SyncReport(put=put, stale=stale, deleted=deleted)
+    return SyncReport(put=put, stale=old, deleted=deleted)
 
 
-def sync_on_start(url: str, token: str | None, registry: Registry, log: Any) -> None:
+def sync_on_start(
+    url: str, token: str | None, ca: str | None, registry: Registry, log: Any
+) -> None:
     """A worker's start: send its modules' schedules, if they declare any. A broker
     that cannot be reached or refuses is logged, not fatal: the worker still runs jobs.
 
@@ -313,8 +322,8 @@ def sync_on_start(url: str, token: str | None, registry: Registry, log: Any) -> 
     import qclient
 
     try:
-        report = sync(url, token=token, registry=registry)
-    except (qclient.BrokerError, qclient.ProtocolError) as exc:
+        report = sync(url, token=token, ca=ca, registry=registry, stale=False)
+    except (qclient.BrokerError, qclient.ProtocolError, ValueError) as exc:
         log.warning("worker.schedules_sync_failed", error=str(exc))
         return
     log.info("worker.schedules_synced", schedules=report.put)
