@@ -140,6 +140,8 @@ def test_a_schedule_whose_task_no_worker_knows_still_fires(
     [job, *_] = wait_for(lambda: jobs_of(w, "orphan"), timeout=10)
     assert job["state"] == "queued"
     assert w.ok("GET", "/v1/queues/nobody_knows")["counts"]["queued"] >= 1
+    _, text, _ = w.raw("GET", "/metrics")
+    assert b'qbroker_schedule_ticks_total{outcome="fired"}' in text
 
 
 def test_two_workers_starting_at_once_leave_one_copy_of_each(
