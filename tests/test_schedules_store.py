@@ -1,8 +1,10 @@
-"""The schedules' store verbs on a real SQLite file, `now` passed in: firing once per
-tick, a crash between fire and commit, catch-up, pause, 1,000 due at once."""
+"""The schedules' SQL units on a real SQLite file, `now` passed in: firing once per
+tick, a crash between fire and commit, catch-up, pause, 1,000 due at once
+(store/sqlite/schedules.py, driven as the writer thread drives it)."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -10,8 +12,11 @@ from typing import Any, TypeVar
 import msgspec
 import pytest
 from qbroker import errors, schedules
-from qbroker.schedule_store import FIRE_BATCH, ScheduleReader, ScheduleStore
-from qbroker.store import Defaults, Reader, Store
+from qbroker.store import Defaults
+from qbroker.store.sqlite.reads import Reader
+from qbroker.store.sqlite.schedules import FIRE_BATCH, ScheduleReads, ScheduleWrites
+from qbroker.store.sqlite.schema import open_writer
+from qbroker.store.sqlite.writes import Writes
 from qclient.wire import FIRE_TIME_HEADER, SCHEDULE_HEADER, ScheduleSpec
 
 T = TypeVar("T")
@@ -19,27 +24,79 @@ DEFAULTS = Defaults(max_retries=3, lease_seconds=30.0, result_ttl=86400.0)
 T0 = 1_800_000_000.0
 
 
+class Jobs:
+    """The jobs' reads, by id (the reader pool)."""
+
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
+
+    def get_jobs(self, ids: list[str]) -> dict[str, Any]:
+        return self.reader.get_jobs(ids)
+
+    def count(self) -> int:
+        return len(self.reader.snapshot().jobs)
+
+
+class Sched:
+    """ScheduleWrites with keyword `now`, and the reads the tests need."""
+
+    def __init__(self, writes: ScheduleWrites, reads: ScheduleReads) -> None:
+        self.w, self.r = writes, reads
+
+    def put(self, name: str, spec: ScheduleSpec, *, now: float) -> Any:
+        return self.w.put(name, spec, now)
+
+    def set_paused(self, name: str, paused: bool, *, now: float) -> Any:
+        return self.w.set_paused(name, paused, now)
+
+    def run_now(self, name: str, *, now: float, defaults: Defaults) -> Any:
+        job_id, changes = self.w.run_now(name, now, defaults)
+        [(_, queue, _, _)] = changes.transitions
+        return job_id, queue
+
+    def fire_due(self, *, now: float, defaults: Defaults) -> Any:
+        return self.w.fire_due(now, defaults)
+
+    def delete(self, name: str) -> None:
+        self.w.delete(name)
+
+
+class Names:
+    """ScheduleReads as the tests read them."""
+
+    def __init__(self, reads: ScheduleReads) -> None:
+        self.reads = reads
+
+    def get(self, name: str) -> Any:
+        return self.reads.get(name)
+
+    def all(self) -> Any:
+        return self.reads.all()
+
+    def job_ids(self, name: str, limit: int) -> list[str]:
+        return [j.id for j in self.reads.jobs(name, limit)]
+
+
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[tuple[Store, ScheduleStore, ScheduleReader, Reader]]:
+def db(tmp_path: Path) -> Iterator[tuple[sqlite3.Connection, Sched, Names, Jobs]]:
     path = tmp_path / "q.db"
-    store = Store(path, synchronous="OFF")
-    sched = ScheduleStore(store)
-    reader, jobs = ScheduleReader(path), Reader(path)
-    yield store, sched, reader, jobs
+    conn = open_writer(path, synchronous="OFF")
+    reader = Reader(path)
+    reads = ScheduleReads(reader)
+    yield conn, Sched(ScheduleWrites(Writes(conn)), reads), Names(reads), Jobs(reader)
     reader.close()
-    jobs.close()
-    store.close()
+    conn.close()
 
 
-def tx(store: Store, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run one store call in its own committed transaction, as the writer does."""
-    store.conn.execute("BEGIN IMMEDIATE")
+def tx(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run one unit in its own committed transaction, as the writer thread does."""
+    conn.execute("BEGIN IMMEDIATE")
     try:
         out = fn(*args, **kwargs)
     except BaseException:
-        store.conn.execute("ROLLBACK")
+        conn.execute("ROLLBACK")
         raise
-    store.conn.execute("COMMIT")
+    conn.execute("COMMIT")
     return out
 
 
@@ -47,7 +104,7 @@ def spec(**kw: Any) -> ScheduleSpec:
     return msgspec.convert({"task": "add", **kw}, ScheduleSpec)
 
 
-def fire_times(reader: ScheduleReader, jobs: Reader, name: str) -> list[float]:
+def fire_times(reader: Names, jobs: Jobs, name: str) -> list[float]:
     records = jobs.get_jobs(reader.job_ids(name, 1000))
     return sorted(r.headers[FIRE_TIME_HEADER] for r in records.values())
 
@@ -71,10 +128,10 @@ def test_each_tick_fires_once_and_jobs_carry_name_and_fire_time(db: Any) -> None
 def test_a_crash_between_fire_and_commit_leaves_the_tick_to_fire_once(db: Any) -> None:
     store, sched, reader, jobs = db
     tx(store, sched.put, "s", spec(every=10), now=T0)
-    store.conn.execute("BEGIN IMMEDIATE")
+    store.execute("BEGIN IMMEDIATE")
     fired = sched.fire_due(now=T0 + 10, defaults=DEFAULTS)
-    assert sum(fired.queues.values()) == 1
-    store.conn.execute("ROLLBACK")  # the broker died before the commit
+    assert fired.fired == 1
+    store.execute("ROLLBACK")  # the broker died before the commit
     assert fire_times(reader, jobs, "s") == []
     assert reader.get("s").next_run_at == T0 + 10
     tx(store, sched.fire_due, now=T0 + 11, defaults=DEFAULTS)
@@ -86,9 +143,9 @@ def test_a_tick_fired_again_by_another_path_makes_no_second_job(db: Any) -> None
     tx(store, sched.put, "s", spec(every=10), now=T0)
     tx(store, sched.fire_due, now=T0 + 10, defaults=DEFAULTS)
     # a clock stepped back, or a second firing path that read the old next_run_at
-    store.conn.execute("UPDATE schedules SET next_run_at = ?", (T0 + 10,))
+    store.execute("UPDATE schedules SET next_run_at = ?", (T0 + 10,))
     fired = tx(store, sched.fire_due, now=T0 + 10.5, defaults=DEFAULTS)
-    assert (sum(fired.queues.values()), fired.repeats) == (0, 1)
+    assert (fired.fired, fired.repeats) == (0, 1)
     assert fire_times(reader, jobs, "s") == [T0 + 10]
     assert reader.get("s").next_run_at == T0 + 20
 
@@ -164,8 +221,8 @@ def test_a_thousand_schedules_due_at_once_fire_in_one_call(db: Any) -> None:
     due = {r.next_run_at for r in reader.all()}
     now = max(due)
     fired = tx(store, sched.fire_due, now=now, defaults=DEFAULTS)
-    assert (sum(fired.queues.values()), fired.more, fired.repeats) == (1000, False, 0)
-    assert jobs.statistics().jobs == 1000
+    assert (fired.fired, fired.more, fired.repeats) == (1000, False, 0)
+    assert len(fired.changes.transitions) == jobs.count() == 1000
     assert all(len(reader.job_ids(f"s{i}", 5)) == 1 for i in range(0, 1000, 97))
     assert min(r.next_run_at for r in reader.all()) > now
 

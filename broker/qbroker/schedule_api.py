@@ -1,124 +1,85 @@
-"""Schedules in the broker: the `/v1/schedules` handlers and the task that fires them.
+"""Schedules in the broker: the `/v1/schedules` handlers and the reaper's firing step.
 
-The firing task sleeps until the earliest next tick of a running schedule (asked of the
-store after each pass), at most SCHEDULER_MAX_SLEEP, and is woken early by a handler
-that makes a tick due sooner (a new schedule, a resume). Each pass is one writer call:
-its jobs and the schedules' next ticks commit together (schedule_store.py).
+`ScheduleHandlers` is a base of app.Broker: its `on_<name>` methods answer the schedule
+routes of routes.py, and `fire_schedules` is the reaper's step that fires due ticks
+(one store unit: the jobs and the schedules' next ticks commit together, see
+store/sqlite/schedules.py). A write that makes a tick due sooner (a new schedule, a
+resume) pokes the reaper through transitions.py, as a short delay does.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import structlog
-import trio
 from qclient.wire import (
-    SCHEDULE_HEADER,
     EnqueueReply,
+    ScheduleDeleted,
     ScheduledJobList,
     ScheduleList,
     ScheduleSpec,
 )
 
 from qbroker import errors, metrics
-from qbroker.app import Broker
-from qbroker.protocol import Request, Response, decode, encode
-from qbroker.schedule_store import LIST_MAX, Fired, ScheduleReader, ScheduleStore
+from qbroker.clock import Clock
+from qbroker.protocol import Request, Response, encode
+from qbroker.store import Changes, Defaults, Store
+from qbroker.transitions import Effects
 
-SCHEDULER_MAX_SLEEP = 60.0  #: seconds the firing task sleeps at most between passes
-HELD_RETRY = 1.0  #: seconds before a pass the disk or a lost database held is retried
+HELD_RETRY = 1.0  #: seconds before a firing the disk or a lost database held is retried
 LIST_DEFAULT = 100  #: jobs `GET /v1/jobs?schedule=` returns unless `limit` says
+LIST_MAX = 1000  #: ... and at most
 log = structlog.get_logger("qbroker.schedules")
-Handler = Callable[[Request], Awaitable[Response]]
 
 
-class Schedules:
-    """The schedule endpoints and the firing task of one `serve()` run."""
+class ScheduleHandlers:
+    """The schedule endpoints and firing step; app.Broker provides these attributes."""
 
-    def __init__(
-        self, broker: Broker, store: ScheduleStore, reader: ScheduleReader
-    ) -> None:
-        self.broker = broker
-        self.store = store
-        self.reader = reader
-        self.wakeup = trio.Event()
-        self.due = 0.0  #: when the firing task will next look (unix seconds)
+    store: Store
+    clock: Clock
+    effects: Effects
+    defaults: Defaults
 
-    def handlers(self) -> dict[str, Handler]:
-        """Route name -> handler, for the broker's table (protocol.ROUTES names)."""
-        return {
-            "schedules": self.on_list,
-            "get_schedule": self.on_get,
-            "put_schedule": self.on_put,
-            "delete_schedule": self.on_delete,
-            "pause_schedule": self.on_pause,
-            "resume_schedule": self.on_resume,
-            "run_schedule": self.on_run,
-            "list_jobs": self.on_jobs,
-        }
-
-    def poke(self, due: float) -> None:
-        """Bring the next firing pass forward to `due` if that is sooner."""
-        if due < self.due:
-            self.due = due
-            self.wakeup.set()
-
-    # ---------------------------------------------------------------- endpoints
-
-    async def on_put(self, req: Request) -> Response:
-        spec = decode(req, ScheduleSpec)
-        b = self.broker
-        record = await b.writer.call(
-            self.store.put, req.params["name"], spec, now=b.clock.now()
+    async def on_put_schedule(self, req: Request, body: ScheduleSpec) -> Response:
+        record = await self.store.put_schedule(
+            req.params["name"], body, now=self.clock.now()
         )
         if not record.paused:
-            self.poke(record.next_run_at)
+            self.effects.apply(Changes(due=record.next_run_at))
         return encode(req, record)
 
-    async def on_list(self, req: Request) -> Response:
-        records = await self.broker.reads.call(self.reader.all)
-        return encode(req, ScheduleList(schedules=records))
+    async def on_schedules(self, req: Request, _: None) -> Response:
+        return encode(req, ScheduleList(schedules=await self.store.schedules()))
 
-    async def on_get(self, req: Request) -> Response:
-        record = await self.broker.reads.call(self.reader.get, req.params["name"])
-        return encode(req, record)
+    async def on_get_schedule(self, req: Request, _: None) -> Response:
+        return encode(req, await self.store.get_schedule(req.params["name"]))
 
-    async def on_delete(self, req: Request) -> Response:
-        await self.broker.writer.call(self.store.delete, req.params["name"])
-        return encode(req, {})
+    async def on_delete_schedule(self, req: Request, _: None) -> Response:
+        await self.store.delete_schedule(req.params["name"])
+        return encode(req, ScheduleDeleted())
 
-    async def on_pause(self, req: Request) -> Response:
+    async def on_pause_schedule(self, req: Request, _: None) -> Response:
         return await self._set_paused(req, True)
 
-    async def on_resume(self, req: Request) -> Response:
+    async def on_resume_schedule(self, req: Request, _: None) -> Response:
         return await self._set_paused(req, False)
 
     async def _set_paused(self, req: Request, paused: bool) -> Response:
-        b = self.broker
-        record = await b.writer.call(
-            self.store.set_paused, req.params["name"], paused, now=b.clock.now()
+        record = await self.store.pause_schedule(
+            req.params["name"], paused, now=self.clock.now()
         )
         if not paused:
-            self.poke(record.next_run_at)
+            self.effects.apply(Changes(due=record.next_run_at))
         return encode(req, record)
 
-    async def on_run(self, req: Request) -> Response:
-        b = self.broker
-        if b.floor is not None:
-            b.floor.check()  # as an enqueue does
-        job_id, queue = await b.writer.call(
-            self.store.run_now,
-            req.params["name"],
-            now=b.clock.now(),
-            defaults=b.defaults,
+    async def on_run_schedule(self, req: Request, _: None) -> Response:
+        job_id, changes = await self.store.run_schedule(
+            req.params["name"], defaults=self.defaults, now=self.clock.now()
         )
-        metrics.jobs_enqueued(queue).inc()
-        b.queue_waiters.notify(queue, 1)
+        self.effects.apply(changes)
         return encode(req, EnqueueReply(id=job_id), 201)
 
-    async def on_jobs(self, req: Request) -> Response:
+    async def on_list_jobs(self, req: Request, _: None) -> Response:
         name = req.query.get("schedule")
         if name is None:
             raise errors.InvalidField(
@@ -129,69 +90,30 @@ class Schedules:
             raise errors.InvalidField(
                 f"limit must be an integer within [1, {LIST_MAX}]", field="limit"
             )
-        b = self.broker
+        jobs = await self.store.schedule_jobs(name, int(limit))
+        return encode(req, ScheduledJobList(jobs=jobs))
 
-        def read() -> ScheduledJobList:
-            ids = self.reader.job_ids(name, int(limit))
-            records = b.reader.get_jobs(ids)
-            return ScheduledJobList(
-                jobs=[
-                    r
-                    for i in ids
-                    if (r := records.get(i)) is not None
-                    and r.headers.get(SCHEDULE_HEADER) == name
-                ]
-            )
+    async def fire_schedules(self, now: float) -> float:
+        """The reaper's step: fire what is due at `now`.
 
-        return encode(req, await b.reads.call(read))
-
-    # ---------------------------------------------------------------- firing
-
-    async def run(self) -> None:
-        """Fire due schedules forever. A crash here propagates and stops the server."""
-        b = self.broker
-        while True:
-            now = b.clock.now()
-            # a poke during the pass lowers `due` from infinity (see reaper.py)
-            self.due = math.inf
-            try:
-                if b.floor is not None:
-                    b.floor.check()  # ticks held back meanwhile follow catch_up
-                fired = await b.writer.call(
-                    self.store.fire_due, now=now, defaults=b.defaults
-                )
-            except (errors.DiskFull, errors.DiskLow, errors.DatabaseGone) as exc:
-                # nothing of the pass was written: its ticks wait, then follow catch_up
-                if not isinstance(exc, errors.DatabaseGone):  # the guard logs that
-                    log.warning("schedules.held", reason=exc.reason)
-                fired = Fired(next_due=now + HELD_RETRY)
-            self._count(fired)
-            if fired.more:
-                continue
-            due = min(now + SCHEDULER_MAX_SLEEP, self.due)
-            if fired.next_due is not None:
-                due = min(due, fired.next_due)
-            self.due = due
-            while (left := self.due - b.clock.now()) > 0:
-                self.wakeup = trio.Event()
-                with trio.move_on_after(left):
-                    await self.wakeup.wait()
-
-    def _count(self, fired: Fired) -> None:
-        for queue, n in fired.queues.items():
-            metrics.jobs_enqueued(queue).inc(n)
-            self.broker.queue_waiters.notify(queue, n)
+        Returns:
+            when it must run next (`now` if more was due than one unit takes).
+        """
+        try:
+            fired = await self.store.fire_schedules(defaults=self.defaults, now=now)
+        except (errors.DiskFull, errors.DiskLow, errors.DatabaseGone) as exc:
+            # nothing of it was written: its ticks wait, then follow catch_up
+            if not isinstance(exc, errors.DatabaseGone):  # the guard logs that
+                log.warning("schedules.held", reason=exc.reason)
+            return now + HELD_RETRY
+        self.effects.apply(fired.changes)
         for outcome, n in (
-            ("fired", sum(fired.queues.values())),
+            ("fired", fired.fired),
             ("skipped", fired.skipped),
             ("repeated", fired.repeats),
         ):
             if n:
                 metrics.SCHEDULE_TICKS.labels(outcome).inc(n)
-
-
-def open_schedules(broker: Broker, store: ScheduleStore, path: Path) -> Schedules:
-    """The Schedules of a broker, its handlers added to the broker's routes."""
-    schedules = Schedules(broker, store, ScheduleReader(path))
-    broker.add_routes(schedules.handlers())
-    return schedules
+        if fired.more:
+            return now
+        return math.inf if fired.next_due is None else fired.next_due

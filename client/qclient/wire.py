@@ -29,6 +29,7 @@ __all__ = [
     "SCHEDULE_HEADER",
     "AckItem",
     "AckManyRequest",
+    "AckReply",
     "AckRequest",
     "BatchReply",
     "BatchResult",
@@ -41,6 +42,7 @@ __all__ = [
     "ExtendRequest",
     "FailItem",
     "FailManyRequest",
+    "FailReply",
     "FailRequest",
     "Health",
     "JobRecord",
@@ -53,9 +55,11 @@ __all__ = [
     "QueueStats",
     "ReleaseItem",
     "ReleaseManyRequest",
+    "ReleaseReply",
     "ReleaseRequest",
     "ResultsReply",
     "ResultsRequest",
+    "ScheduleDeleted",
     "ScheduleList",
     "ScheduleRecord",
     "ScheduleSpec",
@@ -174,6 +178,10 @@ class AckRequest(_Struct, frozen=True):
     result: Any = None
 
 
+class AckReply(_Struct, frozen=True):
+    """`POST /v1/jobs/{id}/ack`: `{}`."""
+
+
 class AckItem(_Struct, frozen=True):
     id: Name
     lease: Annotated[str, msgspec.Meta(max_length=200)]
@@ -189,6 +197,10 @@ class FailRequest(_Struct, frozen=True):
     error: Text = ""  #: "ExceptionType: message"
     traceback: Annotated[str, msgspec.Meta(max_length=262144)] | None = None
     retry_in: Seconds | None = None  #: seconds; null means no retry
+
+
+class FailReply(_Struct, frozen=True):
+    state: Literal["scheduled", "failed"]  #: scheduled: a retry is due
 
 
 class FailItem(_Struct, frozen=True):
@@ -217,6 +229,10 @@ class ReleaseRequest(_Struct, frozen=True):
     """Hand a leased job back unstarted; its attempt is not counted."""
 
     lease: Annotated[str, msgspec.Meta(max_length=200)]
+
+
+class ReleaseReply(_Struct, frozen=True):
+    """`POST /v1/jobs/{id}/release`: `{}`."""
 
 
 class ReleaseItem(_Struct, frozen=True):
@@ -313,6 +329,9 @@ class QueueStats(_Struct, frozen=True):
     queue: str
     counts: dict[str, int]  #: every state's count, zero included
     oldest_age: float | None  #: seconds since the oldest queued job became ready
+    #: unix seconds when a lease request last named the queue, to within a second;
+    #: null: no worker has asked for it
+    last_leased_at: float | None = None
 
 
 class QueueList(_Struct, frozen=True):
@@ -373,6 +392,10 @@ class ScheduleRecord(_Struct, frozen=True):
     words: str  #: e.g. "at 07:30 on Monday (Europe/Berlin)"
     created_at: float
     updated_at: float
+
+
+class ScheduleDeleted(_Struct, frozen=True):
+    """`DELETE /v1/schedules/{name}`: `{}`."""
 
 
 class ScheduleList(_Struct, frozen=True):

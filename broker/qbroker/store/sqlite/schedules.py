@@ -1,27 +1,16 @@
-"""The schedules' SQL: one table, its verbs, and its reads.
-
-Charter (the store's, store.py):
-  Rule 1: this module and store.py are the only ones that write SQL.
-  Rule 2: every public method of `ScheduleStore` is one atomic unit run by the writer
-          thread inside its group-commit transaction; it never commits.
-  Rule 3: `now` is always a parameter.
-  Rule 4: only errors from errors.py leave this module, never `sqlite3.*`.
+"""The schedules' SQL: their table's verbs (writer thread) and reads (reader threads).
 
 Theory of operation: each schedule row holds its next tick (`next_run_at`). `fire_due`
-takes the rows due (index `schedules_due`), enqueues each tick's job through the store's
-own `enqueue` verb under an id made from (schedule, fire time), and moves `next_run_at`
-on, all in the caller's transaction: a crash before the commit leaves both undone, and a
-tick fired again finds its job id taken and makes nothing.
+takes the rows due (index `schedules_due`), enqueues each tick's job through the jobs'
+own `enqueue` (writes.py) under an id made from (schedule, fire time), and moves
+`next_run_at` on, all in one unit: a crash before the commit leaves both undone, and a
+tick fired again finds its job id taken and makes nothing. The table is made by
+schema.py's third migration.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
-import threading
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -30,6 +19,7 @@ from qclient.wire import (
     FIRE_TIME_HEADER,
     SCHEDULE_HEADER,
     CatchUp,
+    JobRecord,
     JobSpec,
     ScheduleRecord,
     ScheduleSpec,
@@ -37,33 +27,12 @@ from qclient.wire import (
 )
 
 from qbroker import errors, schedules
-from qbroker.store import Defaults, Store, connect, translate_errors
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS schedules (
-    name        TEXT PRIMARY KEY,
-    task        TEXT NOT NULL,
-    queue       TEXT NOT NULL,
-    cron        TEXT,              -- 5-field cron expression, or NULL (an interval)
-    every       REAL,              -- seconds between ticks, or NULL (a cron)
-    tz          TEXT NOT NULL,     -- IANA zone the cron is read in
-    payload     BLOB NOT NULL,     -- msgpack [args, kwargs, headers] of each job
-    priority    INTEGER NOT NULL,
-    catch_up    TEXT NOT NULL,     -- latest | all | none (schedules.due)
-    paused      INTEGER NOT NULL DEFAULT 0,
-    anchor      REAL NOT NULL,     -- when the timing was set: intervals count from it
-    next_run_at REAL NOT NULL,     -- the next tick, unix seconds
-    last_run_at REAL,              -- fire time of the last job made
-    last_job_id TEXT,
-    created_at  REAL NOT NULL,
-    updated_at  REAL NOT NULL
-);
--- the schedules that can fall due, by when
-CREATE INDEX IF NOT EXISTS schedules_due ON schedules(next_run_at) WHERE paused = 0;
-"""
+from qbroker.store.interface import Changes, Defaults, Fired
+from qbroker.store.sqlite.reads import Reader
+from qbroker.store.sqlite.schema import translate_errors
+from qbroker.store.sqlite.writes import Writes
 
 FIRE_BATCH = 1000  #: due schedules one `fire_due` call takes at most
-LIST_MAX = 1000  #: jobs `GET /v1/jobs?schedule=` returns at most
 _COLUMNS = (
     "name, task, queue, cron, every, tz, payload, priority, catch_up, paused, anchor,"
     " next_run_at, last_run_at, last_job_id, created_at, updated_at"
@@ -73,17 +42,6 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode_payload = msgspec.msgpack.Decoder(
     tuple[list[Any], dict[str, Any], dict[str, Any]]
 ).decode
-
-
-@dataclass
-class Fired:
-    """What one `fire_due` call did."""
-
-    queues: Counter[str] = field(default_factory=Counter)  #: jobs made, per queue
-    repeats: int = 0  #: ticks whose job already existed (fired before)
-    skipped: int = 0  #: missed ticks not fired, by catch_up policy
-    more: bool = False  #: more schedules were due than one call takes
-    next_due: float | None = None  #: the earliest next tick of a running schedule
 
 
 def _timing(row: tuple[Any, ...]) -> schedules.Timing:
@@ -118,19 +76,13 @@ def _not_found(name: str) -> errors.ScheduleNotFound:
     return errors.ScheduleNotFound(f"no schedule {name}")
 
 
-class ScheduleStore:
-    """The write side, over the store's write connection (writer thread only)."""
+class ScheduleWrites:
+    """The write side, on the jobs' `Writes` (writer thread only, not thread-safe).
+    Every public method is one atomic unit and never commits (writes.py's charter)."""
 
-    def __init__(self, store: Store) -> None:
-        """Create the table if it is missing (before the writer thread starts)."""
-        self.store = store
-        self.conn = store.conn
-        with translate_errors():
-            self.conn.execute("BEGIN IMMEDIATE")
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    self.conn.execute(statement)
-            self.conn.execute("COMMIT")
+    def __init__(self, writes: Writes) -> None:
+        self.writes = writes
+        self.conn = writes.conn
 
     def _row(self, name: str) -> tuple[Any, ...]:
         row = self.conn.execute(
@@ -140,7 +92,7 @@ class ScheduleStore:
             raise _not_found(name)
         return tuple(row)
 
-    def put(self, name: str, spec: ScheduleSpec, *, now: float) -> ScheduleRecord:
+    def put(self, name: str, spec: ScheduleSpec, now: float) -> ScheduleRecord:
         """Create or replace a schedule (idempotent). A schedule whose timing (cron,
         every, tz) is unchanged keeps its next tick; a new timing starts from `now`.
         `spec.paused` None keeps the stored paused state.
@@ -190,7 +142,7 @@ class ScheduleStore:
         if not gone:
             raise _not_found(name)
 
-    def set_paused(self, name: str, paused: bool, *, now: float) -> ScheduleRecord:
+    def set_paused(self, name: str, paused: bool, now: float) -> ScheduleRecord:
         """Pause or resume. A resumed schedule's missed ticks follow its catch_up.
 
         Raises:
@@ -206,11 +158,11 @@ class ScheduleStore:
             raise _not_found(name)
         return _record(row)
 
-    def run_now(self, name: str, *, now: float, defaults: Defaults) -> tuple[str, str]:
+    def run_now(self, name: str, now: float, defaults: Defaults) -> tuple[str, Changes]:
         """Make one job of the schedule now, outside its ticks (its next tick stays).
 
         Returns:
-            the job's id and queue.
+            the job's id, and the changes.
 
         Raises:
             errors.ScheduleNotFound
@@ -219,13 +171,14 @@ class ScheduleStore:
             row = self._row(name)
             suffix = crockford26(int.from_bytes(os.urandom(8)))[-8:]
             job_id = f"{schedules.job_id(name, now)}.run.{suffix}"
-            self._enqueue(row, job_id, now, now=now, defaults=defaults)
+            changes = Changes()
+            self._enqueue(row, job_id, now, now=now, defaults=defaults, changes=changes)
             self.conn.execute(
                 "UPDATE schedules SET last_run_at = ?1, last_job_id = ?2"
                 " WHERE name = ?3",
                 (now, job_id, name),
             )
-        return job_id, str(row[2])
+        return job_id, changes
 
     def _enqueue(
         self,
@@ -235,8 +188,9 @@ class ScheduleStore:
         *,
         now: float,
         defaults: Defaults,
+        changes: Changes,
     ) -> None:
-        """Store the job for one tick through the store's enqueue verb.
+        """Store the job for one tick through the jobs' own enqueue.
 
         Raises:
             errors.DuplicateId: the tick's job exists: it was fired before.
@@ -251,9 +205,9 @@ class ScheduleStore:
             headers=headers,
             priority=row[7],
         )
-        self.store.enqueue(row[2], [spec], defaults=defaults, now=now)
+        self.writes.enqueue(row[2], [spec], defaults=defaults, now=now, changes=changes)
 
-    def fire_due(self, *, now: float, defaults: Defaults) -> Fired:
+    def fire_due(self, now: float, defaults: Defaults) -> Fired:
         """Fire every running schedule whose next tick has come (up to FIRE_BATCH),
         and move each one's next tick past `now`."""
         out = Fired()
@@ -290,7 +244,9 @@ class ScheduleStore:
         for tick in plan.ticks:
             job_id = schedules.job_id(name, tick)
             try:
-                self._enqueue(row, job_id, tick, now=now, defaults=defaults)
+                self._enqueue(
+                    row, job_id, tick, now=now, defaults=defaults, changes=out.changes
+                )
             except errors.DuplicateId:
                 out.repeats += 1
                 log.warning("schedule.tick_repeated", schedule=name, fire_time=tick)
@@ -300,7 +256,7 @@ class ScheduleStore:
             except errors.QBrokerError as exc:  # a payload stored before a rule came
                 log.error("schedule.fire_failed", schedule=name, error=exc.message)
                 continue
-            out.queues[row[2]] += 1
+            out.fired += 1
             last = (tick, job_id)
         if plan.skipped:
             out.skipped += plan.skipped
@@ -311,43 +267,44 @@ class ScheduleStore:
         return (plan.next_run_at, last[0], last[1], name)
 
 
-class ScheduleReader:
-    """The read side: one connection of its own (schedule reads are rare admin reads).
+class ScheduleReads:
+    """The read side, on the store's reader pool (reads.py). Thread-safe."""
 
-    Thread-safe: a lock lends the connection to one reading thread at a time.
-    """
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
 
-    def __init__(self, path: Path) -> None:
-        self._conn = connect(path)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def _all(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
-        with self._lock, translate_errors():
-            return self._conn.execute(sql, params).fetchall()
+    def _all(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with translate_errors(), self.reader._conn() as conn:
+            return [tuple(r) for r in conn.execute(sql, params).fetchall()]
 
     def get(self, name: str) -> ScheduleRecord:
         """Raises: errors.ScheduleNotFound."""
         rows = self._all(f"SELECT {_COLUMNS} FROM schedules WHERE name = ?", (name,))
         if not rows:
             raise _not_found(name)
-        return _record(tuple(rows[0]))
+        return _record(rows[0])
 
     def all(self) -> list[ScheduleRecord]:
         """Every schedule, by name."""
         rows = self._all(f"SELECT {_COLUMNS} FROM schedules ORDER BY name", ())
-        return [_record(tuple(r)) for r in rows]
+        return [_record(r) for r in rows]
 
-    def job_ids(self, name: str, limit: int) -> list[str]:
-        """The ids of the jobs of schedule `name` still stored, newest first: a range
-        of the jobs' id index (their ids start with the schedule's prefix)."""
+    def jobs(self, name: str, limit: int) -> list[JobRecord]:
+        """The jobs of schedule `name` still stored, newest first: a range of the
+        jobs' id index (their ids start with the schedule's prefix)."""
         start = schedules.job_id_prefix(name)
         end = start[:-1] + chr(ord(start[-1]) + 1)
-        rows = self._all(
-            "SELECT id FROM jobs WHERE id > ? AND id < ? ORDER BY id DESC LIMIT ?",
-            (start, end, limit),
-        )
-        return [r[0] for r in rows]
+        ids = [
+            r[0]
+            for r in self._all(
+                "SELECT id FROM jobs WHERE id > ? AND id < ? ORDER BY id DESC LIMIT ?",
+                (start, end, limit),
+            )
+        ]
+        records = self.reader.get_jobs(ids)
+        return [
+            r
+            for i in ids
+            if (r := records.get(i)) is not None
+            and r.headers.get(SCHEDULE_HEADER) == name
+        ]
