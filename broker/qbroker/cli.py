@@ -13,7 +13,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from qbroker import __version__, auth, config as cfg, errors, logs, tls
+from qbroker import __version__, auth, config as cfg, errors, logs, schedule_cli, tls
 from qbroker.datadir import DataDirInUse
 from qbroker.server import serve
 from qbroker.store.sqlite import schema
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         help=f"the broker's data dir (QBROKER_DATA_DIR, default {cfg.DEFAULT_DATA_DIR})",
     )
+    schedule_cli.add_parser(sub)
     return parser
 
 
@@ -264,6 +265,8 @@ def backup(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.command == "schedules":
+        return schedule_cli.main(ns)
     if ns.command == "backup":
         return backup(ns)
     config = config_from(ns)
