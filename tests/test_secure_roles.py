@@ -95,7 +95,7 @@ def test_roles_follow_the_policy() -> None:
     # put_schedule: a worker sends its code's schedules when it starts (issue 24)
     assert {
         "lease", "ack", "fail", "extend", "release", "ack_many", "fail_many",
-        "release_many", "put_schedule", *kv,
+        "release_many", "put_schedule", "worker_beat", *kv,
     } == allowed["worker"] - {"healthz"}  # fmt: skip
     assert "cancel" not in set().union(*allowed.values())  # admin only
     assert "purge" not in set().union(*allowed.values())
