@@ -65,6 +65,8 @@ def test_a_data_dir_of_the_last_release_migrates_on_start(
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         assert version == schema.SCHEMA_VERSION
+        # every step ran: the schedules' table (the fourth) is there too
+        assert conn.execute("SELECT count(*) FROM schedules").fetchone()[0] == 0
         rows = conn.execute("SELECT name, paused FROM queues ORDER BY name").fetchall()
         assert rows == [("emails", 0), ("reports", 0)]
     b.start()  # and again: nothing left to migrate

@@ -79,9 +79,9 @@ def test_every_route_has_its_roles_listed() -> None:
 
 def test_roles_follow_the_policy() -> None:
     """The issue's policy: read has every GET; producer enqueues, reads jobs and
-    waits for results; worker leases and settles; both use the key-value store
-    (Celery's results: a producer reads them and saves groups, a worker stores
-    them); anything else is admin's."""
+    waits for results; worker leases and settles (and syncs its schedules); both use
+    the key-value store (Celery's results: a producer reads them and saves groups, a
+    worker stores them); anything else is admin's."""
     allowed = {
         role: {n for _, _, n in ROUTE_ROWS if role in auth.ROUTE_ROLES.get(n, ())}
         for role in auth.ROLES
@@ -92,9 +92,10 @@ def test_roles_follow_the_policy() -> None:
     assert {"enqueue", "get_job", "job_result", "results", *kv} == allowed[
         "producer"
     ] - {"healthz"}
+    # put_schedule: a worker sends its code's schedules when it starts (issue 24)
     assert {
         "lease", "ack", "fail", "extend", "release", "ack_many", "fail_many",
-        "release_many", "worker_beat", *kv,
+        "release_many", "put_schedule", "worker_beat", *kv,
     } == allowed["worker"] - {"healthz"}  # fmt: skip
     assert "cancel" not in set().union(*allowed.values())  # admin only
     assert "purge" not in set().union(*allowed.values())

@@ -61,6 +61,7 @@ from qbroker.protocol import (
 )
 from qbroker.replies import results_reply
 from qbroker.routes import ROUTES
+from qbroker.schedule_api import ScheduleHandlers
 from qbroker.store import NOTHING_LEASED, Defaults, Enqueued, Leased, Store
 from qbroker.transitions import Effects
 from qbroker.waiters import Slot, Waiters
@@ -72,7 +73,7 @@ _BEAT_TAKEN = WorkerBeatReply()
 Handler = Callable[[Request, Any], Awaitable[Response]]
 
 
-class Broker(KVHandlers):
+class Broker(KVHandlers, ScheduleHandlers):
     """Everything a handler needs. Lives for one `serve()` run."""
 
     def __init__(self, config: Config, store: Store, clock: Clock) -> None:

@@ -53,6 +53,14 @@ ROUTE_ROLES: Mapping[str, tuple[str, ...]] = {
     "kv_incr": (PRODUCER, WORKER),
     "kv_expire": (PRODUCER, WORKER),
     "kv_delete": (PRODUCER, WORKER),
+    "schedules": (READ,),
+    "get_schedule": (READ,),
+    "list_jobs": (READ,),
+    "put_schedule": (WORKER,),  # a worker sends its code's schedules when it starts
+    "delete_schedule": (),
+    "pause_schedule": (),
+    "resume_schedule": (),
+    "run_schedule": (),
     "worker_beat": (WORKER,),
     "workers": (READ,),
 }

@@ -13,7 +13,16 @@ from pathlib import Path
 import structlog
 import trio
 
-from qbroker import __version__, admin, auth, config as cfg, errors, logs, tls
+from qbroker import (
+    __version__,
+    admin,
+    auth,
+    config as cfg,
+    errors,
+    logs,
+    schedule_cli,
+    tls,
+)
 from qbroker.datadir import DataDirInUse
 from qbroker.server import serve
 from qbroker.store.sqlite import schema
@@ -114,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         help=f"the broker's data dir (QBROKER_DATA_DIR, default {cfg.DEFAULT_DATA_DIR})",
     )
+    schedule_cli.add_parser(sub)
     return parser
 
 
@@ -265,6 +275,8 @@ def backup(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.command == "schedules":
+        return schedule_cli.main(ns)
     if ns.command in admin.VERBS:
         return admin.main(ns)
     if ns.command == "backup":

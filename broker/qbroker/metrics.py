@@ -52,6 +52,12 @@ REAPED = Counter(
     ["outcome"],  # requeued, dead, expired, promoted, purged
     registry=REGISTRY,
 )
+SCHEDULE_TICKS = Counter(
+    "qbroker_schedule_ticks_total",
+    "Schedule ticks, by outcome.",
+    ["outcome"],  # fired, skipped (catch_up), repeated (its job existed)
+    registry=REGISTRY,
+)
 
 _request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
@@ -220,7 +226,7 @@ def render() -> Iterator[bytes]:
     trio thread to let other tasks run between them. `generate_latest(REGISTRY)`
     took 9-21 ms at once here, 2-10 ms of it the request histograms' collect(); in
     a thread it holds the GIL against the loop just as long."""
-    for metric in (REQUESTS, COMMIT_BATCH, CONNECTIONS, REAPED):
+    for metric in (REQUESTS, COMMIT_BATCH, CONNECTIONS, REAPED, SCHEDULE_TICKS):
         for family in metric.collect():
             yield from _pieces(family, family.samples)
     # the histograms one route at a time (its child), the route label put back

@@ -17,6 +17,10 @@ from qbroker.routes import ROUTES, Route
 QUERY = {
     "wait": {"name": "wait", "in": "query", "required": False,
              "schema": {"type": "number", "minimum": 0, "maximum": 300}},
+    "schedule": {"name": "schedule", "in": "query", "required": True,
+                 "schema": {"type": "string"}},
+    "limit": {"name": "limit", "in": "query", "required": False,
+              "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
 }  # fmt: skip
 #: the errors any request may get (protocol.md, section 4)
 _ERRORS = {
@@ -79,8 +83,8 @@ def _operation(route: Route) -> dict[str, Any]:
         codes.update(_BODY_ERRORS)
     if route.conflict:
         codes["409"] = "stale lease or duplicate"
-    if route.method == "POST":
-        codes["507"] = "disk full, or (enqueue) under --min-free-disk"
+    if route.method in ("POST", "PUT", "DELETE"):
+        codes["507"] = "disk full, or (enqueue, run) under --min-free-disk"
     for code, text in sorted(codes.items()):
         responses[code] = {
             "description": text,

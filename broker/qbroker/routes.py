@@ -84,16 +84,32 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", "healthz", None, wire.Health),
     Route("GET", "/metrics", "metrics", None, None, media="text/plain"),
     Route("GET", "/v1/openapi.json", "openapi", None, None),
+    Route("GET", "/v1/jobs", "list_jobs", None, wire.ScheduledJobList,
+          query=("schedule", "limit")),
+    Route("GET", "/v1/schedules", "schedules", None, wire.ScheduleList),
+    Route("GET", "/v1/schedules/{name}", "get_schedule", None, wire.ScheduleRecord),
+    Route("PUT", "/v1/schedules/{name}", "put_schedule", wire.ScheduleSpec,
+          wire.ScheduleRecord),
+    Route("DELETE", "/v1/schedules/{name}", "delete_schedule", None,
+          wire.ScheduleDeleted),
+    Route("POST", "/v1/schedules/{name}/pause", "pause_schedule", None,
+          wire.ScheduleRecord),
+    Route("POST", "/v1/schedules/{name}/resume", "resume_schedule", None,
+          wire.ScheduleRecord),
+    Route("POST", "/v1/schedules/{name}/run", "run_schedule", None,
+          wire.EnqueueReply, 201),
 )  # fmt: skip
 BY_NAME = {r.name: r for r in ROUTES}
 _NAME_RE = re.compile(NAME_PATTERN)
+#: path segment after /v1/ -> the name of the path parameter that follows it
+_PARAMS = {"jobs": "id", "queues": "queue", "schedules": "name"}
 
 
 def _shape(path: str) -> tuple[str, str | None, str | None]:
     """("/v1/jobs/J1/ack") -> ("/v1/jobs/{id}/ack", "id", "J1"): a path's table shape."""
     parts = path.split("/")
-    if len(parts) >= 4 and parts[1] == "v1" and parts[2] in ("jobs", "queues"):
-        param = "id" if parts[2] == "jobs" else "queue"
+    if len(parts) >= 4 and parts[1] == "v1" and parts[2] in _PARAMS:
+        param = _PARAMS[parts[2]]
         value = parts[3]
         if "%" in value:  # a name percent-encoded (JavaScript's encodeURIComponent)
             try:
@@ -125,7 +141,10 @@ def match(method: str, path: str) -> tuple[str, str | None, str | None]:
     """
     shape, param, value = _shape(path)
     methods = _TABLE.get(shape)
-    if methods is None or (value is not None and not _NAME_RE.match(value)):
+    # a schedule's name is checked by its handler: a PUT of a bad name gets 422
+    if methods is None or (
+        value is not None and param != "name" and not _NAME_RE.match(value)
+    ):
         raise errors.NotFound(f"no route for {_quoted(path)}")
     name = methods.get("GET" if method == "HEAD" else method)
     if name is None:

@@ -48,6 +48,7 @@ from qworker._execute import Execution
 from qworker._lease import LeaseLoop
 from qworker._reporter import REPORT_GIVE_UP, report_loop
 from qworker._upkeep import upkeep_loop
+from qworker.periodic import sync_on_start
 from qworker.pools import POOL_KINDS, make_pool
 from qworker.registry import Registry, default_registry, import_modules
 
@@ -150,6 +151,7 @@ class Worker:
                 url, token, ca, timeout=HTTP_TIMEOUT, retries=HTTP_RETRIES
             )
         self.client = client
+        self._token, self._ca = token, ca  #: for the schedules' sync (periodic.py)
         self._log = log.bind(worker=self.name)
         self._core: Core | None = None
         self._lease_thread: threading.Thread | None = None  #: under the core's lock
@@ -183,6 +185,7 @@ class Worker:
             import_modules(self.modules, registry=self.registry)
         if not self.queues:
             self.queues = self.registry.queues()
+        sync_on_start(self.client.url, self._token, self._ca, self.registry, self._log)
         if not self.queues:
             raise ValueError("no queue to consume: pass queues or register tasks")
         if len(self.queues) > MAX_QUEUES:
