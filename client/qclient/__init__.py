@@ -20,6 +20,7 @@ set, bytes) travel tagged (`qclient.tags`) and arrive as they were sent. Importi
 qclient loads neither trio, asyncio nor sqlite3.
 """
 
+from qclient._admin import JobProgress as JobProgress
 from qclient._api import (
     configure as configure,
     default_client as default_client,
@@ -82,6 +83,7 @@ __all__ = [
     "JobNotFound",
     "JobNotSucceeded",
     "JobOptions",
+    "JobProgress",
     "JobRecord",
     "JobSpec",
     "JobState",

@@ -19,18 +19,26 @@ import msgspec
 
 __all__ = [
     "FINAL_STATES",
+    "MAX_ATTEMPT_ERROR",
+    "MAX_ATTEMPT_ERRORS",
     "MAX_BATCH",
     "MAX_LEASE_SECONDS",
+    "MAX_PROGRESS_NOTE",
     "MAX_RESULTS",
     "MAX_SECONDS",
     "MIN_LEASE_SECONDS",
     "NAME_PATTERN",
+    "PURGEABLE_STATES",
     "AckItem",
     "AckManyRequest",
     "AckRequest",
+    "AttemptError",
     "BatchReply",
     "BatchResult",
     "CancelReply",
+    "CancelsReply",
+    "CancelsRequest",
+    "DeleteReply",
     "EnqueueManyReply",
     "EnqueueManyRequest",
     "EnqueueReply",
@@ -41,19 +49,29 @@ __all__ = [
     "FailManyRequest",
     "FailRequest",
     "Health",
+    "JobList",
     "JobRecord",
     "JobSpec",
     "JobState",
     "LeaseReply",
     "LeaseRequest",
     "LeasedJob",
+    "LimitList",
+    "LimitRecord",
+    "LimitSpec",
+    "PauseReply",
+    "PurgeReply",
+    "PurgeRequest",
     "QueueList",
     "QueueStats",
+    "RateSpec",
     "ReleaseItem",
     "ReleaseManyRequest",
     "ReleaseRequest",
     "ResultsReply",
     "ResultsRequest",
+    "RetryManyReply",
+    "RetryReply",
     "new_job_id",
     "new_job_ids",
 ]
@@ -107,6 +125,9 @@ LeaseSeconds = Annotated[
 Priority = Annotated[int, msgspec.Meta(ge=-1_000_000, le=1_000_000)]
 Retries = Annotated[int, msgspec.Meta(ge=0, le=1000)]
 Text = Annotated[str, msgspec.Meta(max_length=65536)]
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+MAX_PROGRESS_NOTE = 1000  #: characters a progress note may have
+ProgressNote = Annotated[str, msgspec.Meta(max_length=MAX_PROGRESS_NOTE)]
 
 
 class _Struct(msgspec.Struct, kw_only=True, frozen=True):
@@ -132,6 +153,8 @@ class JobSpec(_Struct, frozen=True):
     timeout: LeaseSeconds | None = None  #: lease seconds; default: the broker's (30)
     result_ttl: Seconds | None = None  #: seconds a finished job is kept; default 7 days
     dedup_key: Name | None = None  #: at most one unfinished job per (queue, dedup_key)
+    #: a limit key of its own besides `queue:<queue>` and `task:<task>` (`customer:42`)
+    limit_key: Name | None = None
 
 
 class EnqueueManyRequest(_Struct, frozen=True):
@@ -200,6 +223,10 @@ class FailManyRequest(_Struct, frozen=True):
 class ExtendRequest(_Struct, frozen=True):
     lease: Annotated[str, msgspec.Meta(max_length=200)]
     timeout: LeaseSeconds | None = None  #: new lease seconds from now
+    progress: Fraction | None = (
+        None  #: how far the run has got, 0 .. 1; null: unchanged
+    )
+    progress_note: ProgressNote | None = None  #: a short text for people
 
 
 class ExtendReply(_Struct, frozen=True):
@@ -287,6 +314,13 @@ class JobRecord(_Struct, frozen=True):
     expires_at: float | None
     worker: str | None
     dedup_key: str | None = None
+    limit_key: str | None = None
+    progress: float | None = None  #: 0 .. 1, as the task last reported it
+    progress_note: str | None = None
+    #: why a queued job is not leased yet: "paused" (its queue is) or "limit KEY"
+    waiting_on: str | None = None
+    #: every failed attempt's error summary, oldest first (`error` is the last)
+    errors: list[AttemptError] = []
 
 
 class ResultsRequest(_Struct, frozen=True):
@@ -304,6 +338,7 @@ class QueueStats(_Struct, frozen=True):
     queue: str
     counts: dict[str, int]  #: every state's count, zero included
     oldest_age: float | None  #: seconds since the oldest queued job became ready
+    paused: bool = False  #: the queue leases nothing (it still takes jobs)
 
 
 class QueueList(_Struct, frozen=True):
@@ -313,6 +348,116 @@ class QueueList(_Struct, frozen=True):
 class Health(_Struct, frozen=True):
     status: str
     version: str
+
+
+# ---------------------------------------------------------------- job control
+
+
+class AttemptError(_Struct, frozen=True):
+    """One failed attempt of a job, as `JobRecord.errors` keeps it."""
+
+    attempt: int  #: 1 for the first delivery
+    error: str  #: "Type: message", cut to MAX_ATTEMPT_ERROR characters
+    at: float  #: unix seconds
+
+
+MAX_ATTEMPT_ERROR = 500  #: characters of each attempt's error a record keeps
+MAX_ATTEMPT_ERRORS = 50  #: attempts' errors a record keeps (the first and the latest)
+
+
+class PauseReply(_Struct, frozen=True):
+    """`POST /v1/queues/{queue}/pause` and `/resume`."""
+
+    queue: str
+    paused: bool
+
+
+#: States a purge may delete: never `active` (a worker holds it).
+PURGEABLE_STATES = frozenset(s for s in JobState if s is not JobState.ACTIVE)
+
+
+class PurgeRequest(_Struct, frozen=True):
+    """`POST /v1/queues/{queue}/purge`: delete the queue's jobs in these states."""
+
+    states: Annotated[list[JobState], msgspec.Meta(min_length=1, max_length=8)] = (
+        msgspec.field(default_factory=lambda: [JobState.QUEUED, JobState.SCHEDULED])
+    )
+
+
+class PurgeReply(_Struct, frozen=True):
+    deleted: int
+
+
+class RateSpec(_Struct, frozen=True):
+    """At most `limit` starts per `per` seconds, `burst` more of them at once."""
+
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)]
+    per: Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)] = 1.0
+    burst: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
+
+
+class LimitSpec(_Struct, frozen=True):
+    """`PUT /v1/limits/{key}`: a concurrency, a rate (a RateSpec or a string such as
+    "10/m"), or both."""
+
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+    rate: RateSpec | Annotated[str, msgspec.Meta(max_length=50)] | None = None
+
+
+class LimitRecord(_Struct, frozen=True):
+    """A stored limit, as `GET /v1/limits` lists it."""
+
+    key: str
+    concurrency: int | None
+    rate: RateSpec | None
+    active: int  #: the key's jobs active now (leases not lapsed)
+    updated_at: float  #: unix seconds
+
+
+class LimitList(_Struct, frozen=True):
+    limits: list[LimitRecord]
+
+
+class JobList(_Struct, frozen=True):
+    """`GET /v1/jobs`: a page of jobs, newest first."""
+
+    jobs: list[JobRecord]
+    #: pass as `cursor` for the next page; null: no more. A page may hold fewer than
+    #: `limit` jobs (even none) while `next` is not null: each page scans a bounded
+    #: number of jobs.
+    next: str | None = None
+
+
+class RetryReply(_Struct, frozen=True):
+    """`POST /v1/jobs/{id}/retry`."""
+
+    id: str
+    state: JobState
+
+
+class RetryManyReply(_Struct, frozen=True):
+    """`POST /v1/jobs/retry`: how many jobs went back to `queued`."""
+
+    retried: int
+
+
+class DeleteReply(_Struct, frozen=True):
+    """`DELETE /v1/jobs/{id}`."""
+
+    id: str
+    deleted: bool
+
+
+class CancelsRequest(_Struct, frozen=True):
+    """`POST /v1/cancels`: a worker waits to hear that jobs it runs were cancelled."""
+
+    worker: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    jobs: Annotated[list[Name], msgspec.Meta(max_length=MAX_BATCH)] = []
+    wait: Annotated[float, msgspec.Meta(ge=0, le=300)] = 0.0  #: long-poll seconds
+
+
+class CancelsReply(_Struct, frozen=True):
+    cancelled: list[str]  #: ids of the asked jobs (or the worker's) now cancelled
 
 
 class ErrorBody(_Struct, frozen=True):
