@@ -40,13 +40,13 @@ from qclient.wire import (
     QueueList,
     ReleaseManyRequest,
     ReleaseRequest,
-    ResultsReply,
     ResultsRequest,
 )
 
 from qbroker import __version__, errors, metrics, openapi
 from qbroker.clock import Clock
-from qbroker.config import Config
+from qbroker.config import RESULTS_REPLY_BYTES, Config
+from qbroker.guards import FileGuard, FreeSpaceFloor
 from qbroker.protocol import (
     BIG_BODY,
     EnqueueBody,
@@ -57,6 +57,7 @@ from qbroker.protocol import (
     query_float,
 )
 from qbroker.readers import ReadThreads
+from qbroker.replies import results_reply
 from qbroker.store import Defaults, Reader, Store
 from qbroker.writer import Call, Writer
 
@@ -214,8 +215,13 @@ class Broker:
         reader: Reader,
         reads: ReadThreads,
         clock: Clock,
+        *,
+        guard: FileGuard | None = None,
+        floor: FreeSpaceFloor | None = None,
     ) -> None:
         self.config = config
+        self.guard = guard  #: fails /healthz once the database file is gone
+        self.floor = floor  #: refuses enqueues while free disk space is low
         self.writer = writer
         self.store = writer.store
         self.reader = reader
@@ -308,6 +314,8 @@ class Broker:
         leased for them in the enqueue's own commit: one commit and no second
         writer round trip between a job's arrival and its delivery to an idle worker.
         """
+        if self.floor is not None:
+            self.floor.check()
         queue = req.params["queue"]
         specs = body.jobs if body.jobs is not None else [body]
         now = self.clock.now()
@@ -399,7 +407,7 @@ class Broker:
                     # took minutes; clients resend a 503 to the restarted broker
                     raise errors.ShuttingDown("the broker is stopping; ask again")
         records = await self.reads.call(self.reader.get_jobs, ids)
-        return encode(req, ResultsReply(jobs=[records.get(i) for i in body.ids]))
+        return results_reply(req, ids, records, RESULTS_REPLY_BYTES)
 
     async def _wait_finished(self, ids: list[str], slot: Slot, deadline: float) -> bool:
         """Wait until every job of `ids` is final or gone, the deadline passes or the
@@ -639,11 +647,21 @@ class Broker:
     async def on_healthz(self, req: Request) -> Response:
         if self.closing:
             raise errors.ShuttingDown("the broker is stopping")
+        if self.guard is not None and (lost := self.guard.check()) is not None:
+            raise lost
         await self.reads.call(self.reader.ping)
         return encode(req, Health(status="ok", version=__version__))
 
     async def on_metrics(self, req: Request) -> Response:
-        text = prometheus_client.generate_latest(metrics.REGISTRY)
+        epoch = metrics.QUEUES.begin_prune()
+        queues = metrics.QUEUES.queues()
+        holding = await self.reads.call(self.reader.queues_holding, queues)
+        metrics.QUEUES.prune(epoch, holding)
+        pieces = []
+        for piece in metrics.render():  # about a millisecond each: let others run
+            pieces.append(piece)
+            await trio.lowlevel.checkpoint()
+        text = b"".join(pieces)
         return Response(200, text, prometheus_client.CONTENT_TYPE_LATEST.encode())
 
     async def on_openapi(self, req: Request) -> Response:

@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         " go on (QBROKER_MAX_DB_BYTES, default: none)",
     )
     s.add_argument(
+        "--min-free-disk",
+        type=int,
+        help="bytes that must stay free on the data dir's disk; under it enqueues get"
+        " 507 disk_low while leases, acks and cancels go on; 0: no floor"
+        f" (QBROKER_MIN_FREE_DISK, default {cfg.DEFAULT_MIN_FREE_DISK})",
+    )
+    s.add_argument(
         "--token", help="require 'Authorization: Bearer TOKEN' (QBROKER_TOKEN)"
     )
     s.add_argument(
@@ -112,6 +119,9 @@ def config_from(ns: argparse.Namespace) -> cfg.Config:
             pick(ns.idle_timeout, "IDLE_TIMEOUT", str(cfg.IDLE_TIMEOUT))
         ),
         max_db_bytes=int(quota) if quota else None,
+        min_free_disk=int(
+            pick(ns.min_free_disk, "MIN_FREE_DISK", str(cfg.DEFAULT_MIN_FREE_DISK))
+        ),
         token=ns.token if ns.token is not None else _env("TOKEN", None),
         log_level=pick(ns.log_level, "LOG_LEVEL", "info"),
     )
@@ -160,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         if not seconds > 0:  # NaN too
             raise SystemExit(f"qbroker: the {name} must be above 0 s, not {seconds:g}")
+    if config.min_free_disk < 0:
+        raise SystemExit("qbroker: --min-free-disk must be 0 (no floor) or more bytes")
     _check_data_dir(config)
     started: list[int] = []
     try:

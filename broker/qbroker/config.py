@@ -23,6 +23,9 @@ DEFAULT_RESULT_TTL = 7 * 86400.0  #: seconds a finished job and its result are k
 REAPER_MAX_SLEEP = 1.0  #: seconds the reaper sleeps at most between sweeps
 CHECKPOINT_INTERVAL = 1.0  #: seconds between WAL checkpoints
 WRITER_MAX_BATCH = 2000  #: store calls one group commit takes at most
+METRICS_MAX_QUEUES = 1000  #: queues with /metrics series of their own; the rest summed
+RESULTS_REPLY_BYTES = 4 * 1024 * 1024  #: bytes of records a /v1/results reply holds
+DEFAULT_MIN_FREE_DISK = 50_000_000  #: bytes free below which enqueues get 507
 DB_FILENAME = "qbroker.db"
 
 
@@ -43,6 +46,7 @@ class Config:
     token: str | None = None  #: when set, every request but /healthz needs it
     synchronous: str = "FULL"  #: SQLite synchronous pragma; FULL makes 2xx durable
     max_db_bytes: int | None = None  #: quota on qbroker.db; writes past it get 507
+    min_free_disk: int = DEFAULT_MIN_FREE_DISK  #: bytes; under it enqueues get 507
     log_level: str = "info"
 
     @property

@@ -18,7 +18,9 @@
     ├── HeadersTooLarge       431 headers_too_large
     ├── InternalError         500 internal_error
     ├── ShuttingDown          503 shutting_down
-    └── DiskFull              507 disk_full
+    ├── DatabaseGone          503 database_gone
+    ├── DiskFull              507 disk_full
+    └── DiskLow               507 disk_low
 
 Raised by the store and the handlers; turned into a reply in one place (server.py).
 """
@@ -112,5 +114,17 @@ class ShuttingDown(QBrokerError):
     status, reason = 503, "shutting_down"
 
 
+class DatabaseGone(QBrokerError):
+    """The database file was deleted or replaced under the running broker."""
+
+    status, reason = 503, "database_gone"
+
+
 class DiskFull(QBrokerError):
     status, reason = 507, "disk_full"
+
+
+class DiskLow(QBrokerError):
+    """Free space under --min-free-disk: enqueues are refused, the rest goes on."""
+
+    status, reason = 507, "disk_low"

@@ -35,7 +35,7 @@ _ERRORS = {
     "429": "too many connections",
     "431": "headers too large",
     "500": "internal error",
-    "503": "shutting down",
+    "503": "shutting down, or the database file is gone",
 }
 _BODY_ERRORS = {
     "413": "body too large",
@@ -126,7 +126,7 @@ def document() -> dict[str, Any]:
             if op_id in _CONFLICTS:
                 codes["409"] = "stale lease or duplicate"
             if method == "post":
-                codes["507"] = "disk full"
+                codes["507"] = "disk full, or (enqueue) under --min-free-disk"
             for code, text in sorted(codes.items()):
                 responses[code] = {
                     "description": text,

@@ -36,6 +36,8 @@ async def run_reaper(broker: Broker) -> None:
             # keep serving reads (a full disk must not end the broker)
             log.warning("reaper.disk_full")
             result = TickResult()
+        except errors.DatabaseGone:  # logged once by the guard; reads go on
+            result = TickResult()
         for queue in result.promoted_queues:
             broker.queue_waiters.notify(queue)
         broker.finished(result.finished_ids)

@@ -47,6 +47,7 @@ from qbroker.app import Broker
 from qbroker.clock import STALL_SECONDS, Clock
 from qbroker.config import MAX_HEADER_BYTES, Config
 from qbroker.datadir import DataDirLock
+from qbroker.guards import FileGuard, FreeSpaceFloor
 from qbroker.readers import ReadThreads
 from qbroker.reaper import run_checkpointer, run_heartbeat, run_reaper
 from qbroker.store import Reader, Store
@@ -774,17 +775,20 @@ async def _serve_locked(config: Config, task_status: Any) -> None:
         )
     )
     reader = Reader(config.db_path)
-    writer = Writer(store)
+    guard = FileGuard(config.db_path)
+    writer = Writer(store, guard.check)
     writer.start()
     reads = ReadThreads()
     reads.start()
-    broker = Broker(config, writer, reader, reads, Clock())
+    floor = FreeSpaceFloor(config.data_dir, config.min_free_disk)
+    broker = Broker(config, writer, reader, reads, Clock(), guard=guard, floor=floor)
     server = Server(config, broker)
     try:
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     except OSError as exc:
         await trio.to_thread.run_sync(writer.stop)
         await trio.to_thread.run_sync(reads.stop)
+        guard.close()
         raise OSError(exc.errno or errno.EADDRINUSE, f"cannot listen: {exc}") from exc
     port = listeners[0].socket.getsockname()[1]
     try:
@@ -834,4 +838,5 @@ async def _serve_locked(config: Config, task_status: Any) -> None:
             await trio.to_thread.run_sync(writer.stop)
             await trio.to_thread.run_sync(reads.stop)
             reader.close()
+            guard.close()
         log.info("broker.stopped")

@@ -1143,6 +1143,24 @@ class Reader:
                 )
             ]
 
+    def queues_holding(self, queues: Sequence[str]) -> set[str]:
+        """Those of `queues` that hold a job in any state: one seek in
+        jobs_queue_state each (queue_names() seeks once per queue there is)."""
+        out: set[str] = set()
+        with translate_errors(), self._conn() as conn:
+            for i in range(0, len(queues), _IN_CHUNK):
+                chunk = queues[i : i + _IN_CHUNK]
+                values = ",".join(["(?)"] * len(chunk))
+                out.update(
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT column1 FROM (VALUES {values}) WHERE EXISTS"
+                        " (SELECT 1 FROM jobs WHERE queue = column1)",
+                        chunk,
+                    )
+                )
+        return out
+
     def checkpoint(self) -> int:
         """Copy committed WAL pages into the database file without blocking the writer
         (https://sqlite.org/c3ref/wal_checkpoint_v2.html, PASSIVE).

@@ -58,8 +58,15 @@ _STOP = object()
 class Writer:
     """The one writer thread. Start with `start()` from the trio thread; `stop()` drains."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self,
+        store: Store,
+        guard: Callable[[], errors.QBrokerError | None] | None = None,
+    ) -> None:
         self.store = store
+        #: run before and after each commit; an error it returns fails the batch's
+        #: calls (guards.FileGuard: a commit into a deleted file is not durable)
+        self._guard = guard
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._run, name="qbroker-writer", daemon=True
@@ -159,11 +166,25 @@ class Writer:
                     stopping = True
                     break
                 batch.append(nxt)
-            self._commit(conn, batch)
+            self._guarded_commit(conn, batch)
             metrics.COMMIT_BATCH.observe(len(batch))
             assert self._token is not None
             self._token.run_sync_soon(_wake_all, list(batch))
         self.store.close()
+
+    def _guarded_commit(self, conn: sqlite3.Connection, batch: list[Call]) -> None:
+        """`_commit`, unless the guard finds the file gone, before it (nothing runs)
+        or after it (what ran is in a file no restart will read): then all fail."""
+        if self._guard is None:
+            self._commit(conn, batch)
+            return
+        lost = self._guard()
+        if lost is None:
+            self._commit(conn, batch)
+            lost = self._guard()
+        if lost is not None:
+            for c in batch:
+                c.result = outcome.Error(lost)
 
     @staticmethod
     def _commit(conn: sqlite3.Connection, batch: list[Call]) -> None:

@@ -7,13 +7,20 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from qclient._errors import JobCancelled, JobExpired, JobNotFound, TaskFailed
+from qclient._errors import (
+    JobCancelled,
+    JobExpired,
+    JobNotFound,
+    ProtocolError,
+    TaskFailed,
+)
 from qclient._http import RESULT_POLL_CHUNK
 from qclient.tags import untag
-from qclient.wire import FINAL_STATES, JobRecord, JobSpec, JobState
+from qclient.wire import FINAL_STATES, JobRecord, JobSpec, JobState, ResultsReply
 
 __all__ = [
     "Handle",
+    "ResultsPages",
     "job_ids",
     "next_wait",
     "outcome",
@@ -22,6 +29,37 @@ __all__ = [
     "stored_as_sent",
     "unfinished",
 ]
+
+
+class ResultsPages:
+    """The `POST /v1/results` requests that get one record per id in `ids`: each
+    distinct id asked once, then the ids a reply `omitted` (its byte budget) asked
+    again, until `todo` is empty; `records()` then has them in the order of `ids`."""
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        self.ids = list(ids)
+        self.todo = list(dict.fromkeys(self.ids))  #: the ids the next request asks for
+        self._got: dict[str, JobRecord | None] = {}
+
+    def take(self, reply: ResultsReply) -> None:
+        """Take the reply to a request for `todo`.
+
+        Raises:
+            ProtocolError: the reply does not answer the request (so asking again
+                would loop).
+        """
+        left = set(reply.omitted)
+        answered = [i for i in self.todo if i not in left]
+        if len(answered) != len(reply.jobs) or not answered:
+            raise ProtocolError(
+                f"POST /v1/results asked {len(self.todo)} ids and got"
+                f" {len(reply.jobs)} records with {len(left)} omitted"
+            )
+        self._got.update(zip(answered, reply.jobs, strict=True))
+        self.todo = [i for i in self.todo if i in left]
+
+    def records(self) -> list[JobRecord | None]:
+        return [self._got[i] for i in self.ids]
 
 
 class Handle(Protocol):

@@ -45,6 +45,7 @@ from qclient._http import (
     path_name,
 )
 from qclient._job import (
+    ResultsPages,
     next_wait,
     outcome,
     outcomes,
@@ -178,12 +179,20 @@ def wait_job(codec: Codec, job_id: str, wait: float) -> Op[JobRecord]:
 
 
 def wait_jobs(codec: Codec, ids: list[str], wait: float) -> Op[list[JobRecord | None]]:
-    def build(wait: float) -> Request:
-        body = codec.encode(ResultsRequest(ids=ids, wait=wait))
-        return Request(_POST, "/v1/results", body, wait, build)
+    """One record per id of `ids`, in order: the ids a reply left out for its byte
+    budget (`omitted`) are asked again at once, without a wait."""
+    pages = ResultsPages(ids)
+    while pages.todo:
+        todo = pages.todo
 
-    response = yield build(wait)
-    return codec.decode(response, RESULTS_REPLY).jobs
+        def build(wait: float, todo: list[str] = todo) -> Request:
+            body = codec.encode(ResultsRequest(ids=todo, wait=wait))
+            return Request(_POST, "/v1/results", body, wait, build)
+
+        response = yield build(wait)
+        pages.take(codec.decode(response, RESULTS_REPLY))
+        wait = 0.0
+    return pages.records()
 
 
 def result(codec: Codec, job_id: str, timeout: float | None) -> Op[Any]:

@@ -331,7 +331,10 @@ class ResultsRequest(_Struct, frozen=True):
 
 
 class ResultsReply(_Struct, frozen=True):
-    jobs: list[JobRecord | None]  #: one per asked id, in order; null: no such job
+    #: one per distinct asked id not `omitted`, in the order first asked; null: no job
+    jobs: list[JobRecord | None]
+    #: ids left out to keep the reply within its byte budget: ask again for them
+    omitted: list[str] = []
 
 
 class QueueStats(_Struct, frozen=True):
