@@ -1,12 +1,22 @@
-"""Socket-free tests of the job-control maths: rate strings and GCRA."""
+"""Socket-free tests of job control: rate strings, GCRA, and the worker's pieces
+(progress bookkeeping, the retry policy's names, declared limits)."""
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import random
 
 import pytest
 from qbroker import gcra
 from qclient.rates import format_rate, parse_rate
+from qclient.wire import LeasedJob, RateSpec
+from qworker import JobContext, Retry, Task
+from qworker._book import PROGRESS_EVERY, SlotBook, runnable
+from qworker._context import MAX_NOTE_CHARS, Progress
+from qworker._limits import declared_limits
+from qworker.pools._progress import ProgressArea
+from qworker.registry import Registry
 
 
 @pytest.mark.parametrize(
@@ -73,3 +83,99 @@ def test_gcra_a_fresh_key_admits_its_burst_then_spaces_starts() -> None:
     assert gcra.allowed(tat, 0.2, limit=5, per=1.0, burst=2) == 1
     # an idle key fills back up to its burst, no further
     assert gcra.allowed(tat, 100.0, limit=5, per=1.0, burst=2) == 3
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _fn(x: int = 0) -> int:
+    return x
+
+
+def _leased(n: int) -> LeasedJob:
+    return LeasedJob(
+        id=f"j{n}", queue="q", task="t", args=[], kwargs={}, headers={},
+        lease=f"l{n}", attempt=1, max_retries=3, timeout=30.0, lease_expires_at=0.0,
+    )  # fmt: skip
+
+
+def test_reported_progress_makes_a_heartbeat_due_at_most_once_a_second() -> None:
+    book = SlotBook(2)
+    reg = Registry()
+    reg.register(Task(_fn, name="t"))
+    admitted = book.admit([_leased(1)], 0.0, functools.partial(runnable, reg))
+    assert admitted is not None
+    (ex,) = admitted.to_run
+    assert book.heartbeats_due(1.0) == []  # nothing reported, lease far from due
+    ex.context.progress(0.25, "a quarter")
+    assert book.heartbeats_due(1.0) == [ex]
+    ex.progress_sent, ex.progress_sent_at = ex.context.last_progress, 1.0
+    assert book.heartbeats_due(1.5) == []  # sent: nothing new
+    ex.context.progress(0.5, "half")
+    assert book.heartbeats_due(1.5) == []  # new, but the last went out 0.5 s ago
+    assert book.heartbeats_due(1.0 + PROGRESS_EVERY) == [ex]
+
+
+def test_a_pool_childs_progress_crosses_shared_memory_once() -> None:
+    area = ProgressArea(multiprocessing.get_context("spawn"))
+    assert area.take() is None
+    area.write(3, 1, Progress(0.4, "resized 40 of 100 ✓", 0.0))
+    got = area.take()
+    assert got is not None
+    run, index, progress = got
+    assert (run, index, progress.fraction, progress.note) == (
+        3, 1, 0.4, "resized 40 of 100 ✓",
+    )  # fmt: skip
+    assert area.take() is None  # taken: not again
+    area.write(3, 1, Progress(1.0, "x" * MAX_NOTE_CHARS, 0.0))
+    again = area.take()
+    assert again is not None and again[2].note == "x" * MAX_NOTE_CHARS
+
+
+def test_progress_outside_zero_to_one_is_refused() -> None:
+    ctx = JobContext("j", "q", "t", 1, {})
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        ctx.progress(1.5)
+    assert ctx.last_progress is None
+
+
+class Flaky(Exception):
+    pass
+
+
+class Permanent(Flaky):
+    pass
+
+
+def test_retry_policy_names_and_celerys_are_the_same_options() -> None:
+    ours = Task(
+        _fn, name="a", retry_for=(Flaky,), dont_retry_for=(Permanent,),
+        backoff=2.0, backoff_max=5.0, jitter=False,
+    )  # fmt: skip
+    celery = Task(
+        _fn, name="b", autoretry_for=(Flaky,), dont_autoretry_for=(Permanent,),
+        retry_backoff=2.0, retry_backoff_max=5.0, retry_jitter=False,
+    )  # fmt: skip
+    for t in (ours, celery):
+        assert t.should_retry(Flaky())
+        assert not t.should_retry(Permanent())  # dont_retry_for beats retry_for
+        assert t.should_retry(Retry())  # Retry always asks
+        assert not t.should_retry(ValueError())
+        assert [t.backoff(n) for n in (1, 2, 3)] == [2.0, 4.0, 5.0]
+    with pytest.raises(ValueError, match="not both"):
+        Task(_fn, name="c", backoff=1.0, retry_backoff=2.0)
+
+
+def test_task_limits_parse_and_bad_ones_are_refused() -> None:
+    t = Task(_fn, name="limited", rate_limit="100/m", concurrency=5)
+    assert t.rate_limit == (100, 60.0) and t.concurrency == 5
+    reg = Registry()
+    reg.register(t)
+    reg.register(Task(_fn, name="free"))
+    assert declared_limits(reg) == {
+        "task:limited": (5, RateSpec(limit=100, per=60.0, burst=0))
+    }
+    with pytest.raises(ValueError, match="unknown rate"):
+        Task(_fn, name="d", rate_limit="lots")
+    with pytest.raises(ValueError, match="concurrency"):
+        Task(_fn, name="e", concurrency=0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from qbroker import __version__, config as cfg, errors, logs
+from qbroker import __version__, config as cfg, control_cli, errors, logs
 from qbroker.datadir import DataDirInUse
 from qbroker.server import serve
 
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="QBROKER_LOG_LEVEL, default info",
     )
+    control_cli.add_parsers(sub)
     return parser
 
 
@@ -162,6 +163,8 @@ async def _run(config: cfg.Config, started: list[int]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.command in control_cli.COMMANDS:
+        return control_cli.main(ns)
     config = config_from(ns)
     logs.configure(config.log_level)
     for name, seconds in (
