@@ -8,9 +8,10 @@ import multiprocessing
 import random
 
 import pytest
-from qbroker import gcra
+from qbroker import errors, gcra
+from qbroker.jobfilter import RETRYABLE, parse_filter
 from qclient.rates import format_rate, parse_rate
-from qclient.wire import LeasedJob, RateSpec
+from qclient.wire import JobState, LeasedJob, RateSpec
 from qworker import JobContext, Retry, Task
 from qworker._book import PROGRESS_EVERY, SlotBook, runnable
 from qworker._context import MAX_NOTE_CHARS, Progress
@@ -179,3 +180,56 @@ def test_task_limits_parse_and_bad_ones_are_refused() -> None:
         Task(_fn, name="d", rate_limit="lots")
     with pytest.raises(ValueError, match="concurrency"):
         Task(_fn, name="e", concurrency=0)
+
+
+# ---------------------------------------------------------------- job filters
+
+
+def test_a_listing_query_reads_as_filters() -> None:
+    f = parse_filter(
+        {"state": "dead", "queue": "q", "kwargs.user_id": "42", "args.0": "x",
+         "kwargs.user.name": '"ann"', "limit": "5", "cursor": "1234"}
+    )  # fmt: skip
+    assert (f.state, f.queue, f.limit, f.before) == (JobState.DEAD, "q", 5, 1234)
+    assert f.matches_arguments(["x"], {"user_id": 42, "user": {"name": "ann"}}, {})
+    assert not f.matches_arguments(
+        ["x"], {"user_id": "42", "user": {"name": "ann"}}, {}
+    )
+    assert not f.matches_arguments([], {"user_id": 42, "user": {"name": "ann"}}, {})
+    # a value that is not JSON is a string
+    g = parse_filter({"kwargs.email": "a@b.c"})
+    assert g.matches_arguments([], {"email": "a@b.c"}, {})
+    assert not parse_filter({"kwargs.flag": "1"}).matches_arguments(
+        [], {"flag": True}, {}
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ({"state": "sleeping"}, "state"),
+        ({"queue": "a b"}, "queue"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "1001"}, "limit"),
+        ({"cursor": "abc"}, "cursor"),
+        ({"cursor": "-1"}, "cursor"),
+        ({"colour": "red"}, "colour"),
+        ({"kwargs.": "1"}, "kwargs."),
+        ({"args.name": "1"}, "args.name"),
+    ],
+)
+def test_a_malformed_filter_is_refused_naming_it(
+    query: dict[str, str], field: str
+) -> None:
+    with pytest.raises(errors.InvalidField) as info:
+        parse_filter(query)
+    assert info.value.field == field
+
+
+def test_a_bulk_retry_takes_no_paging_and_only_retryable_states() -> None:
+    with pytest.raises(errors.InvalidField) as info:
+        parse_filter({"state": "queued"}, paging=False, states=RETRYABLE)
+    assert info.value.field == "state"
+    with pytest.raises(errors.InvalidField) as info:
+        parse_filter({"limit": "5"}, paging=False)
+    assert info.value.field == "limit"
