@@ -25,6 +25,12 @@ Scenarios (`--scenarios`, comma-separated; default all):
             the same with each batch's acks carried on the next lease (qworker's form)
   depth     single lease(max=1)+ack latency and broker RSS at queue depth 10k, 100k, 1M
             (one broker per depth, probed in turns so fsync drift hits all depths alike)
+  control   the lease path with job control in use against the same without it (issue
+            25): one broker with 100 limits (two of them apply to the leased jobs, not
+            binding: queue:bench concurrency 10^6, task:send_email 10^6/s) and 1,000 jobs
+            in a paused queue the lease names first; one broker with neither. Both
+            pre-filled alike, probed in turns as 'depth' is: lease(max=1)+ack latency,
+            then lease 100 carrying 100 acks (qworker's form) for the same N on each
 
 With 'sqlite' selected, every broker row is also compared with the raw limit measured
 just before and after it (fsync latency on a shared VM drifts several-fold in minutes).
@@ -35,10 +41,12 @@ Usage:
   python bench/broker.py --quick              # small N, depth up to 100k (~40 s)
   python bench/broker.py --scenarios sqlite,enqueue --json out.json
   python bench/broker.py --max-depth 100000 --client epoll
+  python bench/broker.py --scenarios control --quick   # job control's cost (~1 min)
 
 Targets (issue 2): single enqueue >= 4,000 jobs/s on 1 connection; batch enqueue
 >= 50,000 jobs/s; lease+ack in batches >= 30,000 jobs/s; lease latency and RSS at 1M
-deep within 1.25x of 10k deep.
+deep within 1.25x of 10k deep. Issue 25: the lease path with 100 limits and 1,000
+paused-queue jobs within 10% of its cost without them (scenario control).
 """
 
 from __future__ import annotations
@@ -83,6 +91,7 @@ TARGETS = {
     "batch": 50000.0,
     "leaseack": 30000.0,
     "depth_ratio": 1.25,
+    "control_ratio": 1.10,
 }
 
 
@@ -738,10 +747,137 @@ def sc_depth(rep: Report, root: Path, depths: list[int], probes: int,
         )
 
 
+# ------------------------------------------------------------------ job control
+
+HELD = "held"  #: the paused queue of scenario control, named first by every lease
+CONTROL_LIMITS = 100
+PAUSED_JOBS = 1000
+
+
+def _control_setup(b: Broker) -> None:
+    """100 limits, two of which apply to the bench jobs without binding, and 1,000 jobs
+    in a paused queue."""
+    conn = rh.Conn(*b.addr)
+    try:
+        puts: list[tuple[str, dict[str, Any]]] = [
+            ("queue:bench", {"concurrency": 1_000_000}),
+            ("task:send_email", {"rate": {"limit": 1_000_000, "per": 1}}),
+        ]
+        for i in range(CONTROL_LIMITS - len(puts)):
+            key = f"task:other{i}" if i % 2 else f"customer:{i}"
+            puts.append((key, {"concurrency": 5, "rate": {"limit": 10, "per": 1}}))
+        for key, spec in puts:
+            status, body = conn.roundtrip(
+                rh.request_bytes("PUT", f"/v1/limits/{key}", spec)
+            )
+            if status != 200:
+                raise RuntimeError(
+                    f"PUT /v1/limits/{key}: HTTP {status} {body[:200]!r}"
+                )
+        status, _ = conn.roundtrip(rh.request_bytes("POST", f"/v1/queues/{HELD}/pause"))
+        if status != 200:
+            raise RuntimeError(f"pause: HTTP {status}")
+        req = rh.request_bytes(
+            "POST", f"/v1/queues/{HELD}/jobs", {"jobs": [JOB] * PAUSED_JOBS}
+        )
+        status, _ = conn.roundtrip(req)
+        if status != 201:
+            raise RuntimeError(f"enqueue to {HELD}: HTTP {status}")
+    finally:
+        conn.close()
+
+
+def sc_control(rep: Report, root: Path, probes: int, n: int) -> None:
+    """Job control's cost on the lease path: two brokers, probed in turns (see 'depth')."""
+    banner(
+        f"[6] job control: lease path with {CONTROL_LIMITS} limits and {PAUSED_JOBS:,}"
+        f" paused-queue jobs vs none ({probes} probes each, in turns; then lease 100"
+        f" carrying acks over {n:,} jobs each)"
+    )
+    lease_req = rh.request_bytes(
+        "POST", "/v1/lease", {"queues": [HELD, QUEUE], "max": 1, "worker": "bench"}
+    )
+    ack_head = (
+        "POST /v1/jobs/{}/ack HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/msgpack\r\n"
+        "Content-Type: application/msgpack\r\nContent-Length: {}\r\n\r\n"
+    )
+    warm = 50
+    names = ("without", "with")
+    with contextlib.ExitStack() as stack:
+        brokers = [stack.enter_context(broker(root, f"control-{n_}")) for n_ in names]
+        _control_setup(brokers[1])
+        for b in brokers:
+            fill(b, probes + warm)
+        conns = [rh.Conn(*b.addr) for b in brokers]
+        rts: list[list[float]] = [[], []]
+        for i in range(probes + warm):
+            for turn in range(2):
+                k = (turn + i) % 2
+                t0 = time.perf_counter()
+                status, body = conns[k].roundtrip(lease_req)
+                if status != 200:
+                    raise RuntimeError(f"lease: HTTP {status} {body[:200]!r}")
+                job = _decode_leased(body).jobs[0]
+                payload = rh.encode({"lease": job.lease, "result": None})
+                status, body = conns[k].roundtrip(
+                    ack_head.format(job.id, len(payload)).encode() + payload
+                )
+                if status != 200:
+                    raise RuntimeError(f"ack: HTTP {status} {body[:200]!r}")
+                if i >= warm:
+                    rts[k].append(time.perf_counter() - t0)
+        for c in conns:
+            c.close()
+        p50 = [statistics.median(x) * 1e3 for x in rts]
+        batch: list[float] = [0.0, 0.0]
+        for k in (0, 1, 1, 0):  # ABBA: fsync drift falls on both alike
+            fill(brokers[k], n)
+            st = rh.run_blocking(brokers[k].addr, LeaseCarryingHeld(QUEUE, 100))
+            if st.jobs != n:
+                raise RuntimeError(f"control: acked {st.jobs} of {n}")
+            batch[k] += st.seconds
+        held = _queue_counts(brokers[1], HELD)
+    ratio_rt = p50[1] / p50[0]
+    ratio_batch = batch[1] / batch[0]
+    print(f"  lease(max=1)+ack p50: without {p50[0]:.3f} ms, with {p50[1]:.3f} ms"
+          f" -> {ratio_rt:.3f}x", flush=True)  # fmt: skip
+    print(f"  lease 100 carrying acks, 2 x {n:,} jobs: without {batch[0]:.2f} s, with"
+          f" {batch[1]:.2f} s -> {ratio_batch:.3f}x (target <= {TARGETS['control_ratio']})",
+          flush=True)  # fmt: skip
+    print(f"  the paused queue still holds {held} queued jobs", flush=True)
+    rep.notes.append(
+        f"control: lease+ack p50 {ratio_rt:.3f}x, lease 100 carrying acks"
+        f" {ratio_batch:.3f}x with {CONTROL_LIMITS} limits and {PAUSED_JOBS} paused jobs"
+    )
+    rep.depth_ratio = (rep.depth_ratio or {}) | {
+        "control_rt_p50": round(ratio_rt, 3),
+        "control_batch": round(ratio_batch, 3),
+    }
+
+
+class LeaseCarryingHeld(LeaseCarryingAcks):
+    """LeaseCarryingAcks naming the paused queue first."""
+
+    def request(self, acks: list[_Ack]) -> bytes:
+        body = _LeaseCarrying([HELD, self.queue], self.max_jobs, "bench", acks)
+        return rh.request_bytes("POST", "/v1/lease", body)
+
+
+def _queue_counts(b: Broker, queue: str) -> int:
+    conn = rh.Conn(*b.addr)
+    try:
+        status, body = conn.roundtrip(rh.request_bytes("GET", f"/v1/queues/{queue}"))
+    finally:
+        conn.close()
+    return (
+        int(msgspec.msgpack.decode(body)["counts"]["queued"]) if status == 200 else -1
+    )
+
+
 # ------------------------------------------------------------------ main
 
 
-ALL = ("sqlite", "client", "enqueue", "batch", "leaseack", "depth")
+ALL = ("sqlite", "client", "enqueue", "batch", "leaseack", "depth", "control")
 
 
 def verdicts(rep: Report) -> list[str]:
@@ -834,6 +970,8 @@ def run_all(
             sc_leaseack(rep, root, n_la, a.profile)
         elif s == "depth":
             sc_depth(rep, root, depths, a.probes, a.profile)
+        elif s == "control":
+            sc_control(rep, root, a.probes, n_la)
     if "sqlite" in scen and len(scen) > 1:
         # fsync latency on a shared VM drifts: show the limit again at the end
         sc_sqlite(rep, raw_secs, " (again)")

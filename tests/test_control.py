@@ -6,6 +6,7 @@ Workers run as `qworker` subprocesses with `cwd=tests/` and `--module tasks_cont
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -260,7 +261,7 @@ def test_task_limits_hold_across_three_workers_while_others_run_freely(
     notes = tmp_path / "notes"
     workers = [start("--concurrency", "4") for _ in range(3)]
     wait_for(
-        lambda: any(r["key"] == "task:ctl_limited" for r in client.limits()),
+        lambda: any(r.key == "task:ctl_limited" for r in client.limits()),
         20, "the task's limit synced by a worker",
     )  # fmt: skip
     limited = [
@@ -415,22 +416,19 @@ def test_a_cancel_reaches_a_running_job_within_two_seconds(
     wait_for(
         lambda: notes.exists() and notes.read_text().count("start") == 3, 30, "3 starts"
     )
+
+    def seen(job_id: str) -> bool:
+        if stopped is not None:  # the task itself saw it
+            return f"{stopped} {job_id}" in notes.read_text()
+        return any(  # the worker killed the child
+            e.get("job_id") == job_id and e.get("outcome") == "cancelled"
+            for e in worker.events("job.finished")
+        )
+
     for job in jobs:
         t0 = time.monotonic()
         assert job.cancel() == "cancelled"
-        if stopped is not None:
-            wait_for(
-                lambda job=job: f"{stopped} {job.id}" in notes.read_text(), 2.0,
-                f"the task to see its cancel ({stopped})",
-            )  # fmt: skip
-        else:
-            wait_for(
-                lambda job=job: any(
-                    e.get("job_id") == job.id and e.get("outcome") == "cancelled"
-                    for e in worker.events("job.finished")
-                ),
-                2.0, "the worker to kill the child",
-            )  # fmt: skip
+        wait_for(functools.partial(seen, job.id), 2.0, f"the cancel of {job.id}")
         assert time.monotonic() - t0 < 2.5
     time.sleep(0.5)  # a late outcome, if any, would have been reported by now
     for job in jobs:
