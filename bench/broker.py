@@ -32,6 +32,13 @@ Scenarios (`--scenarios`, comma-separated; default all):
             pre-filled alike, probed in turns as 'depth' is: lease(max=1)+ack latency,
             then lease 100 carrying 100 acks (qworker's form) for the same N on each
 
+Not in the default run (name it in --scenarios):
+
+  tls       durable enqueue, one job per request on 1 connection, plain HTTP and HTTPS
+            (`--tls-cert/--tls-key`, a throwaway CA made with trustme), alternating
+            plain and TLS windows (TLS_ROUNDS each, one broker apiece) so drift hits both
+            alike; the median rates and their ratio (target: TLS >= 70% of plain)
+
 With 'sqlite' selected, every broker row is also compared with the raw limit measured
 just before and after it (fsync latency on a shared VM drifts several-fold in minutes).
 
@@ -42,6 +49,7 @@ Usage:
   python bench/broker.py --scenarios sqlite,enqueue --json out.json
   python bench/broker.py --max-depth 100000 --client epoll
   python bench/broker.py --scenarios control --quick   # job control's cost (~1 min)
+  python bench/broker.py --scenarios tls      # plain vs TLS enqueue (~35 s)
 
 Targets (issue 2): single enqueue >= 4,000 jobs/s on 1 connection; batch enqueue
 >= 50,000 jobs/s; lease+ack in batches >= 30,000 jobs/s; lease latency and RSS at 1M
@@ -54,6 +62,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -92,7 +101,10 @@ TARGETS = {
     "leaseack": 30000.0,
     "depth_ratio": 1.25,
     "control_ratio": 1.10,
+    "tls_ratio": 0.70,  #: TLS enqueue rate / plain, one connection (issue 27)
 }
+TLS_ROUNDS = 5  #: alternating plain and TLS windows of the 'tls' scenario (the rate is fsync-bound
+#: and drifts on a shared VM; the broker's CPU per job is the steadier figure)
 
 
 # ------------------------------------------------------------------ the broker process
@@ -335,6 +347,7 @@ class Report:
         self.notes: list[str] = []
         self.client_mode = ""
         self.calibration: list[dict[str, Any]] = []
+        self.tls: dict[str, Any] | None = None  #: scenario 'tls'
 
     def row(
         self,
@@ -877,7 +890,8 @@ def _queue_counts(b: Broker, queue: str) -> int:
 # ------------------------------------------------------------------ main
 
 
-ALL = ("sqlite", "client", "enqueue", "batch", "leaseack", "depth", "control")
+ALL = ("sqlite", "client", "enqueue", "batch", "leaseack", "depth")
+EXTRA = ("tls", "control")  #: scenarios run only when named
 
 
 def verdicts(rep: Report) -> list[str]:
@@ -917,6 +931,14 @@ def verdicts(rep: Report) -> list[str]:
     v("lease+ack batches, best", best("lease 100 + ack 100"), TARGETS["leaseack"])
     v("lease+ack batches, acks carried, best", best("lease 100 carrying 100 acks"),
       TARGETS["leaseack"])  # fmt: skip
+    if rep.tls:
+        t, got = TARGETS["tls_ratio"], rep.tls["ratio"]
+        out.append(
+            f"TLS enqueue, 1 conn: median {rep.tls['tls']:,.0f} jobs/s vs plain"
+            f" {rep.tls['plain']:,.0f}: {got:.2f}x vs target >= {t}"
+            f" -> {'MET' if got >= t else 'NOT met'}; broker CPU per job (median)"
+            f" {rep.tls['cpu_tls']:.0f} µs vs {rep.tls['cpu_plain']:.0f} µs plain"
+        )
     ratio = rep.depth_ratio
     if ratio:
         t = TARGETS["depth_ratio"]
@@ -927,6 +949,87 @@ def verdicts(rep: Report) -> list[str]:
                 f" -> {'MET' if ratio[k] <= t else 'NOT met'}"
             )
     return out
+
+
+class TlsBroker(e2e.Broker):
+    """The broker serving HTTPS with a certificate made for the run."""
+
+    def __init__(self, name: str, root: Path, cert: Path, key: Path) -> None:
+        super().__init__(name, root)
+        self.tls_args = ["--tls-cert", str(cert), "--tls-key", str(key)]
+
+    def command(self) -> list[str]:
+        return [*super().command(), *self.tls_args]
+
+
+def run_blocking_tls(
+    addr: tuple[str, int], session: rh.Session, ctx: Any
+) -> rh.RunStats:
+    """`rh.run_blocking` over one TLS connection (handshake before the clock starts)."""
+    conn = rh.Conn(*addr)
+    conn.sock = ctx.wrap_socket(conn.sock, server_hostname=addr[0])
+    cpu0 = rh._cpu_self()
+    t_first = time.monotonic()
+    try:
+        req = session.start()
+        while req is not None:
+            status, body = conn.roundtrip(req)
+            session.requests += 1
+            req = session.feed(status, body)
+    except OSError as exc:
+        session.error = f"{type(exc).__name__}: {exc}"
+    t_last = time.monotonic()
+    conn.close()
+    st = rh._collect([session], t_first, t_last)
+    st.cpu = rh._cpu_self() - cpu0
+    return st
+
+
+def sc_tls(rep: Report, root: Path, secs: float) -> None:
+    banner("[tls] enqueue 1/request on 1 connection: plain HTTP vs HTTPS")
+    import ssl
+
+    import trustme  # the test dependency that makes throwaway certificates
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    pki = Path(tempfile.mkdtemp(prefix="qb-tls-", dir=root))
+    cert, key = pki / "cert.pem", pki / "key.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    req = _enqueue_one_req()
+    rates: dict[str, list[float]] = {"plain": [], "tls": []}
+    cpu_us: dict[str, list[float]] = {"plain": [], "tls": []}  #: broker CPU per job
+    try:
+        for n in range(TLS_ROUNDS):
+            for kind in ("plain", "tls"):
+                b = (
+                    TlsBroker(f"tls{n}", root, cert, key)
+                    if kind == "tls"
+                    else e2e.Broker(f"plain{n}", root)
+                )
+                with b:
+                    if kind == "tls":
+                        run = functools.partial(run_blocking_tls, ctx=ctx)
+                    else:
+                        run = rh.run_blocking
+                    run(b.addr, Repeat(req, 1, 201, seconds=0.5))  # warm up
+                    st, bcpu, ccpu = measured(
+                        b, run, b.addr, Repeat(req, 1, 201, seconds=secs)
+                    )
+                r = rep.row(f"enqueue 1/request, {kind}", 1, st.jobs, st.seconds,
+                            broker_cpu=bcpu, client_cpu=ccpu, client="blocking")  # fmt: skip
+                rates[kind].append(r["rate"])
+                cpu_us[kind].append(1e4 * bcpu / r["rate"])
+    finally:
+        shutil.rmtree(pki, ignore_errors=True)
+    plain, tls = statistics.median(rates["plain"]), statistics.median(rates["tls"])
+    rep.tls = {"plain": plain, "tls": tls, "ratio": tls / plain, "rates": rates,
+               "broker_cpu_us_per_job": cpu_us,
+               "cpu_plain": statistics.median(cpu_us["plain"]),
+               "cpu_tls": statistics.median(cpu_us["tls"])}  # fmt: skip
 
 
 def git_state() -> str:
@@ -970,8 +1073,10 @@ def run_all(
             sc_leaseack(rep, root, n_la, a.profile)
         elif s == "depth":
             sc_depth(rep, root, depths, a.probes, a.profile)
-        elif s == "control":
-            sc_control(rep, root, a.probes, n_la)
+    if "tls" in scen:
+        sc_tls(rep, root, secs)
+    if "control" in scen:
+        sc_control(rep, root, a.probes, n_la)
     if "sqlite" in scen and len(scen) > 1:
         # fsync latency on a shared VM drifts: show the limit again at the end
         sc_sqlite(rep, raw_secs, " (again)")
@@ -1075,7 +1180,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small N, depth up to 100k")
     p.add_argument("--scenarios", default=",".join(ALL),
-                   help=f"comma-separated subset of {','.join(ALL)}")  # fmt: skip
+                   help=f"comma-separated subset of {','.join(ALL)}, or"
+                        f" {','.join(EXTRA)}")  # fmt: skip
     p.add_argument("--json", type=Path, help="write all figures here")
     p.add_argument("--client", choices=("auto", *CLIENT_MODES), default="auto",
                    help="multi-connection client; auto measures them (scenario 'client')")  # fmt: skip
@@ -1101,9 +1207,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     scen = [s.strip() for s in a.scenarios.split(",") if s.strip()]
-    bad = [s for s in scen if s not in ALL]
+    bad = [s for s in scen if s not in ALL + EXTRA]
     if bad:
-        p.error(f"unknown scenario(s) {bad}; choose from {ALL}")
+        p.error(f"unknown scenario(s) {bad}; choose from {ALL + EXTRA}")
     secs = a.seconds or (1.5 if a.quick else 5.0)
     n_la = a.leaseack_n or (20_000 if a.quick else 100_000)
     max_depth = a.max_depth or (100_000 if a.quick else 1_000_000)
@@ -1178,6 +1284,7 @@ def main(argv: list[str] | None = None) -> int:
             "client_calibration": rep.calibration,
             "depth": rep.depth,
             "depth_ratio": rep.depth_ratio,
+            "tls": rep.tls,
             "targets": vs,
             "notes": rep.notes,
             "total_seconds": round(total, 1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -30,16 +31,20 @@ def child_env(**extra: str) -> dict[str, str]:
 class BrokerProcess:
     """One `qbroker serve` subprocess on a data dir; restartable on the same dir."""
 
-    def __init__(self, data_dir: Path, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, data_dir: Path, args: tuple[str, ...] = (), ca: Path | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.args = args
+        self.ca = ca  #: the CA of its --tls-cert: it serves https
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.log_path = data_dir.parent / f"{data_dir.name}-broker.log"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "http" if self.ca is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self, port: int | None = None) -> BrokerProcess:
         """Start the broker and wait until it answers /healthz.
@@ -74,7 +79,10 @@ class BrokerProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError("broker did not become ready")
             time.sleep(0.02)
-        with urllib.request.urlopen(self.url + "/healthz", timeout=5) as reply:
+        tls = None if self.ca is None else ssl.create_default_context(cafile=self.ca)
+        with urllib.request.urlopen(
+            self.url + "/healthz", timeout=5, context=tls
+        ) as reply:
             assert reply.status == 200
         return self
 
@@ -106,8 +114,10 @@ def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
     """Make brokers: `broker_factory(name="b", args=("--max-body", "100"))`, not started."""
     made: list[BrokerProcess] = []
 
-    def make(name: str = "data", args: tuple[str, ...] = ()) -> BrokerProcess:
-        b = BrokerProcess(tmp_path / name, args)
+    def make(
+        name: str = "data", args: tuple[str, ...] = (), ca: Path | None = None
+    ) -> BrokerProcess:
+        b = BrokerProcess(tmp_path / name, args, ca)
         made.append(b)
         return b
 

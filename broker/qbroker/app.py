@@ -9,7 +9,6 @@ trio loop.
 
 from __future__ import annotations
 
-import hmac
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -43,7 +42,7 @@ from qclient.wire import (
     ResultsRequest,
 )
 
-from qbroker import __version__, errors, metrics, openapi
+from qbroker import __version__, auth, errors, metrics, openapi
 from qbroker.clock import Clock
 from qbroker.config import RESULTS_REPLY_BYTES, Config
 from qbroker.guards import FileGuard, FreeSpaceFloor
@@ -237,7 +236,10 @@ class Broker:
             lease_seconds=config.default_lease_seconds,
             result_ttl=config.default_result_ttl,
         )
-        self._token = config.token.encode() if config.token else None
+        pairs = list(config.tokens)
+        if config.token:
+            pairs.append((auth.ADMIN, config.token))
+        self._tokens = auth.Tokens(pairs) if pairs else None
         self._handlers: dict[str, Callable[[Request], Awaitable[Response]]] = {
             name[len("on_") :]: getattr(self, name)
             for name in dir(self)
@@ -245,24 +247,29 @@ class Broker:
         }
 
     def authorize(self, req: Request) -> None:
-        """Refuse a request without the broker's token (if it has one), before it
-        is routed: a client without it learns nothing, not even which paths exist.
+        """Find the role of the request's token (`req.role`), before it is routed:
+        a client without a token learns nothing, not even which paths exist. With no
+        token configured, every request is admin.
 
         Raises:
-            errors.Unauthorized
+            errors.Unauthorized: no token, or none of the broker's.
         """
-        if self._token is None or (
-            req.path == "/healthz" and req.method in ("GET", "HEAD")
-        ):
+        if self._tokens is None:
+            req.role = auth.ADMIN
             return
         # RFC 9110 section 11.1: the scheme is case-insensitive ("bearer" too)
         scheme, _, given = req.headers.get(b"authorization", b"").partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(
-            given.strip(b" "), self._token
-        ):
+        role = None
+        if scheme.lower() == b"bearer":
+            role = self._tokens.role_of(given.strip(b" "))
+        if role is None:
+            if req.path == "/healthz" and req.method in ("GET", "HEAD"):
+                req.role = auth.OPEN
+                return
             raise errors.Unauthorized(
                 "a valid 'Authorization: Bearer <token>' is needed"
             )
+        req.role = role
 
     def start(self, req: Request) -> Awaitable[Response]:
         """Begin answering one routed, `authorize`d request; await the result for
@@ -274,8 +281,11 @@ class Broker:
         do all their work when awaited.
 
         Raises (here or when awaited):
+            errors.Forbidden: the token's role may not call this route.
             errors.QBrokerError for error replies.
         """
+        if req.role != auth.ADMIN:
+            auth.permit(req.role, req.route)
         if req.route == "enqueue" and len(req.body) <= BIG_BODY:
             return self._enqueue(req, decode(req, EnqueueBody))
         return self._handlers[req.route](req)

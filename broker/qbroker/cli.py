@@ -1,4 +1,6 @@
-"""`qbroker serve`: parse flags and QBROKER_* variables into a Config, then serve."""
+"""`qbroker serve`: parse flags and QBROKER_* variables into a Config, then serve.
+`qbroker backup DEST`: copy the database of a data dir, running broker or not.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +13,16 @@ from pathlib import Path
 import structlog
 import trio
 
-from qbroker import __version__, config as cfg, control_cli, errors, logs
+from qbroker import (
+    __version__,
+    auth,
+    config as cfg,
+    control_cli,
+    errors,
+    logs,
+    store,
+    tls,
+)
 from qbroker.datadir import DataDirInUse
 from qbroker.server import serve
 
@@ -79,15 +90,68 @@ def build_parser() -> argparse.ArgumentParser:
         f" (QBROKER_MIN_FREE_DISK, default {cfg.DEFAULT_MIN_FREE_DISK})",
     )
     s.add_argument(
-        "--token", help="require 'Authorization: Bearer TOKEN' (QBROKER_TOKEN)"
+        "--token",
+        help="require 'Authorization: Bearer TOKEN'; it has the admin role"
+        " (QBROKER_TOKEN)",
     )
+    s.add_argument(
+        "--tokens-file",
+        help="tokens with roles, one 'role:token' a line; roles: producer, worker,"
+        " read, admin (QBROKER_TOKENS_FILE; or QBROKER_TOKENS='role:token ...')",
+    )
+    s.add_argument(
+        "--tls-cert", help="PEM certificate chain: serve HTTPS (QBROKER_TLS_CERT)"
+    )
+    s.add_argument("--tls-key", help="its PEM private key (QBROKER_TLS_KEY)")
     s.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         help="QBROKER_LOG_LEVEL, default info",
     )
     control_cli.add_parsers(sub)
+    b = sub.add_parser(
+        "backup",
+        help="copy the database, consistent, while the broker runs",
+        description="Copy the database of a data dir into DEST (a new file, or a"
+        " directory to hold qbroker.db), as of one moment, while the broker runs."
+        " Restore: start a broker with --data-dir on a directory holding the copy"
+        " as qbroker.db.",
+    )
+    b.add_argument("dest", help="a new file, or a directory to hold qbroker.db")
+    b.add_argument(
+        "--data-dir",
+        help=f"the broker's data dir (QBROKER_DATA_DIR, default {cfg.DEFAULT_DATA_DIR})",
+    )
     return parser
+
+
+def _tokens(ns: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """The (role, token) pairs of --tokens-file (or QBROKER_TOKENS_FILE) and
+    QBROKER_TOKENS.
+
+    Raises:
+        SystemExit: a file that cannot be read or a bad line (one line, no token).
+    """
+    pairs: list[tuple[str, str]] = []
+    path = ns.tokens_file if ns.tokens_file is not None else _env("TOKENS_FILE", None)
+    try:
+        if path:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise SystemExit(
+                    f"qbroker: cannot read tokens file {path}: {why}"
+                ) from None
+            pairs += auth.parse_tokens(text, path)
+            if not pairs:
+                raise SystemExit(f"qbroker: tokens file {path} holds no token")
+        pairs += auth.parse_tokens(_env("TOKENS", "") or "", "QBROKER_TOKENS")
+    except auth.TokensError as exc:
+        raise SystemExit(f"qbroker: {exc}") from None
+    if len({t for _, t in pairs}) < len(pairs):
+        raise SystemExit("qbroker: a token is given twice (file and QBROKER_TOKENS)")
+    return tuple(pairs)
 
 
 def config_from(ns: argparse.Namespace) -> cfg.Config:
@@ -99,6 +163,8 @@ def config_from(ns: argparse.Namespace) -> cfg.Config:
         return _env(env, default) or default
 
     ready = ns.ready_file if ns.ready_file is not None else _env("READY_FILE", None)
+    cert = ns.tls_cert if ns.tls_cert is not None else _env("TLS_CERT", None)
+    key = ns.tls_key if ns.tls_key is not None else _env("TLS_KEY", None)
     quota = (
         ns.max_db_bytes if ns.max_db_bytes is not None else _env("MAX_DB_BYTES", None)
     )
@@ -124,6 +190,9 @@ def config_from(ns: argparse.Namespace) -> cfg.Config:
             pick(ns.min_free_disk, "MIN_FREE_DISK", str(cfg.DEFAULT_MIN_FREE_DISK))
         ),
         token=ns.token if ns.token is not None else _env("TOKEN", None),
+        tokens=_tokens(ns),
+        tls_cert=Path(cert) if cert else None,
+        tls_key=Path(key) if key else None,
         log_level=pick(ns.log_level, "LOG_LEVEL", "info"),
     )
 
@@ -154,17 +223,60 @@ async def _run(config: cfg.Config, started: list[int]) -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve, config)
         started.append(port)
-        print(f"qbroker listening on http://{config.host}:{port}", flush=True)
+        scheme = "https" if config.tls_cert is not None else "http"
+        print(f"qbroker listening on {scheme}://{config.host}:{port}", flush=True)
         if config.ready_file is not None:
             tmp = config.ready_file.with_name(config.ready_file.name + ".tmp")
             tmp.write_text(f"{port}\n")
             tmp.replace(config.ready_file)
 
 
+def _check_tls(config: cfg.Config) -> None:
+    """Refuse to start with half a TLS setup or files it cannot use (one line)."""
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise SystemExit("qbroker: TLS needs both --tls-cert and --tls-key")
+    if config.tls_cert is not None and config.tls_key is not None:
+        try:
+            tls.server_context(config.tls_cert, config.tls_key)
+        except tls.TLSConfigError as exc:
+            raise SystemExit(f"qbroker: {exc}") from None
+
+
+def backup(ns: argparse.Namespace) -> int:
+    """`qbroker backup DEST`: write the copy beside DEST, then rename it into place,
+    so DEST is never half written. Returns the exit status."""
+    data_dir = Path(ns.data_dir or _env("DATA_DIR", None) or cfg.DEFAULT_DATA_DIR)
+    source = data_dir / cfg.DB_FILENAME
+    dest = Path(ns.dest)
+    if dest.is_dir():
+        dest = dest / cfg.DB_FILENAME
+    if not source.is_file():
+        raise SystemExit(f"qbroker: no database at {source}; pass --data-dir")
+    if dest.exists():
+        raise SystemExit(f"qbroker: {dest} exists; give a new file or an empty dir")
+    partial = dest.with_name(dest.name + ".partial")
+    partial.unlink(missing_ok=True)
+    try:
+        jobs = store.backup(source, partial)
+        os.replace(partial, dest)
+        fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself is durable
+        finally:
+            os.close(fd)
+    except (errors.QBrokerError, OSError) as exc:
+        partial.unlink(missing_ok=True)
+        raise SystemExit(f"qbroker: backup failed: {exc}") from None
+    print(f"qbroker: backed up {jobs} jobs to {dest}", flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.command in control_cli.COMMANDS:
         return control_cli.main(ns)
+    if ns.command == "backup":
+        return backup(ns)
     config = config_from(ns)
     logs.configure(config.log_level)
     for name, seconds in (
@@ -175,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"qbroker: the {name} must be above 0 s, not {seconds:g}")
     if config.min_free_disk < 0:
         raise SystemExit("qbroker: --min-free-disk must be 0 (no floor) or more bytes")
+    _check_tls(config)
     _check_data_dir(config)
     started: list[int] = []
     try:

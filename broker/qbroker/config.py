@@ -43,7 +43,12 @@ class Config:
     default_lease_seconds: float = DEFAULT_LEASE_SECONDS
     default_max_retries: int = DEFAULT_MAX_RETRIES
     default_result_ttl: float = DEFAULT_RESULT_TTL
-    token: str | None = None  #: when set, every request but /healthz needs it
+    token: str | None = None  #: when set, every request but /healthz needs it (admin)
+    #: (role, token) pairs from --tokens-file / QBROKER_TOKENS (auth.py); with `token`,
+    #: when any is set, every request but /healthz needs one, and its role decides
+    tokens: tuple[tuple[str, str], ...] = ()
+    tls_cert: Path | None = None  #: PEM certificate chain: serve HTTPS instead of HTTP
+    tls_key: Path | None = None  #: its PEM private key
     synchronous: str = "FULL"  #: SQLite synchronous pragma; FULL makes 2xx durable
     max_db_bytes: int | None = None  #: quota on qbroker.db; writes past it get 507
     min_free_disk: int = DEFAULT_MIN_FREE_DISK  #: bytes; under it enqueues get 507

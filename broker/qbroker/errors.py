@@ -4,6 +4,7 @@
     ├── BadRequest            400 bad_request
     ├── MalformedBody         400 malformed_body
     ├── Unauthorized          401 unauthorized
+    ├── Forbidden             403 forbidden (names the roles that may)
     ├── NotFound              404 not_found
     ├── JobNotFound           404 job_not_found
     ├── MethodNotAllowed      405 method_not_allowed
@@ -52,6 +53,14 @@ class MalformedBody(QBrokerError):
 
 class Unauthorized(QBrokerError):
     status, reason = 401, "unauthorized"
+
+
+class Forbidden(QBrokerError):
+    status, reason = 403, "forbidden"
+
+    def __init__(self, message: str, *, roles: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.roles = roles  #: the roles that may make the request: the reply's `roles`
 
 
 class NotFound(QBrokerError):

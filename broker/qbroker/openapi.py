@@ -29,6 +29,7 @@ _FAIL_REPLY = {
 _ERRORS = {
     "400": "malformed request or body",
     "401": "token missing or wrong",
+    "403": "the token's role may not make this request (`roles` names those that may)",
     "404": "unknown job or path",
     "405": "method not allowed (see the Allow header)",
     "408": "request timeout",
@@ -153,6 +154,7 @@ def document() -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "success", "content": {ctype: {}}},
                     "401": {"description": "token missing or wrong"},
+                    "403": {"description": "the token's role may not (read needed)"},
                 },
             }
         }

@@ -45,6 +45,7 @@ class Request:
     query: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)  #: path parameters
     route: str = "unmatched"
+    role: str = ""  #: the token's role (auth.py), set by `Broker.authorize`
     #: whether the client still has its end of the connection open (the server sets
     #: it; a long-poll asks before it takes jobs for a client that may have gone)
     peer_alive: Callable[[], bool] = _always
@@ -365,7 +366,10 @@ _CLOSING_REASONS = frozenset(
 
 def error_response(req: Request | None, exc: errors.QBrokerError) -> Response:
     """The reply for an error: its status and an ErrorBody."""
-    body = ErrorBody(error=exc.reason, message=exc.message, field=exc.field)
+    roles = list(exc.roles) if isinstance(exc, errors.Forbidden) else None
+    body = ErrorBody(
+        error=exc.reason, message=exc.message, field=exc.field, roles=roles
+    )
     resp = encode(req, body, exc.status)
     resp.close = exc.reason in _CLOSING_REASONS
     if isinstance(exc, errors.MethodNotAllowed):

@@ -34,6 +34,7 @@ import itertools
 import math
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -42,7 +43,7 @@ import h11
 import structlog
 import trio
 
-from qbroker import errors, metrics, protocol
+from qbroker import errors, metrics, protocol, tls
 from qbroker.app import Broker
 from qbroker.clock import STALL_SECONDS, Clock
 from qbroker.config import MAX_HEADER_BYTES, Config
@@ -64,18 +65,38 @@ REFUSED_LOG_SECONDS = 10.0  #: at most one `conn.refused` log line this often
 _SERVER_HEADER = (b"server", b"qbroker")
 #: what a send or receive raises when the client has gone
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+#: a TLS read or write that must wait for the socket (OpenSSL's WANT_READ/WANT_WRITE)
+_WANT_READ = (BlockingIOError, ssl.SSLWantReadError)
+_WANT_WRITE = (BlockingIOError, ssl.SSLWantWriteError)
+#: a TLS peer's end of the stream, with (SSLZeroReturnError) or without close_notify
+_TLS_EOF = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
 
 
 class _Conn:
-    """One client connection."""
+    """One client connection: plain, or TLS when given a server context."""
 
-    def __init__(self, stream: trio.SocketStream, conn_id: int) -> None:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        conn_id: int,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.stream = stream
         own = stream.socket
         #: the same fd as a plain socket, for reads and writes without trio's extra
         #: scheduler pass per call; `detach()`ed (never closed) when the connection ends
-        self.sock = socket.socket(own.family, own.type, own.proto, own.fileno())
-        self.sock.setblocking(False)
+        self.raw = socket.socket(own.family, own.type, own.proto, own.fileno())
+        self.raw.setblocking(False)
+        #: what requests are read from and replies written to: `raw`, or a TLS socket
+        #: on the same fd (non-blocking; OpenSSL shakes hands at the first read/write)
+        self.tls: ssl.SSLSocket | None = None
+        if tls_context is not None:
+            dup = socket.socket(own.family, own.type, own.proto, own.fileno())
+            dup.setblocking(False)
+            self.tls = tls_context.wrap_socket(
+                dup, server_side=True, do_handshake_on_connect=False
+            )
+        self.sock: socket.socket = self.raw if self.tls is None else self.tls
         self._eager = 0  #: reads in a row that found bytes waiting (see `receive`)
         self.id = conn_id
         self.h11 = h11.Connection(
@@ -112,15 +133,20 @@ class _Conn:
         while True:
             try:
                 data = self.sock.recv(READ_SIZE)
-            except BlockingIOError:
+            except _WANT_READ:
                 self._eager = 0
                 self.waiting = True
                 try:
-                    await trio.lowlevel.wait_readable(self.sock)
+                    await trio.lowlevel.wait_readable(self.raw)
                 finally:
                     self.waiting = False
                 continue
-            except OSError as exc:  # reset, timed out: as trio's streams say it
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self.raw)
+                continue
+            except _TLS_EOF:
+                return b""
+            except OSError as exc:  # reset, timed out, TLS refused: as trio says it
                 raise trio.BrokenResourceError(str(exc)) from exc
             self._eager += 1
             if self._eager >= EAGER_READS:
@@ -134,16 +160,19 @@ class _Conn:
         while view:
             try:
                 view = view[self.sock.send(view) :]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
+            except _WANT_WRITE:
+                await trio.lowlevel.wait_writable(self.raw)
+            except ssl.SSLWantReadError:  # a TLS handshake not yet done
+                await trio.lowlevel.wait_readable(self.raw)
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
 
     def peer_alive(self) -> bool:
         """False once the client has closed or reset its end. A peek, never a read:
-        bytes of a pipelined next request stay where they are."""
+        bytes of a pipelined next request stay where they are. Over TLS, a client
+        that closes with a close_notify alert looks alive until its socket closes."""
         try:
-            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            return bool(self.raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except BlockingIOError:
             return True  # open, and nothing sent yet
         except OSError:
@@ -151,8 +180,10 @@ class _Conn:
 
     def quiet(self) -> bool:
         """True while the client has sent nothing unread (and not closed): a peek."""
+        if self.tls is not None and self.tls.pending():
+            return False  # decrypted bytes wait in the TLS layer
         try:
-            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self.raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return True
         except OSError:
@@ -173,16 +204,16 @@ class _Conn:
         ):
             return
         try:
-            self.sock.shutdown(socket.SHUT_WR)
+            self.raw.shutdown(socket.SHUT_WR)
         except OSError:
             return
-        left = LINGER_BYTES
+        left = LINGER_BYTES  # of raw bytes: TLS records are discarded unread
         with trio.move_on_after(LINGER_SECONDS):
             while left > 0:
                 try:
-                    data = self.sock.recv(min(READ_SIZE, left))
+                    data = self.raw.recv(min(READ_SIZE, left))
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self.sock)
+                    await trio.lowlevel.wait_readable(self.raw)
                     continue
                 except OSError:
                     return
@@ -250,6 +281,11 @@ class Server:
     def __init__(self, config: Config, broker: Broker) -> None:
         self.config = config
         self.broker = broker
+        self.tls_context = (
+            tls.server_context(config.tls_cert, config.tls_key)
+            if config.tls_cert is not None and config.tls_key is not None
+            else None
+        )
         self.active_requests = 0
         self.connections = 0
         self._conns: dict[_Conn, None] = {}  #: every open connection
@@ -356,7 +392,7 @@ class Server:
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         self._next_conn_id += 1
-        conn = _Conn(stream, self._next_conn_id)
+        conn = _Conn(stream, self._next_conn_id, self.tls_context)
         self.connections += 1
         metrics.CONNECTIONS.inc()
         try:
@@ -379,7 +415,11 @@ class Server:
             self._conns.pop(conn, None)
             self._idle.pop(conn, None)
             conn.timer.done = True
-            conn.sock.detach()  # the fd is the stream's to close
+            # the fd is the stream's to close (a TLS connection ends without a
+            # close_notify: its replies are framed by Content-Length, RFC 9112 9.8)
+            if conn.tls is not None:
+                conn.tls.detach()
+            conn.raw.detach()
             self.connections -= 1
             metrics.CONNECTIONS.dec()
             with trio.move_on_after(1) as scope:

@@ -28,7 +28,8 @@ _default: Client | None = None
 def default_client() -> Client:
     """The shared `Client` behind the module-level functions.
 
-    Made on first use from QBROKER_URL / QBROKER_TOKEN (or `configure()`'s values).
+    Made on first use from QBROKER_URL / QBROKER_TOKEN / QBROKER_CA (or
+    `configure()`'s values).
     """
     global _default
     client = _default
@@ -47,6 +48,7 @@ def configure(
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
     encoding: Encoding = "msgpack",
+    ca: str | None = None,
 ) -> Client:
     """Replace the default client with one made from these settings.
 
@@ -60,12 +62,15 @@ def configure(
         timeout: as for `Client`.
         retries: as for `Client`.
         encoding: as for `Client`.
+        ca: as for `Client`: the CA of an https broker; default: env QBROKER_CA.
 
     Returns:
         The new default client.
     """
     global _default
-    client = Client(url, token, timeout=timeout, retries=retries, encoding=encoding)
+    client = Client(
+        url, token, timeout=timeout, retries=retries, encoding=encoding, ca=ca
+    )
     with _lock:
         old, _default = _default, client
     if old is not None:

@@ -52,7 +52,8 @@ class AsyncClient(ClientBase, AsyncAdminMethods):
     The arguments are `Client`'s.
 
     Raises:
-        ValueError: the URL is not `http://...` or the encoding is unknown.
+        ValueError: the URL is not `http://` or `https://`, the encoding is unknown,
+            or the CA file cannot be used.
     """
 
     def _open(self) -> None:
@@ -125,7 +126,7 @@ class AsyncClient(ClientBase, AsyncAdminMethods):
             codec = self._codec
             limit = retry.connect_timeout(time.monotonic())
             try:
-                stream = await backend.connect(codec.host, codec.port, limit)
+                stream = await backend.connect(codec.host, codec.port, limit, self._tls)
             except OSError as exc:  # refused, unreachable, connect timeout
                 return Failure(exc)
             conn = _AsyncConn(stream, owner)

@@ -24,6 +24,7 @@ from qclient._http import (
 
 if TYPE_CHECKING:
     import asyncio
+    import ssl
 
 __all__ = ["Backend", "Stream", "current_backend"]
 
@@ -44,7 +45,9 @@ class Backend(Protocol):
     name: str
 
     def owner(self) -> object: ...
-    async def connect(self, host: str, port: int, limit: float) -> Stream: ...
+    async def connect(
+        self, host: str, port: int, limit: float, tls: ssl.SSLContext | None
+    ) -> Stream: ...
     async def exchange(
         self, stream: Stream, http: HTTPConnection, data: bytes, limit: float
     ) -> Response: ...
@@ -78,10 +81,12 @@ def _trio_errors() -> tuple[type[Exception], ...]:
 
 
 class _TrioStream:
-    __slots__ = ("_stream",)
+    __slots__ = ("_socket", "_stream")
 
     def __init__(self, stream: Any) -> None:
-        self._stream = stream  # trio.SocketStream (TCP_NODELAY is trio's default)
+        #: a trio.SocketStream (TCP_NODELAY is trio's default), or an SSLStream on one
+        self._stream = stream
+        self._socket = getattr(stream, "transport_stream", stream).socket
 
     async def send_all(self, data: bytes) -> None:
         try:
@@ -97,10 +102,10 @@ class _TrioStream:
         return data
 
     def idle_dead(self) -> bool:
-        return readable_now(self._stream.socket.fileno())
+        return readable_now(self._socket.fileno())
 
     def abort(self) -> None:
-        sock = self._stream.socket
+        sock = self._socket
         try:
             sock.close()
         except RuntimeError:
@@ -122,11 +127,29 @@ class _TrioBackend:
     def owner(self) -> object:
         return self._trio.lowlevel.current_trio_token()
 
-    async def connect(self, host: str, port: int, limit: float) -> Stream:
+    async def connect(
+        self, host: str, port: int, limit: float, tls: ssl.SSLContext | None
+    ) -> Stream:
         trio = self._trio
         try:
             with trio.fail_after(limit):
-                return _TrioStream(await trio.open_tcp_stream(host, port))
+                stream = await trio.open_tcp_stream(host, port)
+                if tls is None:
+                    return _TrioStream(stream)
+                # https_compatible: the broker ends without a close_notify (its
+                # replies are framed by Content-Length, RFC 9112 section 9.8)
+                ssl_stream = trio.SSLStream(
+                    stream, tls, server_hostname=host, https_compatible=True
+                )
+                try:  # now, so a certificate refused is a failed connect
+                    await ssl_stream.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    stream.socket.close()
+                    cause = exc.__cause__
+                    raise (
+                        cause if isinstance(cause, OSError) else OSError(str(exc))
+                    ) from None
+                return _TrioStream(ssl_stream)
         except trio.TooSlowError:
             raise TimeoutError(f"connect to {host}:{port} timed out") from None
 
@@ -268,13 +291,15 @@ class _AsyncioBackend:
     def owner(self) -> object:
         return self._asyncio.get_running_loop()
 
-    async def connect(self, host: str, port: int, limit: float) -> Stream:
+    async def connect(
+        self, host: str, port: int, limit: float, tls: ssl.SSLContext | None
+    ) -> Stream:
         loop = self._asyncio.get_running_loop()
         stream = _AsyncioStream(loop)
         async with self._asyncio.timeout(limit):
             # A duck-typed protocol: see _AsyncioStream's docstring.
             protocol = cast("asyncio.Protocol", stream)
-            await loop.create_connection(lambda: protocol, host, port)
+            await loop.create_connection(lambda: protocol, host, port, ssl=tls)
         return stream
 
     async def exchange(

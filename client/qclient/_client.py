@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Generator
-from typing import Concatenate, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Concatenate, Generic, ParamSpec, TypeVar
 
 from qclient._errors import QClientError
 from qclient._http import (
@@ -31,6 +31,10 @@ from qclient._http import (
     Response,
 )
 from qclient._retry import Request, Retry
+from qclient._tls import client_context
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["ClientBase", "Done", "HandleBase", "Op", "Operation", "advance"]
 
@@ -83,6 +87,7 @@ class ClientBase:
         timeout: float = DEFAULT_TIMEOUT,
         retries: int = DEFAULT_RETRIES,
         encoding: Encoding = "msgpack",
+        ca: str | os.PathLike[str] | None = None,
     ) -> None:
         self.url: str = url or os.environ.get("QBROKER_URL") or DEFAULT_URL
         if token is None:
@@ -91,6 +96,10 @@ class ClientBase:
         self.retries = retries
         self.encoding: Encoding = encoding
         self._codec = Codec(self.url, token, encoding)
+        #: how an https:// client verifies the broker (None: plain http)
+        self._tls: ssl.SSLContext | None = (
+            client_context(ca) if self._codec.tls else None
+        )
         self._open()
 
     def _open(self) -> None:

@@ -224,12 +224,13 @@ class Codec:
     """Everything about a client's requests that is fixed at construction.
 
     Args:
-        url: the broker's base URL, `http://host[:port][/prefix]`.
+        url: the broker's base URL, `http[s]://host[:port][/prefix]`.
         token: sent as `Authorization: Bearer <token>` when not None/empty.
         encoding: "msgpack" (default, faster) or "json" for request and reply bodies.
 
     Raises:
-        ValueError: the URL is not plain `http://` or the encoding is unknown.
+        ValueError: the URL is not `http://` or `https://`, or the encoding is
+            unknown.
     """
 
     __slots__ = (
@@ -241,15 +242,17 @@ class Codec:
         "host",
         "port",
         "prefix",
+        "tls",
     )
 
     def __init__(self, url: str, token: str | None, encoding: Encoding) -> None:
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"qclient speaks plain http://host:port, not {url!r}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"qclient speaks http[s]://host:port, not {url!r}")
         if encoding not in _CONTENT_TYPES:
             raise ValueError(f"encoding must be 'msgpack' or 'json', not {encoding!r}")
         self.host: str = parts.hostname
+        self.tls: bool = parts.scheme == "https"  #: verify the broker's certificate
         self.port: int = parts.port or DEFAULT_PORT
         self.prefix: str = parts.path.rstrip("/")
         host_header = parts.netloc.rpartition("@")[2].encode("ascii")

@@ -8,7 +8,8 @@ The policy never touches a socket or a clock; `now` is `time.monotonic()`.
 
 The rules (the same for the blocking and the async client):
 
-- A connection that could not be made sent nothing: resend after a backoff.
+- A connection that could not be made sent nothing: resend after a backoff; but a
+  broker certificate that fails verification is an error at once (resending cannot help).
 - A connection lost before a whole reply may have carried the request to the broker:
   resend after a backoff, and mark the final reply `retried` (a 409 to an enqueue
   may then be the first attempt's success). A pooled keep-alive socket the broker had
@@ -30,6 +31,7 @@ from typing import Final
 
 from qclient._errors import ProtocolError, QClientError
 from qclient._http import Codec, Response
+from qclient._tls import is_certificate_error
 
 __all__ = ["BACKOFF_INITIAL", "BACKOFF_MAX", "Failure", "Request", "Retry", "backoff"]
 
@@ -174,6 +176,14 @@ class Retry:
             if outcome.status not in RETRY_STATUSES:
                 outcome.retried = self._maybe_applied
                 return outcome
+        elif not outcome.sent and is_certificate_error(outcome.error):
+            return _caused(
+                ProtocolError(
+                    f"the TLS certificate of {self._url} failed verification"
+                    f" ({outcome.error}); give the CA that signed it (ca=, QBROKER_CA)"
+                ),
+                outcome.error,
+            )
         elif outcome.sent:
             if isinstance(outcome.error, TimeoutError):
                 return _caused(

@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import h11
 
@@ -26,6 +27,9 @@ from qclient._http import (
     readable_now,
 )
 from qclient._retry import Failure, Retry
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["Conn", "SocketPool"]
 
@@ -84,11 +88,18 @@ class SocketPool:
     Args:
         address: (host, port).
         timeout: the socket timeout a new connection starts with.
+        tls: for https, the context that wraps (and verifies) each new socket.
     """
 
-    def __init__(self, address: tuple[str, int], timeout: float) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        timeout: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
+        self.tls = tls
         self.idle: list[Conn] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -140,6 +151,12 @@ class SocketPool:
         sock = socket.create_connection(self.address, timeout=connect_timeout)
         with contextlib.suppress(OSError):  # not a TCP socket
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            try:  # the handshake, within the connect timeout; verifies the certificate
+                sock = self.tls.wrap_socket(sock, server_hostname=self.address[0])
+            except BaseException:
+                sock.close()
+                raise
         return Conn(sock, self.timeout)
 
     def _after_fork(self) -> None:

@@ -43,13 +43,19 @@ class Client(ClientBase, AdminMethods):
         retries: how many times to resend after a connection error, 408, 429 or 503
             (exponential backoff from 0.05 s, capped at 2 s, with jitter).
         encoding: "msgpack" (default, faster) or "json" on the wire.
+        ca: for an `https://` URL, a PEM file of the CA that signed the broker's
+            certificate (a private CA); default: env QBROKER_CA, else the system's
+            CAs. The certificate and host name are always verified.
 
     Raises:
-        ValueError: the URL is not `http://...` or the encoding is unknown.
+        ValueError: the URL is not `http://` or `https://`, the encoding is
+            unknown, or the CA file cannot be used.
     """
 
     def _open(self) -> None:
-        self._pool = SocketPool((self._codec.host, self._codec.port), self.timeout)
+        self._pool = SocketPool(
+            (self._codec.host, self._codec.port), self.timeout, self._tls
+        )
 
     def close(self) -> None:
         """Close the idle connections; later calls raise RuntimeError.

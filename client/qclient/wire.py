@@ -469,6 +469,7 @@ class ErrorBody(_Struct, frozen=True):
     error: str  #: machine-readable reason, e.g. "invalid_field"
     message: str
     field: str | None = None
+    roles: list[str] | None = None  #: for 403 `forbidden`: the roles that may
 
 
 #: Crockford's base32 (the ULID alphabet): its order is ASCII order, so ids sort as

@@ -12,6 +12,7 @@ the upkeep thread, when something is due sooner than it was told. No I/O under t
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -99,19 +100,27 @@ class Core:
             self.log.info("broker.reconnected", url=self.client.url)
 
     def refused(self, exc: Exception) -> bool:
-        """If the broker refused our credentials (401/403), say so once, in one line,
-        and stop the worker with status 1. Returns whether it did."""
-        if not (isinstance(exc, BrokerError) and exc.status in AUTH_STATUSES):
+        """If the broker refused our credentials (401, or 403: a token without the
+        worker role) or its certificate failed verification, say so once, in one
+        line, and stop the worker with status 1. Returns whether it did."""
+        untrusted = isinstance(exc, ProtocolError) and isinstance(
+            exc.__cause__, ssl.SSLCertVerificationError
+        )
+        if untrusted:
+            event, status = "worker.tls_refused", None
+            fix = "pass the CA that signed the broker's certificate: --ca or QBROKER_CA"
+        elif isinstance(exc, BrokerError) and exc.status in AUTH_STATUSES:
+            event, status = "worker.unauthorized", exc.status
+            fix = "pass the broker's token with --token or QBROKER_TOKEN"
+            if exc.status == 403:
+                fix = "give the worker a token of the worker role (--token, QBROKER_TOKEN)"
+        else:
             return False
         with self.lock:
             first, self.unauthorized = not self.unauthorized, True
         if first:
             self.log.error(
-                "worker.unauthorized",
-                url=self.client.url,
-                status=exc.status,
-                error=describe(exc),
-                fix="pass the broker's token with --token or QBROKER_TOKEN",
+                event, url=self.client.url, status=status, error=describe(exc), fix=fix
             )
             self.fail_stop()
         return True

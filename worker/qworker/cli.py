@@ -1,7 +1,8 @@
 """`qworker --queue Q --module tasks [...]`: parse flags, import the tasks, run a Worker.
 
 Exit status: 0 after a clean stop (SIGTERM/SIGINT, or `--burst` drained); 1 after a
-second signal, an internal error, a broker that refuses the token (401/403), or with
+second signal, an internal error, a broker that refuses the token (401/403) or whose
+certificate fails verification, or with
 `--burst` a broker unreachable for the client's timeout; 2 for bad flags, a task module
 that fails to import, or a processes pool none of whose children can start.
 """
@@ -107,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the broker's bearer token (default: env QBROKER_TOKEN)",
     )  # fmt: skip
     p.add_argument(
+        "--ca", default=None,
+        help="PEM file of the CA that signed an https broker's certificate "
+        "(default: env QBROKER_CA, else the system's CAs)",
+    )  # fmt: skip
+    p.add_argument(
         "--name", default=None, help="worker name in the broker (default: host:pid)"
     )
     p.add_argument(
@@ -139,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             modules=ns.modules,
             url=ns.url,
             token=ns.token,
+            ca=ns.ca,
             concurrency=ns.concurrency,
             pool=ns.pool,
             max_tasks_per_child=ns.max_tasks_per_child,

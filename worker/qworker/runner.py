@@ -19,8 +19,9 @@ finish within `grace` seconds, release those still running after that (their run
 abandoned; the attempt is not counted), wait for the in-flight lease poll to return (and
 release what it brought), report every outcome, exit 0. A second signal exits at once
 with status 1; jobs not reported yet come back when their leases expire. A broker that
-refuses the worker's token (401/403), or one a `--burst` worker cannot reach within the
-client's timeout, stops it with status 1.
+refuses the worker's token (401/403), a broker certificate that fails verification, or
+a broker a `--burst` worker cannot reach within the client's timeout, stops it with
+status 1.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class Worker:
             `sys.path` first).
         url: the broker; default: env QBROKER_URL, else http://127.0.0.1:7733.
         token: the broker's bearer token; default: env QBROKER_TOKEN.
+        ca: for an https URL, the PEM file of the CA that signed the broker's
+            certificate; default: env QBROKER_CA, else the system's CAs.
         concurrency: slots, i.e. jobs run at once; default: the number of CPUs.
         pool: "threads" or "processes".
         max_tasks_per_child: replace a process-pool child after this many tasks.
@@ -112,6 +115,7 @@ class Worker:
         modules: Sequence[str] = (),
         url: str | None = None,
         token: str | None = None,
+        ca: str | None = None,
         concurrency: int | None = None,
         pool: str = "threads",
         max_tasks_per_child: int | None = None,
@@ -138,7 +142,9 @@ class Worker:
         self.lease_wait = lease_wait
         self.registry: Registry = default_registry
         if client is None:
-            client = Client(url, token, timeout=HTTP_TIMEOUT, retries=HTTP_RETRIES)
+            client = Client(
+                url, token, timeout=HTTP_TIMEOUT, retries=HTTP_RETRIES, ca=ca
+            )
         self.client = client
         self._log = log.bind(worker=self.name)
         self._core: Core | None = None
@@ -160,7 +166,8 @@ class Worker:
 
         Returns:
             The exit status: 0 after a clean stop; 1 if an internal error stopped it,
-            the broker refused the token (401/403), or with `burst` the broker stayed
+            the broker refused the token (401/403) or its certificate failed
+            verification, or with `burst` the broker stayed
             unreachable for the client's timeout.
 
         Raises:
