@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from qbroker.store import WRITER_AUTOCHECKPOINT_PAGES
+from qbroker.store.sqlite.schema import WRITER_AUTOCHECKPOINT_PAGES
 
 from tests.conftest import BrokerProcess
 from tests.wirehttp import Wire, wait_for

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 from qbroker.clock import Clock
-from qbroker.store import Defaults, Store
+from qbroker.store import Changes, Defaults
+from qbroker.store.sqlite.schema import open_writer
+from qbroker.store.sqlite.writes import Writes
 from qclient.wire import JobSpec
 
 from tests.conftest import BrokerFactory, BrokerProcess, child_env
@@ -232,16 +234,17 @@ def test_a_timeout_of_zero_is_refused(tmp_path: Path, flag: str) -> None:
 def real_db(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """The bytes of a real qbroker.db holding 300 jobs, closed cleanly."""
     path = tmp_path_factory.mktemp("realdb") / "qbroker.db"
-    store = Store(path)
-    store.conn.execute("BEGIN")
-    store.enqueue(
+    writes = Writes(open_writer(path))
+    writes.conn.execute("BEGIN")
+    writes.enqueue(
         "q",
         [JobSpec(args=["x" * 2000, i]) for i in range(300)],
         defaults=Defaults(max_retries=3, lease_seconds=30.0, result_ttl=3600.0),
         now=1e9,
+        changes=Changes(),
     )
-    store.conn.execute("COMMIT")
-    store.close()
+    writes.conn.execute("COMMIT")
+    writes.conn.close()
     return path.read_bytes()
 
 
@@ -250,7 +253,7 @@ def _damaged(good: bytes) -> dict[str, bytes]:
     page = 4096
     scattered = bytearray(good)
     for p in range(5, len(good) // page, 7):
-        start = p * page + 200
+        start = p * page  # the page's header and cell pointers: never free space
         scattered[start : start + 200] = rnd.randbytes(200)
     return {
         "random bytes": rnd.randbytes(50_000),

@@ -6,21 +6,23 @@ bodies, under every content type. Whatever comes in, decode returns the asked-fo
 or raises an errors.py error with status 400, 415 or 422, never anything else; and what
 it accepts, the store can keep and the broker can send back as JSON and msgpack.
 
-Part 2 drives `qbroker.store.Store` directly on a temp SQLite file with a controllable
-`now`, through the writer's group-commit code (Writer._commit: one SAVEPOINT per call),
-against a small Python model of the job state machine. Rules: enqueue, lease, ack,
-ack_many, fail, extend, release, cancel, advance the clock, reaper sweep (tick).
-Invariants after every step: every row matches the model; attempts never exceed
-max_retries + 1; counts by state add up; a stale lease is rejected and changes nothing
-(a resent ack or fail of the settling lease is answered ok and changes nothing, too);
-leases come out by priority, then FIFO.
+Part 2 is the store's contract suite: it drives the store through its interface only
+(qbroker.store.Store, every verb awaited as the broker does; each backend of
+tests/stores.py's `backend` fixture in turn) with a controllable `now`, against a small
+Python model of the job state machine. Rules: enqueue, lease (and a resent lease),
+ack, ack_many, fail, extend, release, cancel, advance the clock, sweep. Invariants
+after every step: every row matches the model; attempts never exceed max_retries + 1;
+counts by state add up; each queue says when a lease last named it; every verb
+reports exactly the transitions the model made; a stale lease is rejected and changes
+nothing (a resent ack, fail or release of the settling lease is answered ok and changes
+nothing, too); leases come out by priority, then readiness, then FIFO.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
+import math
 import shutil
 import tempfile
 from collections import Counter
@@ -37,10 +39,18 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 from qbroker import errors, protocol
-from qbroker.store import SWEEP_BATCH, Defaults, Reader, Store
-from qbroker.writer import Call, Writer
+from qbroker.store import (
+    LEASED_AT_STEP,
+    Changes,
+    Defaults,
+    Snapshot,
+    Store,
+    Transition,
+)
+from qbroker.store.sqlite.sweep import SWEEP_BATCH
 from qclient.wire import (
     MIN_LEASE_SECONDS,
     NAME_PATTERN,
@@ -51,20 +61,17 @@ from qclient.wire import (
     FailManyRequest,
     FailRequest,
     JobSpec,
+    JobState,
     LeaseRequest,
+    ReleaseItem,
     ReleaseRequest,
 )
 
+from tests.stores import Driver, backend
+
+__all__ = ["backend"]  # a fixture, used by name
+
 # ------------------------------------------------------------------ helpers
-
-
-def run_call(store: Store, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run one store call the way the writer thread does: BEGIN IMMEDIATE, SAVEPOINT,
-    the call, RELEASE (or ROLLBACK TO on error), COMMIT. Returns or raises its outcome."""
-    call = Call(fn, args, kwargs)
-    Writer._commit(store.conn, [call])
-    assert call.result is not None
-    return call.result.unwrap()
 
 
 def attempt(
@@ -280,63 +287,65 @@ def _request(body: bytes, ctype: bytes | None, accept: bytes | None = None) -> A
 
 
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, Reader]]:
+def scratch(
+    tmp_path_factory: pytest.TempPathFactory, backend: Any
+) -> Iterator[tuple[Driver, Store]]:
     """One store for every decoder example (the examples use unique ids)."""
-    path = tmp_path_factory.mktemp("decoders") / "qbroker.db"
-    store = Store(path, synchronous="OFF")
-    reader = Reader(path)
-    yield store, reader
-    reader.close()
-    store.close()
+    driver = Driver(backend, tmp_path_factory.mktemp("decoders"))
+    store = driver.open()
+    yield driver, store
+    driver.close()
+
+
+def _lease_all(queue: str, n: int = 1000) -> LeaseRequest:
+    return LeaseRequest(queues=[queue], max=n, worker="w")
 
 
 DEFAULTS = Defaults(max_retries=3, lease_seconds=30.0, result_ttl=1000.0)
 _counter = iter(range(10**9))
 
 
-def _check_storable(store: Store, reader: Reader, value: Any) -> None:
+def _check_storable(driver: Driver, store: Store, value: Any) -> None:
     """What decode accepted can be stored and sent back in both encodings."""
     json_req = _request(b"", None, b"application/json")
     mp_req = _request(b"", None, b"application/msgpack")
     if isinstance(value, protocol.EnqueueBody):
         specs = value.jobs if value.jobs is not None else [value]
         queue = f"q{next(_counter)}"
-        ids, err = attempt(
-            run_call, store, store.enqueue, queue, specs, defaults=DEFAULTS, now=1e9
-        )
+        done, err = attempt(
+            driver.run, store.enqueue_and_hand_off, queue, specs, [],
+            defaults=DEFAULTS, now=1e9,
+        )  # fmt: skip
         if err is not None:
             assert err.status in {409, 422}, err  # duplicate id/key; delay with eta
             return
-        for job_id in ids:
-            record = reader.get_job(job_id)
+        for job_id in done.ids:
+            record = driver.run(store.get_job, job_id)
             protocol.encode(json_req, record)
             protocol.encode(mp_req, record)
-        leased = run_call(
-            store, store.lease, [queue], max_jobs=1000, lease_seconds=None,
-            worker="w", now=1e9,
-        )  # fmt: skip
-        protocol.encode(json_req, leased)
-        protocol.encode(mp_req, leased)
+        leased = driver.run(store.lease, _lease_all(queue), resend=False, now=1e9)
+        protocol.encode(json_req, leased.leased.jobs)
+        protocol.encode(mp_req, leased.leased.jobs)
     elif isinstance(value, AckRequest | AckManyRequest):
         results = [value.result] if isinstance(value, AckRequest) else [
             a.result for a in value.acks
         ]  # fmt: skip
         for result in results:
             queue = f"q{next(_counter)}"
-            [job_id] = run_call(
-                store, store.enqueue, queue, [JobSpec()], defaults=DEFAULTS, now=1e9
-            )
-            [job] = run_call(
-                store, store.lease, [queue], max_jobs=1, lease_seconds=None,
-                worker="w", now=1e9,
-            )  # fmt: skip
+            [job_id] = driver.run(
+                store.enqueue_and_hand_off, queue, [JobSpec()], [],
+                defaults=DEFAULTS, now=1e9,
+            ).ids  # fmt: skip
+            [job] = driver.run(
+                store.lease, _lease_all(queue, 1), resend=False, now=1e9
+            ).leased.jobs
             _, err = attempt(
-                run_call, store, store.ack, job_id, job.lease, result, now=1e9
+                driver.run, store.ack, job_id, job.lease, result, watched=[], now=1e9
             )
             if err is not None:
                 assert err.status == 422, err
                 continue
-            record = reader.get_job(job_id)
+            record = driver.run(store.get_job, job_id)
             protocol.encode(json_req, record)
             protocol.encode(mp_req, record)
 
@@ -344,7 +353,7 @@ def _check_storable(store: Store, reader: Reader, value: Any) -> None:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(type_=st.sampled_from(BODY_TYPES), body=bodies())
 def test_decode_raises_only_client_errors_and_what_it_accepts_can_be_stored(
-    scratch: tuple[Store, Reader], type_: type[Any], body: tuple[bytes, bytes | None]
+    scratch: tuple[Driver, Store], type_: type[Any], body: tuple[bytes, bytes | None]
 ) -> None:
     data, ctype = body
     value, err = attempt(protocol.decode, _request(data, ctype), type_)
@@ -455,8 +464,9 @@ def test_a_wrong_field_gets_422_naming_it(
 T0 = 1_000_000.0  #: the machine's clock starts here (unix seconds)
 QUEUES = ["a", "b"]
 UNFINISHED = {"scheduled", "queued", "active"}
+FINAL = {"succeeded", "failed", "dead", "cancelled", "expired"}
 # every duration is a multiple of 1/4 s, so sums of them are exact in binary floats and
-# the model's arithmetic equals SQLite's
+# the model's arithmetic equals the store's
 DELAYS = [None, None, 0.0, 0.5, 2.0, 5.0]
 LEASES = [None, 0.5, 1.0, 3.0, 10.0]
 REQUEST_IDS = ["req-one1", "req-two2"]  #: lease request ids (a client may reuse one)
@@ -485,7 +495,7 @@ class MJob:
     id: str
     queue: str
     priority: int
-    order: int  #: insertion order (the store's seq)
+    order: int  #: insertion order
     max_retries: int
     timeout: float
     result_ttl: float
@@ -515,40 +525,56 @@ class MJob:
             self.lease = None
         self.lease_expires_at = None
 
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.id, self.queue, self.state, self.attempts, self.priority,
+            self.max_retries, self.available_at, self.expires_at, self.finished_at,
+            self.purge_at, self.lease, self.lease_expires_at, self.dedup_key,
+        )  # fmt: skip
 
-_ROW_COLUMNS = (
-    "id, queue, state, attempts, priority, max_retries, available_at, expires_at,"
-    " finished_at, purge_at, lease, lease_expires_at, dedup_key"
-)
+
+def _t(job: MJob, old: str | None, new: str | None) -> Transition:
+    return (
+        job.id,
+        job.queue,
+        None if old is None else JobState(old),
+        None if new is None else JobState(new),
+    )
+
+
+def _same(got: Changes, want: list[Transition]) -> None:
+    """A verb reported exactly the transitions the model made (in any order)."""
+    assert Counter(got.transitions) == Counter(want), (got.transitions, want)
 
 
 class JobMachine(RuleBasedStateMachine):
-    """The store against the model, one rule at a time."""
+    """The store against the model, one rule at a time, through the interface only."""
 
-    def __init__(self) -> None:
+    def __init__(self, opener: Any) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="qbroker-sm-"))
-        path = self.dir / "qbroker.db"
-        self.store = Store(path, synchronous="OFF")
-        self.reader = Reader(path)
+        self.driver = Driver(opener, self.dir)
+        self.store = self.driver.open()
         self.now = T0
         self.model: dict[str, MJob] = {}
         self.order = 0
         self.ids: list[str] = []  #: every job id ever stored (some since purged)
         self.tokens: list[tuple[str, str]] = []  #: every (job id, lease) handed out
+        self.leased_at: dict[str, float] = {}  #: queue -> last time a lease named it
+        self.made: set[str] = set()  #: queues enqueued to or leased from
 
     def teardown(self) -> None:
-        self.reader.close()
-        self.store.close()
+        self.driver.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -------------------------------------------------------- helpers
 
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return run_call(self.store, fn, *args, **kwargs)
+        return self.driver.run(fn, *args, **kwargs)
 
-    def raw_rows(self) -> list[tuple[Any, ...]]:
-        return self.store.conn.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
+    def snapshot(self) -> Snapshot:
+        snap: Snapshot = self.run(self.store.snapshot)
+        return snap
 
     def lease_valid(self, job_id: str, token: str) -> bool:
         job = self.model.get(job_id)
@@ -577,10 +603,13 @@ class JobMachine(RuleBasedStateMachine):
         )
 
     def expect_resent(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """A resent ack, fail or release succeeds and changes nothing."""
-        before = self.raw_rows()
+        """A resent ack, fail or release succeeds, reports no transition and changes
+        nothing."""
+        before = self.snapshot()
         got = self.run(fn, *args, **kwargs)
-        assert self.raw_rows() == before
+        assert self.snapshot() == before
+        changes = got if isinstance(got, Changes) else got.changes
+        assert changes.transitions == []
         event(f"{fn.__name__}: resend answered ok")
         return got
 
@@ -593,12 +622,25 @@ class JobMachine(RuleBasedStateMachine):
 
     def expect_rejected(self, job_id: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         """A call with a stale lease raises StaleLease (or JobNotFound) and changes nothing."""
-        before = self.raw_rows()
+        before = self.snapshot()
         want = errors.StaleLease if job_id in self.model else errors.JobNotFound
         with pytest.raises(want):
             self.run(fn, *args, **kwargs)
-        assert self.raw_rows() == before
+        assert self.snapshot() == before
         event(f"{fn.__name__}: stale lease rejected")
+
+    def ready(self, queue: str) -> list[MJob]:
+        """The jobs a lease of `queue` would take now, in lease order."""
+        return sorted(
+            (
+                j
+                for j in self.model.values()
+                if j.queue == queue
+                and j.state == "queued"
+                and (j.expires_at is None or j.expires_at > self.now)
+            ),
+            key=lambda j: (-j.priority, j.available_at, j.order),
+        )
 
     # -------------------------------------------------------- rules: producer
 
@@ -635,29 +677,24 @@ class JobMachine(RuleBasedStateMachine):
             if s["dedup_key"] is not None:
                 keys.add(s["dedup_key"])
         wire_specs = [JobSpec(**s) for s in specs]
+        call: tuple[Any, ...] = (self.store.enqueue_and_hand_off, queue, wire_specs, [])
         if clash:
-            before = self.raw_rows()
+            before = self.snapshot()
             with pytest.raises(errors.QBrokerError) as info:
-                self.run(
-                    self.store.enqueue,
-                    queue,
-                    wire_specs,
-                    defaults=SM_DEFAULTS,
-                    now=self.now,
-                )
+                self.run(*call, defaults=SM_DEFAULTS, now=self.now)
             assert type(info.value) in clash, (info.value, clash)
-            assert self.raw_rows() == before  # all or nothing
+            assert self.snapshot() == before  # all or nothing
             return
-        got = self.run(
-            self.store.enqueue, queue, wire_specs, defaults=SM_DEFAULTS, now=self.now
-        )
-        assert len(got) == len(specs)
-        for job_id, s in zip(got, specs, strict=True):
+        done = self.run(*call, defaults=SM_DEFAULTS, now=self.now)
+        assert len(done.ids) == len(specs)
+        assert done.leased == []
+        made = []
+        for job_id, s in zip(done.ids, specs, strict=True):
             if s["id"] is not None:
                 assert job_id == s["id"]
             available = self.now + (s["delay"] or 0.0)
             self.order += 1
-            self.model[job_id] = MJob(
+            job = self.model[job_id] = MJob(
                 id=job_id,
                 queue=queue,
                 priority=s["priority"],
@@ -672,7 +709,50 @@ class JobMachine(RuleBasedStateMachine):
                 dedup_key=s["dedup_key"],
                 state="scheduled" if available > self.now else "queued",
             )
+            made.append(_t(job, None, job.state))
             self.ids.append(job_id)
+        _same(done.changes, made)
+        due = [j.available_at for j in self.model.values()
+               if j.id in done.ids and j.state == "scheduled"]  # fmt: skip
+        due += [self.model[i].expires_at or math.inf for i in done.ids]
+        assert done.changes.due == min(due)
+        self.made.add(queue)
+
+    @rule(
+        queue=st.sampled_from(QUEUES),
+        n_specs=st.integers(1, 3),
+        max_jobs=st.sampled_from([1, 2]),
+        lease_seconds=st.sampled_from(LEASES),
+    )
+    def enqueue_and_hand_off(
+        self, queue: str, n_specs: int, max_jobs: int, lease_seconds: float | None
+    ) -> None:
+        """An enqueue that leases for a parked long-poll in the same unit: the
+        hand-off gets what a lease right after the enqueue would."""
+        request = LeaseRequest(
+            queues=[queue], max=max_jobs, timeout=lease_seconds, worker="w"
+        )
+        specs = [JobSpec() for _ in range(n_specs)]
+        done = self.run(
+            self.store.enqueue_and_hand_off, queue, specs, [request],
+            defaults=SM_DEFAULTS, now=self.now,
+        )  # fmt: skip
+        made = []
+        for job_id in done.ids:
+            self.order += 1
+            job = self.model[job_id] = MJob(
+                id=job_id, queue=queue, priority=0, order=self.order,
+                max_retries=SM_DEFAULTS.max_retries,
+                timeout=SM_DEFAULTS.lease_seconds, result_ttl=SM_DEFAULTS.result_ttl,
+                available_at=self.now, expires_at=None, dedup_key=None, state="queued",
+            )  # fmt: skip
+            made.append(_t(job, None, "queued"))
+            self.ids.append(job_id)
+        [leased] = done.leased
+        made += self.check_lease([queue], max_jobs, lease_seconds, None, leased)
+        _same(done.changes, made)
+        self.made.add(queue)
+        event("enqueue: handed off")
 
     @precondition(lambda self: self.ids)
     @rule(data=st.data())
@@ -681,19 +761,73 @@ class JobMachine(RuleBasedStateMachine):
         job = self.model.get(job_id)
         if job is None:
             with pytest.raises(errors.JobNotFound):
-                self.run(self.store.cancel, job_id, now=self.now)
+                self.run(self.store.cancel, job_id, watched=[], now=self.now)
             return
-        counts: Counter[tuple[str, str]] = Counter()
-        state = self.run(self.store.cancel, job_id, now=self.now, counts=counts)
+        done = self.run(self.store.cancel, job_id, watched=[job_id], now=self.now)
         if job.state in UNFINISHED:
             # an active job keeps its token, so its worker learns of it at extend
+            _same(done.changes, [_t(job, job.state, "cancelled")])
             job.state, job.finished_at = "cancelled", self.now
-            assert counts == {(job.queue, "cancelled"): 1}
+            assert done.changes.records[job_id].state == "cancelled"
         else:
-            assert not counts
-        assert state == job.state
+            _same(done.changes, [])
+        assert done.state == job.state
 
     # -------------------------------------------------------- rules: worker
+
+    def check_lease(
+        self,
+        queues: list[str],
+        max_jobs: int,
+        lease_seconds: float | None,
+        request_id: str | None,
+        got: Any,
+    ) -> list[Transition]:
+        """Check a fresh lease's jobs against the model and apply it; returns the
+        transitions it must have reported."""
+        want: list[MJob] = []
+        for q in queues:
+            ready = [j for j in self.ready(q) if j.id not in {w.id for w in want}]
+            cut = ready[: max_jobs - len(want)]
+            if len(ready) > len(cut) and cut:
+                event("lease: more ready than asked for")
+                fifo = sorted(ready, key=lambda j: (-j.priority, j.order))
+                if fifo[: len(cut)] != cut:
+                    event("lease: a later-enqueued job was ready first")
+            want += cut
+        # priority first, then the job ready first, then FIFO; queues in the order asked
+        assert [g.id for g in got.jobs] == [j.id for j in want]
+        assert not got.again
+        for g in got.jobs:
+            j = self.model[g.id]
+            j.state, j.attempts, j.lease = "active", j.attempts + 1, g.lease
+            j.released = False
+            j.lease_seconds = lease_seconds or j.timeout
+            j.lease_expires_at = self.now + j.lease_seconds
+            assert g.attempt == j.attempts
+            assert g.lease_expires_at == j.lease_expires_at
+            assert j.attempts <= j.max_retries + 1
+            if request_id is not None:
+                assert g.lease.startswith(request_id + ":")
+            self.tokens.append((g.id, g.lease))
+        more = len(want) >= max_jobs and any(self.ready(q) for q in queues)
+        assert got.more == more
+        self.named(queues)
+        return [_t(j, "queued", "active") for j in want]
+
+    def named(self, queues: list[str]) -> None:
+        """A lease request named `queues`."""
+        for q in queues:
+            self.leased_at[q] = self.now
+        self.made.update(queues)
+
+    def check_leased_at(self, queue: str, stored: float | None) -> None:
+        """A queue says when a lease last named it, to within LEASED_AT_STEP."""
+        last = self.leased_at.get(queue)
+        if last is None:
+            assert stored is None, queue
+        else:
+            assert stored is not None and last - LEASED_AT_STEP < stored <= last
 
     @rule(
         queues=st.lists(st.sampled_from(QUEUES), min_size=1, max_size=3),
@@ -708,59 +842,26 @@ class JobMachine(RuleBasedStateMachine):
         lease_seconds: float | None,
         request_id: str | None,
     ) -> None:
-        want: list[MJob] = []
-        taken: set[str] = set()
-        for q in queues:
-            ready = sorted(
-                (
-                    j
-                    for j in self.model.values()
-                    if j.queue == q
-                    and j.state == "queued"
-                    and (j.expires_at is None or j.expires_at > self.now)
-                    and j.id not in taken
-                ),
-                key=lambda j: (-j.priority, j.available_at, j.order),
-            )
-            cut = ready[: max_jobs - len(want)]
-            if len(ready) > len(cut) and cut:
-                event("lease: more ready than asked for")
-                fifo = sorted(ready, key=lambda j: (-j.priority, j.order))
-                if fifo[: len(cut)] != cut:
-                    event("lease: a later-enqueued job was ready first")
-            want += cut
-            taken.update(j.id for j in want)
-        got = self.run(
-            self.store.lease, queues, max_jobs=max_jobs, lease_seconds=lease_seconds,
-            worker="w", now=self.now, request_id=request_id,
+        request = LeaseRequest(
+            queues=queues, max=max_jobs, timeout=lease_seconds, worker="w",
+            request_id=request_id,
         )  # fmt: skip
-        # priority first, then the job ready first, then FIFO; queues in the order asked
-        assert [g.id for g in got] == [j.id for j in want]
-        for a, b in itertools.pairwise(got):
-            if a.queue == b.queue:
-                ja, jb = self.model[a.id], self.model[b.id]
-                assert (-ja.priority, ja.available_at, ja.order) < (
-                    -jb.priority, jb.available_at, jb.order
-                )  # fmt: skip
-        for g in got:
-            j = self.model[g.id]
-            j.state, j.attempts, j.lease = "active", j.attempts + 1, g.lease
-            j.released = False
-            j.lease_seconds = lease_seconds or j.timeout
-            j.lease_expires_at = self.now + j.lease_seconds
-            assert g.attempt == j.attempts
-            assert g.lease_expires_at == j.lease_expires_at
-            assert j.attempts <= j.max_retries + 1
-            self.tokens.append((g.id, g.lease))
+        done = self.run(self.store.lease, request, resend=False, now=self.now)
+        made = self.check_lease(
+            queues, max_jobs, lease_seconds, request_id, done.leased
+        )
+        _same(done.changes, made)
+        assert done.results == []
 
     @rule(
         request_id=st.sampled_from(REQUEST_IDS),
         queues=st.lists(st.sampled_from(QUEUES), min_size=1, max_size=3),
+        max_jobs=st.integers(1, 4),
     )
-    def leased_by(self, request_id: str, queues: list[str]) -> None:
-        """What a resent lease gets back: the active, unexpired jobs leased under its
-        request id, in lease order (queues as first named, priority, readiness, FIFO)."""
-        got = self.run(self.store.leased_by, request_id, queues, now=self.now)
+    def resent_lease(self, request_id: str, queues: list[str], max_jobs: int) -> None:
+        """A resent lease gets back the active, unexpired jobs leased under its
+        request id, in lease order (queues as first named, priority, readiness, FIFO),
+        changing nothing; with none, it leases afresh."""
         first: dict[str, int] = {}
         for i, q in enumerate(queues):
             first.setdefault(q, i)
@@ -781,30 +882,44 @@ class JobMachine(RuleBasedStateMachine):
                 j.order,
             ),
         )
-        if want:
-            event("leased_by: found jobs")
-        assert [(g.id, g.lease, g.attempt) for g in got] == [
+        request = LeaseRequest(
+            queues=queues, max=max_jobs, worker="w", request_id=request_id, resend=True
+        )
+        before = self.snapshot()
+        done = self.run(self.store.lease, request, resend=True, now=self.now)
+        if not want:
+            made = self.check_lease(queues, max_jobs, None, request_id, done.leased)
+            _same(done.changes, made)
+            return
+        event("resent lease: got its jobs again")
+        got = done.leased
+        assert got.again
+        assert [(g.id, g.lease, g.attempt) for g in got.jobs] == [
             (j.id, j.lease, j.attempts) for j in want
         ]
+        _same(done.changes, [])
+        assert self.snapshot().jobs == before.jobs  # only last_leased_at may move
+        self.named(queues)
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
     def ack(self, data: st.DataObject) -> None:
         job_id, token = self.pick_lease(data)
+        ack = self.store.ack
         if self.resent(job_id, token, "ack"):
-            assert (
-                self.expect_resent(self.store.ack, job_id, token, 2, now=self.now)
-                is None
-            )
+            self.expect_resent(ack, job_id, token, 2, watched=[], now=self.now)
             return
         if not self.lease_valid(job_id, token):
-            self.expect_rejected(job_id, self.store.ack, job_id, token, 1, now=self.now)
+            self.expect_rejected(
+                job_id, ack, job_id, token, 1, watched=[], now=self.now
+            )
             return
-        queue = self.run(self.store.ack, job_id, token, {"r": 1}, now=self.now)
+        changes = self.run(ack, job_id, token, {"r": 1}, watched=[job_id], now=self.now)
         job = self.model[job_id]
-        assert queue == job.queue
+        _same(changes, [_t(job, "active", "succeeded")])
         job.finish("succeeded", self.now, keep_lease=True)
-        assert self.reader.get_job(job_id).result == {"r": 1}
+        assert changes.records[job_id].result == {"r": 1}
+        assert self.run(self.store.get_job, job_id).result == {"r": 1}
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), n=st.integers(1, 4))
@@ -822,10 +937,14 @@ class JobMachine(RuleBasedStateMachine):
                 event("ack_many: resend answered ok")
             else:
                 want.append("stale_lease" if i in self.model else "job_not_found")
-        results = self.run(self.store.ack_many, items, now=self.now)
-        assert [(r.id, r.ok, r.error) for r in results] == [
+        done = self.run(
+            self.store.settle_and_lease, items, [], None, resend=False, watched=[],
+            now=self.now,
+        )  # fmt: skip
+        assert [(r.id, r.ok, r.error) for r in done.results] == [
             (i, e is None, e) for (i, _), e in zip(leases_, want, strict=True)
         ]
+        _same(done.changes, [_t(self.model[i], "active", "succeeded") for i in acked])
         for i in acked:
             self.model[i].finish("succeeded", self.now, keep_lease=True)
 
@@ -833,81 +952,94 @@ class JobMachine(RuleBasedStateMachine):
     @rule(data=st.data(), retry_in=st.sampled_from([None, 0.0, 0.5, 2.0]))
     def fail(self, data: st.DataObject, retry_in: float | None) -> None:
         job_id, token = self.pick_lease(data)
+        fail = self.store.fail
         if self.resent(job_id, token, "fail"):
-            queue, state = self.expect_resent(
-                self.store.fail, job_id, token, error="E: y", traceback=None,
-                retry_in=retry_in, now=self.now,
+            done = self.expect_resent(
+                fail, job_id, token, error="E: y", traceback=None, retry_in=retry_in,
+                watched=[], now=self.now,
             )  # fmt: skip
             settled = self.model[job_id].state
-            assert queue is None
-            assert state == ("failed" if settled == "failed" else "scheduled")
+            assert done.state == ("failed" if settled == "failed" else "scheduled")
             return
         if not self.lease_valid(job_id, token):
             self.expect_rejected(
-                job_id, self.store.fail, job_id, token, error="E: x", traceback=None,
-                retry_in=retry_in, now=self.now,
+                job_id, fail, job_id, token, error="E: x", traceback=None,
+                retry_in=retry_in, watched=[], now=self.now,
             )  # fmt: skip
             return
-        _, state = self.run(
-            self.store.fail, job_id, token, error="E: x", traceback=None,
-            retry_in=retry_in, now=self.now,
+        done = self.run(
+            fail, job_id, token, error="E: x", traceback=None, retry_in=retry_in,
+            watched=[job_id], now=self.now,
         )  # fmt: skip
         job = self.model[job_id]
         if retry_in is not None:
             job.available_at = self.now + retry_in
         if retry_in is not None and job.attempts <= job.max_retries:
+            _same(done.changes, [_t(job, "active", "scheduled")])
             job.state, job.lease_expires_at = "scheduled", None  # the token stays
+            assert done.changes.due == job.available_at
+            assert done.changes.records == {}
         else:
+            _same(done.changes, [_t(job, "active", "failed")])
             job.finish("failed", self.now, keep_lease=True)
-        assert state == job.state
+            assert done.changes.records[job_id].state == "failed"
+        assert done.state == job.state
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), lease_seconds=st.sampled_from(LEASES))
     def extend(self, data: st.DataObject, lease_seconds: float | None) -> None:
         job_id, token = self.pick_lease(data)
         job = self.model.get(job_id)
+        extend = self.store.extend
         if self.lease_valid(job_id, token):
             assert job is not None
-            expires, cancelled = self.run(
-                self.store.extend, job_id, token, lease_seconds=lease_seconds,
-                now=self.now,
-            )  # fmt: skip
+            done = self.run(
+                extend, job_id, token, lease_seconds=lease_seconds, now=self.now
+            )
             job.lease_seconds = lease_seconds or job.lease_seconds
             assert job.lease_seconds is not None
             job.lease_expires_at = self.now + job.lease_seconds
-            assert (expires, cancelled) == (job.lease_expires_at, False)
+            assert (done.lease_expires_at, done.cancelled) == (
+                job.lease_expires_at,
+                False,
+            )
+            assert done.changes.due == job.lease_expires_at
+            _same(done.changes, [])
         elif job is not None and job.state == "cancelled" and job.lease == token:
-            before = self.raw_rows()
-            got = self.run(
-                self.store.extend, job_id, token, lease_seconds=lease_seconds,
-                now=self.now,
-            )  # fmt: skip
-            assert got == (self.now, True)
-            assert self.raw_rows() == before
+            before = self.snapshot()
+            done = self.run(
+                extend, job_id, token, lease_seconds=lease_seconds, now=self.now
+            )
+            assert (done.lease_expires_at, done.cancelled) == (self.now, True)
+            assert self.snapshot() == before
         else:
             self.expect_rejected(
-                job_id, self.store.extend, job_id, token, lease_seconds=lease_seconds,
-                now=self.now,
-            )  # fmt: skip
+                job_id, extend, job_id, token, lease_seconds=lease_seconds, now=self.now
+            )
 
     @precondition(lambda self: self.tokens)
-    @rule(data=st.data())
-    def release(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), many=st.booleans())
+    def release(self, data: st.DataObject, many: bool) -> None:
         job_id, token = self.pick_lease(data)
+        release = self.store.release
         if self.resent(job_id, token, "release"):
-            assert (
-                self.expect_resent(self.store.release, job_id, token, now=self.now)
-                is None
-            )
+            self.expect_resent(release, job_id, token, now=self.now)
             return
         if not self.lease_valid(job_id, token):
-            self.expect_rejected(
-                job_id, self.store.release, job_id, token, now=self.now
-            )
+            self.expect_rejected(job_id, release, job_id, token, now=self.now)
             return
-        queue = self.run(self.store.release, job_id, token, now=self.now)
         job = self.model[job_id]
-        assert queue == job.queue
+        if many:
+            done = self.run(
+                self.store.release_many,
+                [ReleaseItem(id=job_id, lease=token)],
+                now=self.now,
+            )
+            assert [(r.id, r.ok) for r in done.results] == [(job_id, True)]
+            changes = done.changes
+        else:
+            changes = self.run(release, job_id, token, now=self.now)
+        _same(changes, [_t(job, "active", "queued")])
         job.state, job.attempts = "queued", max(job.attempts - 1, 0)
         job.lease_expires_at, job.released = None, True  # the token stays
 
@@ -915,7 +1047,9 @@ class JobMachine(RuleBasedStateMachine):
     @rule(data=st.data(), token=st.sampled_from(["", "nope", "0123456789abcdef.1"]))
     def ack_with_a_made_up_token(self, data: st.DataObject, token: str) -> None:
         job_id = data.draw(st.sampled_from(self.ids))
-        self.expect_rejected(job_id, self.store.ack, job_id, token, None, now=self.now)
+        self.expect_rejected(
+            job_id, self.store.ack, job_id, token, None, watched=[], now=self.now
+        )
 
     # -------------------------------------------------------- rules: time
 
@@ -924,23 +1058,20 @@ class JobMachine(RuleBasedStateMachine):
         self.now += dt
 
     @rule(dt=st.sampled_from([0.5, 1.0, 2.0, 3.0, 5.0, 10.0]))
-    def advance_clock_then_tick(self, dt: float) -> None:
+    def advance_clock_then_sweep(self, dt: float) -> None:
         self.now += dt
-        self.tick()
+        self.sweep()
 
     @precondition(lambda self: self.model)
     @rule()
-    def tick(self) -> None:
+    def sweep(self) -> None:
         now = self.now
-        got = self.run(self.store.tick, now=now)
-        promoted: set[str] = set()
-        requeued = dead = expired = purged = promoted_jobs = 0
-        finished: Counter[tuple[str, str]] = Counter()
+        got = self.run(self.store.sweep, now=now)
+        made: list[Transition] = []
         for j in self.model.values():
             if j.state == "scheduled" and j.available_at <= now:
+                made.append(_t(j, "scheduled", "queued"))
                 j.state = "queued"
-                promoted.add(j.queue)
-                promoted_jobs += 1
         for j in self.model.values():
             if (
                 j.state == "active"
@@ -948,38 +1079,29 @@ class JobMachine(RuleBasedStateMachine):
                 and (j.lease_expires_at <= now)
             ):
                 if j.attempts > j.max_retries:
+                    made.append(_t(j, "active", "dead"))
                     j.finish("dead", now)
-                    dead += 1
-                    finished[j.queue, "dead"] += 1
                 else:
+                    made.append(_t(j, "active", "queued"))
                     j.state, j.lease, j.lease_expires_at = "queued", None, None
-                    requeued += 1
-                    promoted.add(j.queue)
         for j in self.model.values():
             if (
                 j.state in ("queued", "scheduled")
                 and j.expires_at is not None
                 and (j.expires_at <= now)
             ):
+                made.append(_t(j, j.state, "expired"))
                 j.finish("expired", now, keep_lease=True)  # a failed try's token stays
-                expired += 1
-                finished[j.queue, "expired"] += 1
         for job_id in [
             i
             for i, j in self.model.items()
             if j.purge_at is not None and j.purge_at <= now
         ]:
-            del self.model[job_id]
-            purged += 1
-        for name, n in (("requeued", requeued), ("dead", dead), ("expired", expired),
-                        ("purged", purged)):  # fmt: skip
-            if n:
-                event(f"tick: {name}")
-        assert (got.requeued, got.dead, got.expired, got.purged) == (
-            requeued, dead, expired, purged
-        )  # fmt: skip
-        assert got.promoted_queues == promoted
-        assert (got.promoted, got.finished) == (promoted_jobs, finished)
+            gone = self.model.pop(job_id)
+            made.append(_t(gone, gone.state, None))
+        for t in made:
+            event(f"sweep: {t[2]} -> {t[3]}")
+        _same(got.changes, made)
         due = [
             t
             for j in self.model.values()
@@ -997,31 +1119,31 @@ class JobMachine(RuleBasedStateMachine):
 
     @invariant()
     def rows_match_the_model(self) -> None:
-        rows = self.store.conn.execute(
-            f"SELECT {_ROW_COLUMNS} FROM jobs ORDER BY seq"
-        ).fetchall()
-        want = [
+        snap = self.snapshot()
+        rows = [
             (
-                j.id, j.queue, j.state, j.attempts, j.priority, j.max_retries,
-                j.available_at, j.expires_at, j.finished_at, j.purge_at,
-                j.lease, j.lease_expires_at,
-                j.dedup_key,
+                r.record.id, r.record.queue, r.record.state, r.record.attempts,
+                r.record.priority, r.record.max_retries, r.record.available_at,
+                r.record.expires_at, r.record.finished_at, r.purge_at, r.lease,
+                r.lease_expires_at, r.record.dedup_key,
             )
-            for j in sorted(self.model.values(), key=lambda j: j.order)
+            for r in snap.jobs
         ]  # fmt: skip
+        want = [j.row() for j in sorted(self.model.values(), key=lambda j: j.order)]
         assert rows == want
-
-    @invariant()
-    def attempts_stay_within_max_retries_plus_one(self) -> None:
-        over = self.store.conn.execute(
-            "SELECT count(*) FROM jobs WHERE attempts > max_retries + 1"
-        ).fetchone()[0]
-        assert over == 0
+        # attempts never exceed max_retries + 1
+        assert all(r.record.attempts <= r.record.max_retries + 1 for r in snap.jobs)
+        # a queue's row is made by its first enqueue or lease, and says when a lease
+        # last named it, to within LEASED_AT_STEP
+        assert {q.name for q in snap.queues} == self.made
+        for q in snap.queues:
+            self.check_leased_at(q.name, q.last_leased_at)
+            assert not q.paused
 
     @invariant()
     def counts_by_state_add_up(self) -> None:
         for q in QUEUES:
-            stats = self.reader.queue_stats(q, now=self.now)
+            stats = self.run(self.store.queue_stats, q, now=self.now)
             in_queue = [j for j in self.model.values() if j.queue == q]
             assert sum(stats.counts.values()) == len(in_queue)
             for state, n in stats.counts.items():
@@ -1030,72 +1152,94 @@ class JobMachine(RuleBasedStateMachine):
             assert stats.oldest_age == (
                 max(0.0, self.now - min(ready)) if ready else None
             )
+            self.check_leased_at(q, stats.last_leased_at)
 
 
-JobMachine.TestCase.settings = settings(
+SM_SETTINGS = settings(
     max_examples=200,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-TestJobStateMachine = JobMachine.TestCase
 
 
-def test_lease_order_is_priority_then_ready_time_then_fifo(tmp_path: Path) -> None:
+def test_job_state_machine(backend: Any) -> None:
+    class Machine(JobMachine):
+        def __init__(self) -> None:
+            super().__init__(backend)
+
+    run_state_machine_as_test(Machine, settings=SM_SETTINGS)
+
+
+@pytest.fixture
+def driven(backend: Any, tmp_path: Path) -> Iterator[tuple[Driver, Store]]:
+    driver = Driver(backend, tmp_path)
+    store = driver.open()
+    yield driver, store
+    driver.close()
+
+
+def test_lease_order_is_priority_then_ready_time_then_fifo(
+    driven: tuple[Driver, Store],
+) -> None:
     """The state machine checks this too, but only finds the retry/delay cases by luck."""
-    store = Store(tmp_path / "qbroker.db", synchronous="OFF")
+    driver, store = driven
     now = T0
 
     def enqueue(**spec: Any) -> str:
-        [job_id] = run_call(
-            store, store.enqueue, "q", [JobSpec(**spec)], defaults=SM_DEFAULTS, now=now
-        )
-        return str(job_id)
+        done = driver.run(
+            store.enqueue_and_hand_off, "q", [JobSpec(**spec)], [],
+            defaults=SM_DEFAULTS, now=now,
+        )  # fmt: skip
+        return str(done.ids[0])
 
     def lease(n: int) -> list[Any]:
-        got = run_call(
-            store, store.lease, ["q"], max_jobs=n, lease_seconds=None, worker="w",
+        done = driver.run(
+            store.lease, LeaseRequest(queues=["q"], max=n, worker="w"), resend=False,
             now=now,
         )  # fmt: skip
-        return list(got)
+        return list(done.leased.jobs)
 
     late = enqueue(delay=2.0)  # enqueued first, ready at T0 + 2
     retried = enqueue()  # ready at T0, fails, ready again at T0 + 1
     [job] = lease(1)
     assert job.id == retried
-    run_call(store, store.fail, retried, job.lease, error="E", traceback=None,
-             retry_in=1.0, now=now)  # fmt: skip
+    driver.run(store.fail, retried, job.lease, error="E", traceback=None,
+               retry_in=1.0, watched=[], now=now)  # fmt: skip
     now += 0.5
     plain = enqueue()  # ready at T0 + 0.5
     urgent = enqueue(priority=5)  # ready last, but a higher priority
     now += 3.0
-    run_call(store, store.tick, now=now)
-    # one at a time, so the SQL's ORDER BY decides, not a sort of the reply
+    driver.run(store.sweep, now=now)
+    # one at a time, so the store's order decides, not a sort of the reply
     assert [lease(1)[0].id for _ in range(4)] == [urgent, plain, retried, late]
-    store.close()
 
 
 def test_a_sweep_changes_at_most_one_batch_and_asks_for_the_next_at_once(
     tmp_path: Path,
 ) -> None:
-    """A backlog falling due at once is worked off over several writer calls."""
-    store = Store(tmp_path / "qbroker.db", synchronous="OFF")
+    """A backlog falling due at once is worked off over several writer calls (SQLite's
+    SWEEP_BATCH)."""
+    from tests.stores import BACKENDS
+
+    driver = Driver(BACKENDS["sqlite"], tmp_path)
+    store = driver.open()
     n = SWEEP_BATCH * 2 + 5
     for start in range(0, n, 5000):
         specs = [JobSpec(eta=T0 + 1) for _ in range(min(5000, n - start))]
-        run_call(store, store.enqueue, "q", specs, defaults=SM_DEFAULTS, now=T0)
-    reader = Reader(tmp_path / "qbroker.db")
+        driver.run(
+            store.enqueue_and_hand_off, "q", specs, [], defaults=SM_DEFAULTS, now=T0
+        )
     now = T0 + 2
 
     def queued() -> int:
-        return int(reader.queue_stats("q", now=now).counts["queued"])
+        return int(driver.run(store.queue_stats, "q", now=now).counts["queued"])
 
     seen = []
     for _ in range(3):
-        result = run_call(store, store.tick, now=now)
+        result = driver.run(store.sweep, now=now)
         seen.append(queued())
         if seen[-1] < n:  # more is due: the reaper is asked to sweep again at once
             assert result.next_due is not None and result.next_due <= now
     assert seen == [SWEEP_BATCH, 2 * SWEEP_BATCH, n]
-    reader.close()
-    store.close()
+    driver.close()

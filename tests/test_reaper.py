@@ -8,31 +8,27 @@ to end; this one pins the poke that lands while a sweep is in the writer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import trio
 from qbroker.app import Broker
 from qbroker.clock import Clock
 from qbroker.config import Config
-from qbroker.readers import ReadThreads
 from qbroker.reaper import run_reaper
-from qbroker.store import Reader, Store
-from qbroker.writer import Writer
+from qbroker.store import Swept
+from qbroker.store.sqlite import SQLiteStore
 
 
 def test_a_poke_during_a_sweep_brings_the_next_sweep_forward(tmp_path: Path) -> None:
-    store = Store(tmp_path / "qbroker.db", synchronous="OFF")
-    writer = Writer(store)
-    broker = Broker(
-        Config(data_dir=tmp_path), writer, Reader(store.path), ReadThreads(), Clock()
-    )
     sweeps: list[float] = []
-    second = trio.Event()
-    real_call = writer.call
 
-    async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        out = await real_call(fn, *args, **kwargs)
-        if fn == store.tick:
+    async def main() -> None:
+        store = await SQLiteStore.open(tmp_path / "qbroker.db", synchronous="OFF")
+        broker = Broker(Config(data_dir=tmp_path), store, Clock())
+        second = trio.Event()
+        real_sweep = store.sweep
+
+        async def sweep(*, now: float) -> Swept:
+            out = await real_sweep(now=now)
             sweeps.append(broker.clock.now())
             if len(sweeps) == 1:
                 # as an enqueue with delay=0.1 does once its commit (after this
@@ -40,21 +36,18 @@ def test_a_poke_during_a_sweep_brings_the_next_sweep_forward(tmp_path: Path) -> 
                 broker.poke_reaper(broker.clock.now() + 0.1)
             else:
                 second.set()
-        return out
+            return out
 
-    writer.call = call  # type: ignore[method-assign]
+        store.sweep = sweep  # type: ignore[method-assign]
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_reaper, broker)
+                with trio.move_on_after(0.9):  # the reaper's idle sleep is 1 s
+                    await second.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            await store.aclose()
 
-    async def main() -> None:
-        writer.start()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_reaper, broker)
-            with trio.move_on_after(0.9):  # the reaper's idle sleep is 1 s
-                await second.wait()
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main)
-    finally:
-        writer.stop()
+    trio.run(main)
     assert len(sweeps) >= 2, "the poke during the sweep was lost"
     assert 0.09 <= sweeps[1] - sweeps[0] < 0.6

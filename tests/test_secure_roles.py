@@ -1,6 +1,6 @@
 """Scoped tokens: every route of the broker's route table tried with every role.
 
-The routes come from `qbroker.protocol.ROUTES`, the table the broker dispatches by, so
+The routes come from `qbroker.routes.ROUTES`, the table the broker dispatches by, so
 a new endpoint is tried here the day it is added, and the first test fails until its
 roles are listed in `qbroker.auth.ROUTE_ROLES`.
 """
@@ -15,11 +15,14 @@ from typing import Any
 
 import pytest
 import qclient
-from qbroker import auth, openapi, protocol
+from qbroker import auth, openapi, routes
 
 from tests.conftest import BrokerFactory, BrokerProcess, child_env
 from tests.test_worker import TESTS_DIR
 from tests.wirehttp import Wire
+
+#: (method, path, name) of every route
+ROUTE_ROWS = [(r.method, r.path, r.name) for r in routes.ROUTES]
 
 TOKENS = {
     "producer": "prod-Tok3n",
@@ -33,7 +36,7 @@ PATH_VALUES = {"{queue}": "rolesq", "{id}": "no-such-job"}
 def endpoints() -> list[tuple[str, str, str]]:
     """(method, concrete path, route name) for every route of the route table."""
     out = []
-    for method, shape, name in protocol.ROUTES:
+    for method, shape, name in ROUTE_ROWS:
         path = shape
         for param, value in PATH_VALUES.items():
             path = path.replace(param, value)
@@ -62,7 +65,7 @@ def call(wire: Wire, method: str, path: str, token: str | None) -> tuple[int, An
 
 
 def test_every_route_has_its_roles_listed() -> None:
-    routes = {name for _, _, name in protocol.ROUTES}
+    routes = {name for _, _, name in ROUTE_ROWS}
     assert routes - auth.ROUTE_ROLES.keys() == set(), "list the roles in auth.py"
     assert auth.ROUTE_ROLES.keys() - routes == set(), "a route that no longer exists"
     # the OpenAPI document describes the same routes
@@ -78,10 +81,10 @@ def test_roles_follow_the_policy() -> None:
     """The issue's policy: read has every GET; producer enqueues, reads jobs and
     waits for results; worker leases and settles; anything else is admin's."""
     allowed = {
-        role: {n for _, _, n in protocol.ROUTES if role in auth.ROUTE_ROLES.get(n, ())}
+        role: {n for _, _, n in ROUTE_ROWS if role in auth.ROUTE_ROLES.get(n, ())}
         for role in auth.ROLES
     }
-    gets = {n for m, _, n in protocol.ROUTES if m == "GET"}
+    gets = {n for m, _, n in ROUTE_ROWS if m == "GET"}
     assert gets <= allowed["read"] and allowed["read"] <= gets
     assert {"enqueue", "get_job", "job_result", "results"} == allowed["producer"] - {
         "healthz"
@@ -113,7 +116,7 @@ def test_every_endpoint_with_every_role(roles_broker: BrokerProcess) -> None:
         assert status == (200 if name == "healthz" else 401), (name, status)
         wire.close()
         wire = Wire(roles_broker.url)  # a 401 closes the connection
-    assert tried == 4 * len(protocol.ROUTES) >= 4 * 18
+    assert tried == 4 * len(ROUTE_ROWS) >= 4 * 18
     wire.close()
     # tokens are never logged, whatever the log level
     log = roles_broker.log_path.read_text(errors="replace")

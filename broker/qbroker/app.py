@@ -1,17 +1,15 @@
-"""The broker's handlers: one async function per route, over the writer and the reader.
+"""The broker's handlers: one `on_<name>` per route of routes.py, over the store.
 
-Writes go through the group-commit writer (their reply follows the commit); reads run on
-reader connections in the reader threads (readers.py); long-polls park on `Waiters`, woken
-inside the broker by the write that makes them worth retrying, and an enqueue may lease
-jobs for parked lease long-polls in its own commit. Nothing here touches SQLite on the
-trio loop.
+Each handler calls one store verb (store/interface.py), hands the Changes it returns
+to transitions.py, and encodes its reply struct. Long-polls park on `Waiters`, woken
+by transitions.py; an enqueue leases jobs for parked lease long-polls in its own unit
+(`enqueue_and_hand_off`). Nothing here knows which database holds the state.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal
 
 import msgspec
 import prometheus_client
@@ -20,6 +18,7 @@ from qclient.wire import (
     FINAL_STATES,
     AckItem,
     AckManyRequest,
+    AckReply,
     AckRequest,
     BatchReply,
     BatchResult,
@@ -30,14 +29,15 @@ from qclient.wire import (
     ExtendRequest,
     FailItem,
     FailManyRequest,
+    FailReply,
     FailRequest,
     Health,
-    JobRecord,
-    LeasedJob,
+    JobState,
     LeaseReply,
     LeaseRequest,
     QueueList,
     ReleaseManyRequest,
+    ReleaseReply,
     ReleaseRequest,
     ResultsRequest,
 )
@@ -45,7 +45,6 @@ from qclient.wire import (
 from qbroker import __version__, auth, errors, metrics, openapi
 from qbroker.clock import Clock
 from qbroker.config import RESULTS_REPLY_BYTES, Config
-from qbroker.guards import FileGuard, FreeSpaceFloor
 from qbroker.protocol import (
     BIG_BODY,
     EnqueueBody,
@@ -55,179 +54,28 @@ from qbroker.protocol import (
     encode,
     query_float,
 )
-from qbroker.readers import ReadThreads
 from qbroker.replies import results_reply
-from qbroker.store import Defaults, Reader, Store
-from qbroker.writer import Call, Writer
+from qbroker.routes import ROUTES
+from qbroker.store import NOTHING_LEASED, Defaults, Enqueued, Leased, Store
+from qbroker.transitions import Effects
+from qbroker.waiters import Slot, Waiters
 
 MAX_RESULT_WAIT = 300.0  #: seconds a result long-poll may ask for
-_EMPTY: dict[str, Any] = {}  #: the reply of an ack or a release
-T = TypeVar("T")
-
-
-class Leased(NamedTuple):
-    """What a lease got, and whether more was ready in its queues than it asked for."""
-
-    jobs: list[LeasedJob]
-    more: bool = False
-    again: bool = False  #: the jobs a resent request leased before (counted then)
-
-
-class Slot:
-    """One parked task: its wake-up event, and what the notifier handed over, if any.
-
-    A lease long-poll also carries its request; while it is `parked` an enqueue may
-    `claim` it and lease jobs for it in the enqueue's own commit (`handoff` is set
-    once that commit is done, `value` then holds the jobs).
-
-    A slot parked under many keys (`many`) collects what each notify hands over in
-    `values`, by key, instead; its owner drains them and swaps in a fresh `event`.
-    """
-
-    __slots__ = ("alive", "event", "handoff", "parked", "request", "value", "values")
-
-    def __init__(
-        self,
-        request: LeaseRequest | None = None,
-        many: bool = False,
-        alive: Callable[[], bool] | None = None,
-    ) -> None:
-        self.event = trio.Event()
-        self.value: Any = None
-        self.values: dict[str, Any] | None = {} if many else None
-        self.request = request
-        self.alive = alive  #: whether the long-poll's client is still connected
-        self.parked = False
-        self.handoff: trio.Event | None = None
-
-
-class Waiters:
-    """Tasks parked until a key (a queue name or a job id) is notified.
-
-    Not thread-safe: use from the trio thread only.
-    """
-
-    def __init__(self) -> None:
-        self._by_key: dict[str, dict[Slot, None]] = {}
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._by_key
-
-    def register(
-        self,
-        keys: Iterable[str],
-        request: LeaseRequest | None = None,
-        *,
-        many: bool = False,
-        alive: Callable[[], bool] | None = None,
-    ) -> _Registration:
-        """Park a slot under `keys` for a `with` block (which gets the Slot); register
-        before checking state, so a notify between the check and the wait is not lost."""
-        return _Registration(self._by_key, list(keys), Slot(request, many, alive))
-
-    def notify(self, key: str, n: int | None = None, value: Any = None) -> None:
-        """Wake up to `n` waiters of `key` (all when None), oldest first, handing
-        each `value` (when not None).
-
-        Counted against `n` are only the waiters that will act on the wake-up: not
-        one an enqueue has claimed (it gets that enqueue's jobs anyway), nor one
-        whose client has gone (woken to end, it leases nothing). Either would take
-        the wake-up from a live long-poll behind it, leaving jobs ready and it asleep.
-        """
-        waiting = self._by_key.get(key)
-        if not waiting:
-            return
-        for slot in waiting:
-            if n is not None and n <= 0:
-                break
-            if slot.values is not None:
-                slot.values[key] = value
-                slot.event.set()
-            elif not slot.event.is_set():
-                if n is not None and slot.handoff is not None:
-                    continue
-                if value is not None:
-                    slot.value = value
-                slot.event.set()
-                if n is not None and (slot.alive is None or slot.alive()):
-                    n -= 1
-
-    def claim(self, key: str, jobs: int) -> list[Slot]:
-        """Parked lease long-polls of `key`, oldest first, enough to take `jobs`
-        jobs; each is marked claimed (see Slot) and must be handed its jobs. A
-        long-poll whose client has gone is woken to end instead: jobs leased for it
-        would sit active until their lease ran out."""
-        taken: list[Slot] = []
-        for slot in self._by_key.get(key, ()):
-            if jobs <= 0:
-                break
-            if slot.parked and slot.handoff is None and not slot.event.is_set():
-                assert slot.request is not None
-                if slot.alive is not None and not slot.alive():
-                    slot.event.set()
-                    continue
-                slot.handoff = trio.Event()
-                taken.append(slot)
-                jobs -= slot.request.max
-        return taken
-
-    def notify_all(self) -> None:
-        for waiting in self._by_key.values():
-            for slot in waiting:
-                slot.event.set()
-
-
-class _Registration:
-    """`Waiters.register`'s context manager: a plain class, as a lease or result
-    request enters one each (the @contextmanager generator cost 0.6 us more)."""
-
-    __slots__ = ("_by_key", "_keys", "_slot")
-
-    def __init__(
-        self, by_key: dict[str, dict[Slot, None]], keys: list[str], slot: Slot
-    ) -> None:
-        self._by_key = by_key
-        self._keys = keys
-        self._slot = slot
-
-    def __enter__(self) -> Slot:
-        for k in self._keys:
-            self._by_key.setdefault(k, {})[self._slot] = None
-        return self._slot
-
-    def __exit__(self, *exc_info: object) -> None:
-        for k in self._keys:
-            waiting = self._by_key.get(k)
-            if waiting is not None:
-                waiting.pop(self._slot, None)
-                if not waiting:
-                    del self._by_key[k]
+_ACKED = AckReply()
+_RELEASED = ReleaseReply()
+Handler = Callable[[Request, Any], Awaitable[Response]]
 
 
 class Broker:
     """Everything a handler needs. Lives for one `serve()` run."""
 
-    def __init__(
-        self,
-        config: Config,
-        writer: Writer,
-        reader: Reader,
-        reads: ReadThreads,
-        clock: Clock,
-        *,
-        guard: FileGuard | None = None,
-        floor: FreeSpaceFloor | None = None,
-    ) -> None:
+    def __init__(self, config: Config, store: Store, clock: Clock) -> None:
         self.config = config
-        self.guard = guard  #: fails /healthz once the database file is gone
-        self.floor = floor  #: refuses enqueues while free disk space is low
-        self.writer = writer
-        self.store = writer.store
-        self.reader = reader
-        self.reads = reads
+        self.store = store
         self.clock = clock
         self.queue_waiters = Waiters()
         self.job_waiters = Waiters()
+        self.effects = Effects(self.queue_waiters, self.job_waiters, self.poke_reaper)
         self.closing = False
         self.reaper_wakeup = trio.Event()
         self.reaper_due: float = 0.0  #: when the reaper will next sweep (unix seconds)
@@ -240,10 +88,9 @@ class Broker:
         if config.token:
             pairs.append((auth.ADMIN, config.token))
         self._tokens = auth.Tokens(pairs) if pairs else None
-        self._handlers: dict[str, Callable[[Request], Awaitable[Response]]] = {
-            name[len("on_") :]: getattr(self, name)
-            for name in dir(self)
-            if name.startswith("on_")
+        #: route name -> (handler, the struct its body decodes to)
+        self._routes: dict[str, tuple[Handler, Any]] = {
+            r.name: (getattr(self, "on_" + r.name), r.request) for r in ROUTES
         }
 
     def authorize(self, req: Request) -> None:
@@ -275,10 +122,10 @@ class Broker:
         """Begin answering one routed, `authorize`d request; await the result for
         its reply.
 
-        A small enqueue is decoded and its write submitted to the writer now, before
-        this returns, so that pipelined enqueues commit in the order they came (the
-        server starts a batch of them before it awaits the first). Other requests
-        do all their work when awaited.
+        The body is decoded now, as its route says. A small enqueue's write is
+        submitted now too, before this returns, so that pipelined enqueues commit in
+        the order they came (the server starts a batch of them before it awaits the
+        first). Other requests do the rest of their work when awaited.
 
         Raises (here or when awaited):
             errors.Forbidden: the token's role may not call this route.
@@ -286,9 +133,12 @@ class Broker:
         """
         if req.role != auth.ADMIN:
             auth.permit(req.role, req.route)
-        if req.route == "enqueue" and len(req.body) <= BIG_BODY:
-            return self._enqueue(req, decode(req, EnqueueBody))
-        return self._handlers[req.route](req)
+        handler, body_type = self._routes[req.route]
+        if body_type is None:
+            return handler(req, None)
+        if body_type is EnqueueBody and len(req.body) > BIG_BODY:
+            return self._enqueue_big(req)
+        return handler(req, decode(req, body_type))
 
     def poke_reaper(self, due: float) -> None:
         """Bring the reaper's next sweep forward to `due` if that is sooner."""
@@ -296,104 +146,76 @@ class Broker:
             self.reaper_due = due
             self.reaper_wakeup.set()
 
-    def finished(
-        self, job_ids: Iterable[str], records: dict[str, JobRecord] | None = None
-    ) -> None:
-        """Wake the result long-polls of these jobs, handing over their final
-        records where the writer read them (`watched`), which saves each a read."""
-        for job_id in job_ids:
-            record = records.get(job_id) if records else None
-            self.job_waiters.notify(job_id, value=record)
-
     def watched(self, job_ids: Iterable[str]) -> list[str]:
         """The jobs among `job_ids` that a result long-poll waits for."""
         return [j for j in job_ids if j in self.job_waiters]
 
     # ---------------------------------------------------------------- producer
 
-    async def on_enqueue(self, req: Request) -> Response:
+    async def _enqueue_big(self, req: Request) -> Response:
         # a big batch takes long to decode: off the loop, so others are served
-        # (`start` takes a small body the quick way)
         body = await trio.to_thread.run_sync(decode, req, EnqueueBody)
-        return await self._enqueue(req, body)
+        return await self.on_enqueue(req, body)
 
-    def _enqueue(self, req: Request, body: EnqueueBody) -> Awaitable[Response]:
+    def on_enqueue(self, req: Request, body: EnqueueBody) -> Awaitable[Response]:
         """Submit the enqueue's write now; the awaitable waits for its commit.
 
         Jobs ready at once may go straight to parked lease long-polls (`takers`),
-        leased for them in the enqueue's own commit: one commit and no second
-        writer round trip between a job's arrival and its delivery to an idle worker.
+        leased for them in the enqueue's own unit: one commit and no second writer
+        round trip between a job's arrival and its delivery to an idle worker.
         """
-        if self.floor is not None:
-            self.floor.check()
         queue = req.params["queue"]
         specs = body.jobs if body.jobs is not None else [body]
         now = self.clock.now()
         ready = 0
-        due: list[float] = []  #: when the reaper must look at these jobs
         for spec in specs:
             # the store's test, to the float: a delay too small to move `now` is none
             at = now + spec.delay if spec.delay is not None else spec.eta
-            if at is not None and at > now:
-                due.append(at)
-            else:
+            if at is None or at <= now:
                 ready += 1
-            if spec.expires is not None:
-                due.append(now + spec.expires)
         takers = self.queue_waiters.claim(queue, ready) if ready else []
         requests: list[LeaseRequest] = []
         for t in takers:
             assert t.request is not None  # claim() takes lease long-polls only
             requests.append(t.request)
-
-        def enqueue_and_lease() -> tuple[list[str], list[Leased]]:
-            ids = self.store.enqueue(queue, specs, defaults=self.defaults, now=now)
-            return ids, [self._lease_for(r, now)() for r in requests]
-
-        call = self.writer.submit(enqueue_and_lease)
-        return self._enqueued(req, body, call, takers, ready, due)
+        try:  # the store may refuse at once (disk low): before anything is submitted
+            pending = self.store.enqueue_and_hand_off(
+                queue, specs, requests, defaults=self.defaults, now=now
+            )
+        except BaseException:
+            _hand_over(takers, [NOTHING_LEASED] * len(takers))
+            raise
+        return self._enqueued(req, body, pending, takers)
 
     async def _enqueued(
         self,
         req: Request,
         body: EnqueueBody,
-        call: Call,
+        pending: Awaitable[Enqueued],
         takers: list[Slot],
-        ready: int,
-        due: list[float],
     ) -> Response:
-        """The rest of `_enqueue`, once its write is durable."""
-        queue = req.params["queue"]
-        leased = [Leased([]) for _ in takers]
+        """The rest of `on_enqueue`, once its write is durable."""
+        leased: list[Leased] = [NOTHING_LEASED] * len(takers)
         try:
-            ids, leased = await self.writer.wait(call)
+            done = await pending
+            leased = done.leased
         finally:  # on failure too: the long-polls go back to leasing on their own
-            for slot, got in zip(takers, leased, strict=True):
-                slot.value = got
-                assert slot.handoff is not None
-                slot.handoff.set()
-                slot.event.set()
-        metrics.jobs_enqueued(queue).inc(len(ids))
-        if due:
-            self.poke_reaper(min(due))
-        handed = sum(len(t.value or ()) for t in takers)
-        if ready > handed:
-            self.queue_waiters.notify(queue, ready - handed)
+            _hand_over(takers, leased)
+        self.effects.apply(done.changes)
         if body.jobs is not None:
-            return encode(req, EnqueueManyReply(ids=ids), 201)
-        return encode(req, EnqueueReply(id=ids[0]), 201)
+            return encode(req, EnqueueManyReply(ids=done.ids), 201)
+        return encode(req, EnqueueReply(id=done.ids[0]), 201)
 
-    async def on_get_job(self, req: Request) -> Response:
-        record = await self.reads.call(self.reader.get_job, req.params["id"])
-        return encode(req, record)
+    async def on_get_job(self, req: Request, _: None) -> Response:
+        return encode(req, await self.store.get_job(req.params["id"]))
 
-    async def on_job_result(self, req: Request) -> Response:
+    async def on_job_result(self, req: Request, _: None) -> Response:
         job_id = req.params["id"]
         wait = query_float(req, "wait", default=0.0, low=0.0, high=MAX_RESULT_WAIT)
         deadline = trio.current_time() + wait
         while True:
             with self.job_waiters.register([job_id]) as slot:
-                record = await self.reads.call(self.reader.get_job, job_id)
+                record = await self.store.get_job(job_id)
                 if record.state in FINAL_STATES or self.closing:
                     return encode(req, record)
                 del record  # a parked wait holds the id, not the record
@@ -402,11 +224,9 @@ class Broker:
                 if slot.value is not None:  # the final record, read by the writer
                     return encode(req, slot.value)
             if trio.current_time() >= deadline:
-                record = await self.reads.call(self.reader.get_job, job_id)
-                return encode(req, record)
+                return encode(req, await self.store.get_job(job_id))
 
-    async def on_results(self, req: Request) -> Response:
-        body = decode(req, ResultsRequest)
+    async def on_results(self, req: Request, body: ResultsRequest) -> Response:
         req.body = b""  # what a parked wait holds: its ids, no bytes, no records
         deadline = trio.current_time() + body.wait
         ids = list(dict.fromkeys(body.ids))
@@ -416,7 +236,7 @@ class Broker:
                     # cheap, where reading and sending a thousand waits' records
                     # took minutes; clients resend a 503 to the restarted broker
                     raise errors.ShuttingDown("the broker is stopping; ask again")
-        records = await self.reads.call(self.reader.get_jobs, ids)
+        records = await self.store.get_jobs(ids)
         return results_reply(req, ids, records, RESULTS_REPLY_BYTES)
 
     async def _wait_finished(self, ids: list[str], slot: Slot, deadline: float) -> bool:
@@ -424,7 +244,7 @@ class Broker:
         broker stops; `slot` is registered under `ids`. Returns whether some are
         still unfinished. Holds ids only: a thousand waits on the same thousand jobs
         held a record each (973 MiB)."""
-        pending = await self.reads.call(self.reader.unfinished, ids)
+        pending = await self.store.unfinished(ids)
         values = slot.values
         assert values is not None
         while pending and not self.closing and trio.current_time() < deadline:
@@ -443,23 +263,20 @@ class Broker:
             values.clear()
             if again:
                 pending.difference_update(again)
-                pending |= await self.reads.call(self.reader.unfinished, again)
+                pending |= await self.store.unfinished(again)
         return bool(pending)
 
-    async def on_cancel(self, req: Request) -> Response:
+    async def on_cancel(self, req: Request, _: None) -> Response:
         job_id = req.params["id"]
-        counts: Counter[tuple[str, str]] = Counter()
-        state = await self.writer.call(
-            self.store.cancel, job_id, now=self.clock.now(), counts=counts
+        done = await self.store.cancel(
+            job_id, watched=self.watched([job_id]), now=self.clock.now()
         )
-        metrics.count_finished(counts)
-        self.finished([job_id])
-        return encode(req, CancelReply(id=job_id, state=state))
+        self.effects.apply(done.changes)
+        return encode(req, CancelReply(id=job_id, state=done.state))
 
     # ---------------------------------------------------------------- worker
 
-    async def on_lease(self, req: Request) -> Response:
-        body = decode(req, LeaseRequest)
+    async def on_lease(self, req: Request, body: LeaseRequest) -> Response:
         req.body = b""  # a parked lease holds neither the bytes nor the results
         deadline = trio.current_time() + body.wait
         acks, fails = body.acks, body.fails
@@ -467,21 +284,22 @@ class Broker:
         if settle:
             body = msgspec.structs.replace(body, acks=[], fails=[])
         results: list[BatchResult] = []
-        first = True
+        resend = body.resend
         while True:
             with self.queue_waiters.register(
                 body.queues, body, alive=req.peer_alive
             ) as slot:
-                now = self.clock.now()
-                lease = self._lease_for(body, now, first=first)
-                first = False
-                if settle:  # the outcomes first, in the first pass's commit
+                if settle:  # the outcomes first, in the first pass's unit
                     settle = False
-                    results, leased = await self._settle(acks, fails, now, lease)
+                    results, got = await self._settle(acks, fails, body, resend=resend)
                     acks, fails = [], []
-                    got = leased or Leased([])
                 else:
-                    got = await self.writer.call(lease)
+                    done = await self.store.lease(
+                        body, resend=resend, now=self.clock.now()
+                    )
+                    self.effects.apply(done.changes)
+                    got = done.leased
+                resend = False  # only the first pass looks for a resend's jobs
                 if got.jobs or self.closing or trio.current_time() >= deadline:
                     break
                 slot.parked = True
@@ -498,174 +316,108 @@ class Broker:
                         break
                 if not req.peer_alive():
                     break  # the client has gone: lease nothing more for it
-        if got.jobs and not got.again:
-            for queue, n in Counter(job.queue for job in got.jobs).items():
-                metrics.jobs_leased(queue).inc(n)
-            self.poke_reaper(min(j.lease_expires_at for j in got.jobs))
         return encode(req, LeaseReply(jobs=got.jobs, results=results, more=got.more))
 
-    def _lease_for(
-        self, body: LeaseRequest, now: float, *, first: bool = False
-    ) -> Callable[[], Leased]:
-        """The store call (for the writer thread) that leases what `body` asks for,
-        and tells whether more was ready than it got. The `first` pass of a resend
-        gives back what the request leased before, if its jobs are still active."""
-
-        def lease() -> Leased:
-            if first and body.resend and body.request_id is not None:
-                again = self.store.leased_by(body.request_id, body.queues, now=now)
-                if again:
-                    return Leased(again, again=True)
-            jobs = self.store.lease(
-                body.queues,
-                max_jobs=body.max,
-                lease_seconds=body.timeout,
-                worker=body.worker,
-                now=now,
-                request_id=body.request_id,
-            )
-            full = len(jobs) >= body.max
-            return Leased(jobs, full and self.store.more_ready(body.queues, now=now))
-
-        return lease
-
-    async def on_ack(self, req: Request) -> Response:
-        body = decode(req, AckRequest)
+    async def on_ack(self, req: Request, body: AckRequest) -> Response:
         job_id = req.params["id"]
-        queue, records = await self.writer.call(
-            _then_records(self.store.ack, self.watched([job_id]), self.store),
+        changes = await self.store.ack(
             job_id,
             body.lease,
             body.result,
+            watched=self.watched([job_id]),
             now=self.clock.now(),
         )
-        if queue is not None:  # else a resent ack: counted the first time
-            metrics.jobs_finished(queue, "succeeded").inc()
-        self.finished([job_id], records)
-        return encode(req, _EMPTY)
+        self.effects.apply(changes)
+        return encode(req, _ACKED)
 
-    async def on_fail(self, req: Request) -> Response:
-        body = decode(req, FailRequest)
+    async def on_fail(self, req: Request, body: FailRequest) -> Response:
         job_id = req.params["id"]
-        now = self.clock.now()
-        (queue, state), records = await self.writer.call(
-            _then_records(self.store.fail, self.watched([job_id]), self.store),
+        done = await self.store.fail(
             job_id,
             body.lease,
             error=body.error,
             traceback=body.traceback,
             retry_in=body.retry_in,
-            now=now,
+            watched=self.watched([job_id]),
+            now=self.clock.now(),
         )
-        if queue is not None:  # else a resent fail: counted the first time
-            metrics.jobs_finished(queue, state).inc()
-        if state in FINAL_STATES:
-            self.finished([job_id], records)
-        elif body.retry_in is not None:
-            self.poke_reaper(now + body.retry_in)
-        return encode(req, {"state": state})
+        self.effects.apply(done.changes)
+        state: Literal["scheduled", "failed"] = (
+            "failed" if done.state is JobState.FAILED else "scheduled"
+        )
+        return encode(req, FailReply(state=state))
 
-    async def on_ack_many(self, req: Request) -> Response:
-        body = decode(req, AckManyRequest)
-        results, _ = await self._settle(body.acks, [], self.clock.now())
+    async def on_ack_many(self, req: Request, body: AckManyRequest) -> Response:
+        results, _ = await self._settle(body.acks, [], None)
         return encode(req, BatchReply(results=results))
 
-    async def on_fail_many(self, req: Request) -> Response:
-        body = decode(req, FailManyRequest)
-        results, _ = await self._settle([], body.fails, self.clock.now())
+    async def on_fail_many(self, req: Request, body: FailManyRequest) -> Response:
+        results, _ = await self._settle([], body.fails, None)
         return encode(req, BatchReply(results=results))
 
     async def _settle(
         self,
         acks: Sequence[AckItem],
         fails: Sequence[FailItem],
-        now: float,
-        then: Callable[[], T] | None = None,
-    ) -> tuple[list[BatchResult], T | None]:
-        """Ack and fail many jobs, each item on its own, then run `then` (a store
-        call), all in one writer call; wake the result long-polls of the jobs that
-        finished. Returns the items' results (acks, then fails) and `then`'s."""
+        request: LeaseRequest | None,
+        *,
+        resend: bool = False,
+    ) -> tuple[list[BatchResult], Leased]:
+        """Ack and fail many jobs, each item on its own, then lease for `request`,
+        in one unit. Returns the items' results (acks, then fails) and the lease's."""
         watched = self.watched([a.id for a in acks] + [f.id for f in fails])
+        done = await self.store.settle_and_lease(
+            acks, fails, request, resend=resend, watched=watched, now=self.clock.now()
+        )
+        self.effects.apply(done.changes)
+        return done.results, done.leased
 
-        counts: Counter[tuple[str, str]] = Counter()
-
-        def call() -> tuple[list[BatchResult], T | None, dict[str, JobRecord]]:
-            results = self.store.ack_many(acks, now=now, counts=counts) if acks else []
-            if fails:
-                results += self.store.fail_many(fails, now=now, counts=counts)
-            out = then() if then is not None else None
-            return results, out, self.store.final_records(watched) if watched else {}
-
-        results, out, records = await self.writer.call(call)
-        metrics.count_finished(counts)
-        self.finished((r.id for r in results if r.ok), records)
-        retries = [f.retry_in for f in fails if f.retry_in is not None]
-        if retries:
-            self.poke_reaper(now + min(retries))
-        return results, out
-
-    async def on_extend(self, req: Request) -> Response:
-        body = decode(req, ExtendRequest)
-        expires_at, cancelled = await self.writer.call(
-            self.store.extend,
+    async def on_extend(self, req: Request, body: ExtendRequest) -> Response:
+        done = await self.store.extend(
             req.params["id"],
             body.lease,
             lease_seconds=body.timeout,
             now=self.clock.now(),
         )
-        self.poke_reaper(expires_at)
+        self.effects.apply(done.changes)
         return encode(
-            req, ExtendReply(lease_expires_at=expires_at, cancelled=cancelled)
+            req,
+            ExtendReply(
+                lease_expires_at=done.lease_expires_at, cancelled=done.cancelled
+            ),
         )
 
-    async def on_release(self, req: Request) -> Response:
-        body = decode(req, ReleaseRequest)
-        queue = await self.writer.call(
-            self.store.release, req.params["id"], body.lease, now=self.clock.now()
+    async def on_release(self, req: Request, body: ReleaseRequest) -> Response:
+        changes = await self.store.release(
+            req.params["id"], body.lease, now=self.clock.now()
         )
-        if queue is not None:
-            self.queue_waiters.notify(queue, 1)
-        return encode(req, _EMPTY)
+        self.effects.apply(changes)
+        return encode(req, _RELEASED)
 
-    async def on_release_many(self, req: Request) -> Response:
-        body = decode(req, ReleaseManyRequest)
-        results, queues = await self.writer.call(
-            self.store.release_many, body.releases, now=self.clock.now()
-        )
-        for queue, n in queues.items():
-            self.queue_waiters.notify(queue, n)
-        return encode(req, BatchReply(results=results))
+    async def on_release_many(self, req: Request, body: ReleaseManyRequest) -> Response:
+        done = await self.store.release_many(body.releases, now=self.clock.now())
+        self.effects.apply(done.changes)
+        return encode(req, BatchReply(results=done.results))
 
     # ---------------------------------------------------------------- admin
 
-    async def on_queues(self, req: Request) -> Response:
-        def read() -> QueueList:
-            now = self.clock.now()
-            names = self.reader.queue_names()
-            return QueueList(
-                queues=[self.reader.queue_stats(n, now=now) for n in names]
-            )
+    async def on_queues(self, req: Request, _: None) -> Response:
+        stats = await self.store.queues(now=self.clock.now())
+        return encode(req, QueueList(queues=stats))
 
-        return encode(req, await self.reads.call(read))
-
-    async def on_queue(self, req: Request) -> Response:
-        stats = await self.reads.call(
-            lambda: self.reader.queue_stats(req.params["queue"], now=self.clock.now())
-        )
+    async def on_queue(self, req: Request, _: None) -> Response:
+        stats = await self.store.queue_stats(req.params["queue"], now=self.clock.now())
         return encode(req, stats)
 
-    async def on_healthz(self, req: Request) -> Response:
+    async def on_healthz(self, req: Request, _: None) -> Response:
         if self.closing:
             raise errors.ShuttingDown("the broker is stopping")
-        if self.guard is not None and (lost := self.guard.check()) is not None:
-            raise lost
-        await self.reads.call(self.reader.ping)
+        await self.store.ping()
         return encode(req, Health(status="ok", version=__version__))
 
-    async def on_metrics(self, req: Request) -> Response:
+    async def on_metrics(self, req: Request, _: None) -> Response:
         epoch = metrics.QUEUES.begin_prune()
-        queues = metrics.QUEUES.queues()
-        holding = await self.reads.call(self.reader.queues_holding, queues)
+        holding = await self.store.queues_holding(metrics.QUEUES.queues())
         metrics.QUEUES.prune(epoch, holding)
         pieces = []
         for piece in metrics.render():  # about a millisecond each: let others run
@@ -674,19 +426,14 @@ class Broker:
         text = b"".join(pieces)
         return Response(200, text, prometheus_client.CONTENT_TYPE_LATEST.encode())
 
-    async def on_openapi(self, req: Request) -> Response:
+    async def on_openapi(self, req: Request, _: None) -> Response:
         return Response(200, openapi.document_bytes())
 
 
-def _then_records(
-    fn: Callable[..., T], job_ids: list[str], store: Store
-) -> Callable[..., tuple[T, dict[str, JobRecord]]]:
-    """`fn` (a store call that may finish jobs), then, in the same writer call, the
-    final records of those of `job_ids` it finished: what their result long-polls
-    answer with. Nothing is read when no one waits."""
-
-    def call(*args: Any, **kwargs: Any) -> tuple[T, dict[str, JobRecord]]:
-        out = fn(*args, **kwargs)
-        return out, store.final_records(job_ids) if job_ids else {}
-
-    return call
+def _hand_over(takers: list[Slot], leased: list[Leased]) -> None:
+    """Hand claimed lease long-polls what an enqueue leased for them, and wake them."""
+    for slot, got in zip(takers, leased, strict=True):
+        slot.value = got
+        assert slot.handoff is not None
+        slot.handoff.set()
+        slot.event.set()

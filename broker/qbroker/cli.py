@@ -13,18 +13,10 @@ from pathlib import Path
 import structlog
 import trio
 
-from qbroker import (
-    __version__,
-    auth,
-    config as cfg,
-    control_cli,
-    errors,
-    logs,
-    store,
-    tls,
-)
+from qbroker import __version__, auth, config as cfg, control_cli, errors, logs, tls
 from qbroker.datadir import DataDirInUse
 from qbroker.server import serve
+from qbroker.store.sqlite import schema
 
 log = structlog.get_logger("qbroker.cli")
 
@@ -257,7 +249,7 @@ def backup(ns: argparse.Namespace) -> int:
     partial = dest.with_name(dest.name + ".partial")
     partial.unlink(missing_ok=True)
     try:
-        jobs = store.backup(source, partial)
+        jobs = schema.backup(source, partial)
         os.replace(partial, dest)
         fd = os.open(dest.parent, os.O_RDONLY)
         try:

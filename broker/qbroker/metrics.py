@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Container, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -248,9 +248,3 @@ def jobs_leased(queue: str) -> _Count:
 def jobs_finished(queue: str, state: str) -> _Count:
     """`jobs_finished(queue, state).inc()`"""
     return _Count(QUEUES.row(queue), state)
-
-
-def count_finished(counts: Mapping[tuple[str, str], int]) -> None:
-    """Count jobs finished, given as (queue, state) -> n (a store call's `counts`)."""
-    for (queue, state), n in counts.items():
-        jobs_finished(queue, state).inc(n)

@@ -1,30 +1,23 @@
-"""The OpenAPI 3.1 document, generated from the wire structs (`GET /v1/openapi.json`)."""
+"""The OpenAPI 3.1 document (`GET /v1/openapi.json`), generated from the route table
+and the wire structs it names."""
 
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import msgspec
 from qclient import wire
 
 from qbroker import __version__
+from qbroker.routes import ROUTES, Route
 
-_ID = {
-    "name": "id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": wire.NAME_PATTERN},
-}
-_QUEUE = {**_ID, "name": "queue"}
-_WAIT = {"name": "wait", "in": "query", "required": False,
-         "schema": {"type": "number", "minimum": 0, "maximum": 300}}  # fmt: skip
-_EMPTY = {"type": "object", "maxProperties": 0}
-_FAIL_REPLY = {
-    "type": "object",
-    "properties": {"state": {"enum": ["scheduled", "failed"]}},
-    "required": ["state"],
-}
+#: query parameters by name (routes.Route.query)
+QUERY = {
+    "wait": {"name": "wait", "in": "query", "required": False,
+             "schema": {"type": "number", "minimum": 0, "maximum": 300}},
+}  # fmt: skip
 #: the errors any request may get (protocol.md, section 4)
 _ERRORS = {
     "400": "malformed request or body",
@@ -43,121 +36,84 @@ _BODY_ERRORS = {
     "415": "unsupported media type",
     "422": "invalid field",
 }
-_CONFLICTS = {"enqueue", "ack", "fail", "extend", "release"}  #: ops that can get 409
-
-# path -> method -> (operationId, params, request struct, reply struct or schema, status)
-_OPERATIONS: dict[str, dict[str, tuple[str, list[Any], Any, Any, str]]] = {
-    "/v1/queues/{queue}/jobs": {
-        "post": ("enqueue", [_QUEUE], "enqueue", "enqueue", "201")
-    },
-    "/v1/lease": {"post": ("lease", [], wire.LeaseRequest, wire.LeaseReply, "200")},
-    "/v1/jobs/{id}/ack": {"post": ("ack", [_ID], wire.AckRequest, _EMPTY, "200")},
-    "/v1/jobs/{id}/fail": {
-        "post": ("fail", [_ID], wire.FailRequest, _FAIL_REPLY, "200")
-    },
-    "/v1/jobs/{id}/extend": {
-        "post": ("extend", [_ID], wire.ExtendRequest, wire.ExtendReply, "200")
-    },
-    "/v1/jobs/{id}/release": {
-        "post": ("release", [_ID], wire.ReleaseRequest, _EMPTY, "200")
-    },
-    "/v1/jobs/{id}/cancel": {"post": ("cancel", [_ID], None, wire.CancelReply, "200")},
-    "/v1/ack": {"post": ("ack_many", [], wire.AckManyRequest, wire.BatchReply, "200")},
-    "/v1/fail": {
-        "post": ("fail_many", [], wire.FailManyRequest, wire.BatchReply, "200")
-    },
-    "/v1/release": {
-        "post": ("release_many", [], wire.ReleaseManyRequest, wire.BatchReply, "200")
-    },
-    "/v1/jobs/{id}": {"get": ("get_job", [_ID], None, wire.JobRecord, "200")},
-    "/v1/jobs/{id}/result": {
-        "get": ("job_result", [_ID, _WAIT], None, wire.JobRecord, "200")
-    },
-    "/v1/results": {
-        "post": ("results", [], wire.ResultsRequest, wire.ResultsReply, "200")
-    },
-    "/v1/queues": {"get": ("queues", [], None, wire.QueueList, "200")},
-    "/v1/queues/{queue}": {"get": ("queue", [_QUEUE], None, wire.QueueStats, "200")},
-    "/healthz": {"get": ("healthz", [], None, wire.Health, "200")},
-}
-
-_STRUCTS: list[Any] = [
-    wire.JobSpec, wire.EnqueueManyRequest, wire.EnqueueReply, wire.EnqueueManyReply,
-    wire.LeaseRequest, wire.LeaseReply, wire.AckRequest, wire.FailRequest,
-    wire.ExtendRequest, wire.ExtendReply, wire.ReleaseRequest, wire.CancelReply,
-    wire.ReleaseItem, wire.ReleaseManyRequest,
-    wire.AckManyRequest, wire.FailManyRequest, wire.BatchReply, wire.JobRecord,
-    wire.QueueList, wire.QueueStats, wire.Health, wire.ErrorBody,
-    wire.ResultsRequest, wire.ResultsReply,
-]  # fmt: skip
 
 
 def _ref(t: Any) -> dict[str, Any]:
-    if isinstance(t, dict):
-        return t
-    if t == "enqueue":
-        return {"oneOf": [_ref(wire.JobSpec), _ref(wire.EnqueueManyRequest)]}
     return {"$ref": f"#/components/schemas/{t.__name__}"}
+
+
+def _schema(one: Any, forms: tuple[Any, ...]) -> dict[str, Any]:
+    return {"oneOf": [_ref(f) for f in forms]} if forms else _ref(one)
 
 
 def _content(schema: dict[str, Any]) -> dict[str, Any]:
     return {t: {"schema": schema} for t in ("application/json", "application/msgpack")}
 
 
+def _path_params(path: str) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "in": "path", "required": True,
+         "schema": {"type": "string", "pattern": wire.NAME_PATTERN}}
+        for name in re.findall(r"\{(\w+)\}", path)
+    ]  # fmt: skip
+
+
+def _operation(route: Route) -> dict[str, Any]:
+    if route.reply is None and not route.reply_forms:  # text, or a document
+        return {
+            "operationId": route.name,
+            "responses": {
+                "200": {"description": "success", "content": {route.media: {}}},
+                "401": {"description": "token missing or wrong"},
+                "403": {"description": "the token's role may not (read needed)"},
+            },
+        }
+    responses: dict[str, Any] = {
+        str(route.status): {
+            "description": "success",
+            "content": _content(_schema(route.reply, route.reply_forms)),
+        }
+    }
+    codes = dict(_ERRORS)
+    if route.request is not None or route.query:
+        codes.update(_BODY_ERRORS)
+    if route.conflict:
+        codes["409"] = "stale lease or duplicate"
+    if route.method == "POST":
+        codes["507"] = "disk full, or (enqueue) under --min-free-disk"
+    for code, text in sorted(codes.items()):
+        responses[code] = {
+            "description": text,
+            "content": _content(_ref(wire.ErrorBody)),
+        }
+    op: dict[str, Any] = {
+        "operationId": route.name,
+        "parameters": _path_params(route.path) + [QUERY[q] for q in route.query],
+        "responses": responses,
+    }
+    if route.request is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": _content(_schema(route.request, route.request_forms)),
+        }
+    return op
+
+
 def document() -> dict[str, Any]:
     """The whole OpenAPI document as a dict."""
+    structs: dict[str, Any] = {"ErrorBody": wire.ErrorBody}
+    for route in ROUTES:
+        # a route with two forms is documented as them (EnqueueBody decodes both)
+        request = route.request_forms or (route.request,)
+        for t in (*request, *(route.reply_forms or (route.reply,))):
+            if t is not None:
+                structs[t.__name__] = t
     _, components = msgspec.json.schema_components(
-        _STRUCTS, ref_template="#/components/schemas/{name}"
+        structs.values(), ref_template="#/components/schemas/{name}"
     )
     paths: dict[str, Any] = {}
-    for path, methods in _OPERATIONS.items():
-        paths[path] = {}
-        for method, (op_id, params, request, reply, status) in methods.items():
-            reply_schema = (
-                {"oneOf": [_ref(wire.EnqueueReply), _ref(wire.EnqueueManyReply)]}
-                if reply == "enqueue"
-                else _ref(reply)
-            )
-            responses: dict[str, Any] = {
-                status: {"description": "success", "content": _content(reply_schema)}
-            }
-            codes = dict(_ERRORS)
-            if request is not None or op_id == "job_result":  # a body, or ?wait=
-                codes.update(_BODY_ERRORS)
-            if op_id in _CONFLICTS:
-                codes["409"] = "stale lease or duplicate"
-            if method == "post":
-                codes["507"] = "disk full, or (enqueue) under --min-free-disk"
-            for code, text in sorted(codes.items()):
-                responses[code] = {
-                    "description": text,
-                    "content": _content(_ref(wire.ErrorBody)),
-                }
-            op: dict[str, Any] = {
-                "operationId": op_id,
-                "parameters": params,
-                "responses": responses,
-            }
-            if request is not None:
-                op["requestBody"] = {
-                    "required": True,
-                    "content": _content(_ref(request)),
-                }
-            paths[path][method] = op
-    for path, op_id, ctype in (
-        ("/metrics", "metrics", "text/plain"),
-        ("/v1/openapi.json", "openapi", "application/json"),
-    ):
-        paths[path] = {
-            "get": {
-                "operationId": op_id,
-                "responses": {
-                    "200": {"description": "success", "content": {ctype: {}}},
-                    "401": {"description": "token missing or wrong"},
-                    "403": {"description": "the token's role may not (read needed)"},
-                },
-            }
-        }
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
     return {
         "openapi": "3.1.0",
         "info": {"title": "qbroker", "version": __version__},

@@ -1,4 +1,5 @@
-"""Sans-IO protocol pieces: routes, body decoding, reply encoding. No trio, no sockets.
+"""Sans-IO protocol pieces: requests, routing (by routes.py), body decoding, reply
+encoding. No trio, no sockets.
 
 Charter:
   Rule 1: this module turns bytes into typed requests and typed replies into bytes; it
@@ -11,13 +12,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, TypeVar
-from urllib.parse import parse_qsl, unquote
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 import msgspec
-from qclient.wire import MAX_BATCH, NAME_PATTERN, ErrorBody, JobSpec
+from qclient.wire import ErrorBody
 
-from qbroker import errors
+from qbroker import errors, routes
+from qbroker.routes import EnqueueBody as EnqueueBody
 
 T = TypeVar("T")
 
@@ -102,96 +104,17 @@ class Response:
     headers: tuple[tuple[bytes, bytes], ...] = ()  #: more header fields for the reply
 
 
-class EnqueueBody(JobSpec, frozen=True):
-    """Decodes both enqueue forms: one job object, or `{"jobs": [...]}`."""
-
-    jobs: (
-        Annotated[list[JobSpec], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
-        | None
-    ) = None
-
-
-# The route table: (method, path shape, route name). `{queue}`/`{id}` match one name
-# (wire.NAME_PATTERN); the name labels metrics and picks the handler in app.py.
-ROUTES: list[tuple[str, str, str]] = [
-    ("POST", "/v1/queues/{queue}/jobs", "enqueue"),
-    ("POST", "/v1/lease", "lease"),
-    ("POST", "/v1/jobs/{id}/ack", "ack"),
-    ("POST", "/v1/jobs/{id}/fail", "fail"),
-    ("POST", "/v1/jobs/{id}/extend", "extend"),
-    ("POST", "/v1/jobs/{id}/release", "release"),
-    ("POST", "/v1/jobs/{id}/cancel", "cancel"),
-    ("POST", "/v1/ack", "ack_many"),
-    ("POST", "/v1/fail", "fail_many"),
-    ("POST", "/v1/release", "release_many"),
-    ("GET", "/v1/jobs/{id}", "get_job"),
-    ("GET", "/v1/jobs/{id}/result", "job_result"),
-    ("POST", "/v1/results", "results"),
-    ("GET", "/v1/queues", "queues"),
-    ("GET", "/v1/queues/{queue}", "queue"),
-    ("GET", "/healthz", "healthz"),
-    ("GET", "/metrics", "metrics"),
-    ("GET", "/v1/openapi.json", "openapi"),
-]
-_NAME_RE = re.compile(NAME_PATTERN)
-
-
-def _shape(path: str) -> tuple[str, str | None, str | None]:
-    """("/v1/jobs/J1/ack") -> ("/v1/jobs/{id}/ack", "id", "J1"): a path's table shape."""
-    parts = path.split("/")
-    if len(parts) >= 4 and parts[1] == "v1" and parts[2] in ("jobs", "queues"):
-        param = "id" if parts[2] == "jobs" else "queue"
-        value = parts[3]
-        if "%" in value:  # a name percent-encoded (JavaScript's encodeURIComponent)
-            try:
-                value = unquote(value, errors="strict")
-            except UnicodeDecodeError:
-                value = ""  # matches no name
-        parts[3] = "{" + param + "}"
-        return "/".join(parts), param, value
-    return path, None, None
-
-
-# shape -> {method: route}
-_TABLE: dict[str, dict[str, str]] = {}
-for _method, _path, _name in ROUTES:
-    _TABLE.setdefault(_path, {})[_method] = _name
-#: shape -> the methods it takes, for a 405's Allow header (GET brings HEAD along)
-_ALLOW = {
-    shape: tuple(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
-    for shape, methods in _TABLE.items()
-}
-
-
 def route(req: Request) -> None:
-    """Fill `req.route` and `req.params` from the route table.
+    """Fill `req.route` and `req.params` from the route table (routes.py).
 
     Raises:
         errors.NotFound: no route has this path.
         errors.MethodNotAllowed: a route has this path with another method.
     """
-    shape, param, value = _shape(req.path)
-    methods = _TABLE.get(shape)
-    if methods is None or (value is not None and not _NAME_RE.match(value)):
-        raise errors.NotFound(f"no route for {_quoted(req.path)}")
-    name = methods.get("GET" if req.method == "HEAD" else req.method)
-    if name is None:
-        raise errors.MethodNotAllowed(
-            f"{req.method} is not allowed on {_quoted(req.path)}", allow=_ALLOW[shape]
-        )
+    name, param, value = routes.match(req.method, req.path)
     req.route = name
     if param is not None and value is not None:
         req.params[param] = value
-
-
-QUOTED_PATH_CHARS = 100  #: characters of a path an error message repeats
-
-
-def _quoted(path: str) -> str:
-    """`path` for an error message: a 15 KB path is not sent back whole."""
-    if len(path) <= QUOTED_PATH_CHARS:
-        return path
-    return f"{path[:QUOTED_PATH_CHARS]}... ({len(path)} characters)"
 
 
 _json_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}

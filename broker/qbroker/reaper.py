@@ -1,9 +1,10 @@
 """The reaper: a background task that promotes due jobs, expires leases and jobs, and
-sweeps finished jobs past their result_ttl.
+deletes finished jobs past their result_ttl, by the store's `sweep` verb.
 
 It sleeps until the earliest thing falls due (asked of the store after each sweep), at
-most REAPER_MAX_SLEEP, and is woken early by handlers that create something due sooner
-(a short delay, a short lease). No polling loop: an idle broker sweeps once a second.
+most REAPER_MAX_SLEEP, and is woken early by writes that create something due sooner
+(a short delay, a short lease: transitions.py pokes it). No polling loop: an idle
+broker sweeps once a second.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import math
 import structlog
 import trio
 
-from qbroker import errors, metrics
+from qbroker import errors
 from qbroker.app import Broker
 from qbroker.clock import BEAT_SECONDS
-from qbroker.config import CHECKPOINT_INTERVAL, REAPER_MAX_SLEEP
-from qbroker.store import TickResult
+from qbroker.config import REAPER_MAX_SLEEP
 
 log = structlog.get_logger("qbroker.reaper")
 
@@ -29,35 +29,20 @@ async def run_reaper(broker: Broker) -> None:
         # A poke during the sweep (a write committed after the sweep's read) lowers
         # reaper_due from infinity, so the next sweep comes no later than it asks.
         broker.reaper_due = math.inf
+        due = now + REAPER_MAX_SLEEP
         try:
-            result = await broker.writer.call(broker.store.tick, now=now)
+            swept = await broker.store.sweep(now=now)
         except errors.DiskFull:
             # nothing of the sweep was written; try again at the next one, and meanwhile
             # keep serving reads (a full disk must not end the broker)
             log.warning("reaper.disk_full")
-            result = TickResult()
         except errors.DatabaseGone:  # logged once by the guard; reads go on
-            result = TickResult()
-        for queue in result.promoted_queues:
-            broker.queue_waiters.notify(queue)
-        broker.finished(result.finished_ids)
-        metrics.count_finished(result.finished)
-        for outcome, n in (
-            ("promoted", result.promoted),
-            ("requeued", result.requeued),
-            ("dead", result.dead),
-            ("expired", result.expired),
-            ("purged", result.purged),
-        ):
-            if n:
-                metrics.REAPED.labels(outcome).inc(n)
-        if result.requeued or result.dead or result.expired:
-            log.info("reaper.swept", requeued=result.requeued, dead=result.dead,
-                     expired=result.expired)  # fmt: skip
-        due = min(now + REAPER_MAX_SLEEP, broker.reaper_due)
-        if result.next_due is not None:
-            due = min(due, result.next_due)
-        broker.reaper_due = due
+            pass
+        else:
+            broker.effects.apply(swept.changes, swept=True)
+            if swept.next_due is not None:
+                due = min(due, swept.next_due)
+        broker.reaper_due = min(due, broker.reaper_due)
         # sleep until reaper_due, which a poke may bring forward meanwhile
         while (left := broker.reaper_due - broker.clock.now()) > 0:
             broker.reaper_wakeup = trio.Event()
@@ -71,14 +56,3 @@ async def run_heartbeat(broker: Broker) -> None:
     while True:
         broker.clock.beat()
         await trio.sleep(BEAT_SECONDS)
-
-
-async def run_checkpointer(broker: Broker) -> None:
-    """Checkpoint the WAL every CHECKPOINT_INTERVAL seconds, off the write path."""
-    while True:
-        await trio.sleep(CHECKPOINT_INTERVAL)
-        try:
-            await trio.to_thread.run_sync(broker.reader.checkpoint)
-        except errors.DiskFull:
-            # the database file could not grow; the WAL still holds every commit
-            log.warning("checkpoint.disk_full")

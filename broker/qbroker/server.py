@@ -3,7 +3,7 @@
 Charter:
   Rule 1: this module reads, writes and waits; protocol.py and app.py decide.
   Rule 2: exceptions become replies in exactly one place, `_respond_error`.
-  Rule 3: every task lives in a nursery; a crash of the reaper or writer ends the server.
+  Rule 3: every task lives in a nursery; a crash of the reaper or the store ends the server.
 
 Per connection: read a request head (h11, 16 KiB limit -> 431) within REQUEST_TIMEOUT of
 its first byte; refuse a declared body over --max-body with 413 before reading it; read the
@@ -12,7 +12,7 @@ the reply within REQUEST_TIMEOUT; keep the connection for the next request, clos
 after IDLE_TIMEOUT of silence. A connection past --max-connections first makes room by
 closing the keep-alive connection idle the longest; with none idle it gets 429 and is
 closed. An error reply that ends the connection is followed by a lingering close
-(`_Conn.linger`), so a client still writing its body reads the reply instead of a reset.
+(connection.py, `Connection.linger`), so a client still writing its body reads the reply instead of a reset.
 A request in flight whose client has gone (a parked long-poll, mostly) is dropped by
 `Server.watch_parked`.
 Pipelined enqueues already buffered behind the one just read are answered as one batch
@@ -33,8 +33,6 @@ import heapq
 import itertools
 import math
 import signal
-import socket
-import ssl
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -47,234 +45,24 @@ from qbroker import errors, metrics, protocol, tls
 from qbroker.app import Broker
 from qbroker.clock import STALL_SECONDS, Clock
 from qbroker.config import MAX_HEADER_BYTES, Config
+from qbroker.connection import (
+    CONTINUE,
+    Connection,
+    Timer,
+    body_size,
+    request_head,
+    whole_request,
+)
 from qbroker.datadir import DataDirLock
-from qbroker.guards import FileGuard, FreeSpaceFloor
-from qbroker.readers import ReadThreads
-from qbroker.reaper import run_checkpointer, run_heartbeat, run_reaper
-from qbroker.store import Reader, Store
-from qbroker.writer import Writer
+from qbroker.reaper import run_heartbeat, run_reaper
+from qbroker.store.sqlite import SQLiteStore
 
 log = structlog.get_logger("qbroker.server")
-READ_SIZE = 65536  #: bytes per socket read
-EAGER_READS = 16  #: reads in a row that found bytes waiting before one yields anyway
 PIPELINE_MAX = 64  #: pipelined enqueues answered as one batch (see `_buffered_batch`)
-LINGER_SECONDS = 2.0  #: how long a lingering close reads what the client still sends
-LINGER_BYTES = 4 * 1024 * 1024  #: and how much of it, at most
 PARKED_CHECK_SECONDS = 1.0  #: how often requests in flight are checked for gone clients
 REFUSED_LOG_SECONDS = 10.0  #: at most one `conn.refused` log line this often
-_SERVER_HEADER = (b"server", b"qbroker")
 #: what a send or receive raises when the client has gone
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
-#: a TLS read or write that must wait for the socket (OpenSSL's WANT_READ/WANT_WRITE)
-_WANT_READ = (BlockingIOError, ssl.SSLWantReadError)
-_WANT_WRITE = (BlockingIOError, ssl.SSLWantWriteError)
-#: a TLS peer's end of the stream, with (SSLZeroReturnError) or without close_notify
-_TLS_EOF = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
-
-
-class _Conn:
-    """One client connection: plain, or TLS when given a server context."""
-
-    def __init__(
-        self,
-        stream: trio.SocketStream,
-        conn_id: int,
-        tls_context: ssl.SSLContext | None = None,
-    ) -> None:
-        self.stream = stream
-        own = stream.socket
-        #: the same fd as a plain socket, for reads and writes without trio's extra
-        #: scheduler pass per call; `detach()`ed (never closed) when the connection ends
-        self.raw = socket.socket(own.family, own.type, own.proto, own.fileno())
-        self.raw.setblocking(False)
-        #: what requests are read from and replies written to: `raw`, or a TLS socket
-        #: on the same fd (non-blocking; OpenSSL shakes hands at the first read/write)
-        self.tls: ssl.SSLSocket | None = None
-        if tls_context is not None:
-            dup = socket.socket(own.family, own.type, own.proto, own.fileno())
-            dup.setblocking(False)
-            self.tls = tls_context.wrap_socket(
-                dup, server_side=True, do_handshake_on_connect=False
-            )
-        self.sock: socket.socket = self.raw if self.tls is None else self.tls
-        self._eager = 0  #: reads in a row that found bytes waiting (see `receive`)
-        self.id = conn_id
-        self.h11 = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES
-        )
-        self.timer = _Timer()
-        self.waiting = False  #: blocked until the socket is readable
-        self.linger_after = False  #: an error reply ends it: close lingering
-        #: the number of the request being answered (0: none); `Server.watch_parked`
-        #: drops the request if its client has gone
-        self.answering = 0
-        self.requests = 0  #: requests begun on this connection
-        self.seen = 0  #: `answering` at the watcher's last look
-        self.dropped = False  #: its client went while a request was in flight
-
-    async def next_event(self) -> Any:
-        while True:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
-                self.h11.receive_data(await self.receive())
-                continue
-            return event
-
-    async def receive(self) -> bytes:
-        """The next bytes from the client (b"" once it has closed its end).
-
-        trio's `receive_some` yields to the scheduler after a read that did not have
-        to wait, as `send_all` does after a write: a loop pass per request, one of
-        four for a small enqueue. Here only a read that must wait yields, plus one
-        read in EAGER_READS in a row that did not, so a client pipelining requests
-        that need no other thread cannot keep the others from their turn.
-        Cancellation (the timeout watchdog) lands at those waits.
-        """
-        while True:
-            try:
-                data = self.sock.recv(READ_SIZE)
-            except _WANT_READ:
-                self._eager = 0
-                self.waiting = True
-                try:
-                    await trio.lowlevel.wait_readable(self.raw)
-                finally:
-                    self.waiting = False
-                continue
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(self.raw)
-                continue
-            except _TLS_EOF:
-                return b""
-            except OSError as exc:  # reset, timed out, TLS refused: as trio says it
-                raise trio.BrokenResourceError(str(exc)) from exc
-            self._eager += 1
-            if self._eager >= EAGER_READS:
-                self._eager = 0
-                await trio.lowlevel.checkpoint()
-            return data
-
-    async def send_bytes(self, data: bytes) -> None:
-        """Write all of `data`, waiting only while the socket's buffer is full."""
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[self.sock.send(view) :]
-            except _WANT_WRITE:
-                await trio.lowlevel.wait_writable(self.raw)
-            except ssl.SSLWantReadError:  # a TLS handshake not yet done
-                await trio.lowlevel.wait_readable(self.raw)
-            except OSError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
-
-    def peer_alive(self) -> bool:
-        """False once the client has closed or reset its end. A peek, never a read:
-        bytes of a pipelined next request stay where they are. Over TLS, a client
-        that closes with a close_notify alert looks alive until its socket closes."""
-        try:
-            return bool(self.raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except BlockingIOError:
-            return True  # open, and nothing sent yet
-        except OSError:
-            return False
-
-    def quiet(self) -> bool:
-        """True while the client has sent nothing unread (and not closed): a peek."""
-        if self.tls is not None and self.tls.pending():
-            return False  # decrypted bytes wait in the TLS layer
-        try:
-            self.raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        return False
-
-    async def linger(self) -> None:
-        """Close as nginx's lingering close does: end our side, then read and discard
-        what the client still sends, for LINGER_SECONDS and LINGER_BYTES at most.
-        Closing with unread bytes makes the kernel send a reset, which reaches a
-        client still writing a body (urllib, requests: no `Expect: 100-continue`)
-        before it can read the error reply that was sent. Not when the request was
-        read whole and nothing follows it: then the slot is freed at once."""
-        if (
-            self.h11.their_state in (h11.DONE, h11.MUST_CLOSE)
-            and not self.h11.trailing_data[0]
-            and self.quiet()
-        ):
-            return
-        try:
-            self.raw.shutdown(socket.SHUT_WR)
-        except OSError:
-            return
-        left = LINGER_BYTES  # of raw bytes: TLS records are discarded unread
-        with trio.move_on_after(LINGER_SECONDS):
-            while left > 0:
-                try:
-                    data = self.raw.recv(min(READ_SIZE, left))
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self.raw)
-                    continue
-                except OSError:
-                    return
-                if not data:
-                    return
-                left -= len(data)
-
-    async def send(self, resp: protocol.Response, *, head: bool = False) -> None:
-        await self.send_bytes(self.render(resp, head=head))
-
-    def render(self, resp: protocol.Response, *, head: bool = False) -> bytes:
-        """The bytes of a reply to the request `self.h11` has read."""
-        out = [self.h11.send(_response_event(resp))]
-        if resp.body and not head:
-            out.append(self.h11.send(h11.Data(data=resp.body)))
-        out.append(self.h11.send(_END))
-        return b"".join(out)
-
-
-#: one EndOfMessage for every reply (h11 events are immutable)
-_END = h11.EndOfMessage()
-#: the go-ahead for a client that waits before sending its body (Expect: 100-continue)
-_CONTINUE = h11.InformationalResponse(status_code=100, headers=[_SERVER_HEADER])
-#: (status, content type, body length, close, more headers) -> the h11 Response event,
-#: headers validated once: h11 skips the header checks for a Headers it made itself
-_RESPONSES: dict[
-    tuple[int, bytes, int, bool, tuple[tuple[bytes, bytes], ...]], h11.Response
-] = {}
-_MAX_RESPONSES = 4096  #: distinct reply heads cached before the cache starts over
-
-
-def _response_event(resp: protocol.Response) -> h11.Response:
-    key = (resp.status, resp.content_type, len(resp.body), resp.close, resp.headers)
-    event = _RESPONSES.get(key)
-    if event is None:
-        headers = [
-            (b"content-type", resp.content_type),
-            (b"content-length", str(len(resp.body)).encode()),
-            _SERVER_HEADER,
-            *resp.headers,
-        ]
-        if resp.close:
-            headers.append((b"connection", b"close"))
-        event = h11.Response(status_code=resp.status, headers=headers)
-        if len(_RESPONSES) >= _MAX_RESPONSES:
-            _RESPONSES.clear()
-        _RESPONSES[key] = event
-    return event
-
-
-class _Timer:
-    """A connection's read deadline, for `Server.watch_timeouts`."""
-
-    __slots__ = ("deadline", "done", "scope")
-
-    def __init__(self) -> None:
-        #: trio time by which the awaited request bytes must come; inf while answering
-        self.deadline = math.inf
-        #: the connection's loop runs in it; cancelled once `deadline` has passed
-        self.scope = trio.CancelScope()
-        self.done = False  #: the connection has ended: forget the timer
 
 
 class Server:
@@ -288,22 +76,22 @@ class Server:
         )
         self.active_requests = 0
         self.connections = 0
-        self._conns: dict[_Conn, None] = {}  #: every open connection
+        self._conns: dict[Connection, None] = {}  #: every open connection
         #: keep-alive connections waiting for their next request, idle longest first
-        self._idle: dict[_Conn, None] = {}
+        self._idle: dict[Connection, None] = {}
         self._refused = 0  #: connections refused since the last `conn.refused` line
         self._refused_logged = -math.inf  #: trio time of that line
         self._next_conn_id = 0
         self.idle = trio.Event()  #: set when no request is in flight during shutdown
         #: (when to look, tie-break, timer): a heap of every open connection's timer
-        self._timers: list[tuple[float, int, _Timer]] = []
+        self._timers: list[tuple[float, int, Timer]] = []
         self._timer_ids = itertools.count()
         #: the watchdog looks at each timer at least this often (seconds); no deadline
         #: is ever set closer than this to the moment it is set (with a timeout under
         #: the 10 ms floor, which keeps the watchdog from spinning, it may be 10 ms late)
         self._step = max(0.01, min(config.request_timeout, config.idle_timeout))
 
-    def _watch(self, timer: _Timer, now: float) -> None:
+    def _watch(self, timer: Timer, now: float) -> None:
         """Have the watchdog look at `timer` by its deadline, and within `_step`."""
         heapq.heappush(
             self._timers,
@@ -392,7 +180,7 @@ class Server:
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         self._next_conn_id += 1
-        conn = _Conn(stream, self._next_conn_id, self.tls_context)
+        conn = Connection(stream, self._next_conn_id, self.tls_context)
         self.connections += 1
         metrics.CONNECTIONS.inc()
         try:
@@ -426,7 +214,7 @@ class Server:
                 scope.shield = True
                 await stream.aclose()
 
-    async def _serve(self, conn: _Conn) -> None:
+    async def _serve(self, conn: Connection) -> None:
         """The keep-alive loop; returns when the connection should close."""
         cfg = self.config
         first = True  #: no request has begun on this connection yet
@@ -552,7 +340,7 @@ class Server:
             )
             parser.receive_data(rest)
             try:
-                nxt = self._whole_request(parser)
+                nxt = whole_request(parser, self.config.max_body)
             except (h11.RemoteProtocolError, errors.QBrokerError):
                 break  # answered where it is read again, after the batch
             if nxt is None or not _pipelinable(parser, nxt):
@@ -561,33 +349,8 @@ class Server:
             batch.append((parser, nxt))
         return batch if len(batch) > 1 else None
 
-    def _whole_request(self, parser: h11.Connection) -> protocol.Request | None:
-        """The request at the start of `parser`'s buffer, routed, if all of it is
-        there.
-
-        Raises:
-            as `_request_head`, `_body_size` and `protocol.route` do
-        """
-        event = parser.next_event()
-        if type(event) is not h11.Request:
-            return None
-        req = self._request_head(event)
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            event = parser.next_event()
-            if type(event) is h11.Data:
-                size = self._body_size(size, event.data)
-                chunks.append(event.data)
-            elif type(event) is h11.EndOfMessage:
-                req.body = b"".join(chunks)
-                protocol.route(req)
-                return req
-            else:
-                return None
-
     async def _answer_batch(
-        self, conn: _Conn, batch: list[tuple[h11.Connection, protocol.Request]]
+        self, conn: Connection, batch: list[tuple[h11.Connection, protocol.Request]]
     ) -> tuple[bytes, protocol.Response]:
         """The replies to pipelined enqueues, in order, all their writes submitted
         before the first is awaited, so one commit can cover them; and the last reply.
@@ -610,84 +373,31 @@ class Server:
                 break
         return b"".join(out), resp
 
-    async def _read_request(self, conn: _Conn) -> protocol.Request | None:
+    async def _read_request(self, conn: Connection) -> protocol.Request | None:
         # h11 events are plain final classes: `type(e) is` spares ABCMeta.__instancecheck__
         event = await conn.next_event()
         if type(event) is h11.ConnectionClosed:
             return None
         assert type(event) is h11.Request, event
-        req = self._request_head(event)
+        req = request_head(event, self.config.max_body)
         if conn.h11.they_are_waiting_for_100_continue:
             # curl sends `Expect: 100-continue` with a body over 1 KiB and waits a
             # second for this before sending it anyway (a refused body got its 413,
             # a request without the token its 401: RFC 9110 section 10.1.1)
             self.broker.authorize(req)
-            await conn.send_bytes(conn.h11.send(_CONTINUE))
+            await conn.send_bytes(conn.h11.send(CONTINUE))
         chunks: list[bytes] = []
         size = 0
         while True:
             event = await conn.next_event()
             if type(event) is h11.Data:
-                size = self._body_size(size, event.data)
+                size = body_size(size, event.data, self.config.max_body)
                 chunks.append(event.data)
             elif type(event) is h11.EndOfMessage:
                 break
             elif type(event) is h11.ConnectionClosed:
                 return None
         req.body = b"".join(chunks)
-        return req
-
-    def _body_size(self, size: int, data: bytes) -> int:
-        """The size of a body read so far once `data` is added to its `size` bytes.
-
-        Raises:
-            errors.BodyTooLarge: over --max-body.
-        """
-        size += len(data)
-        if size > self.config.max_body:
-            raise errors.BodyTooLarge(
-                f"the body is over the limit of {self.config.max_body} bytes"
-            )
-        return size
-
-    def _request_head(self, event: h11.Request) -> protocol.Request:
-        """A Request for an h11 request head, refused if too large (the head) or
-        declared too large (the body).
-
-        Raises:
-            errors.HeadersTooLarge, errors.BodyTooLarge
-            errors.BadRequest: a head that could be read two ways (see below).
-        """
-        # h11 only bounds a head that arrives in pieces; bound one that came whole, too
-        headers: dict[bytes, bytes] = {}
-        head_size = len(event.target)
-        auths = 0
-        for k, v in event.headers:  # h11 gives the names lower-cased
-            if k == b"authorization":
-                auths += 1
-            headers[k] = v
-            head_size += len(k) + len(v) + 4
-        if head_size > MAX_HEADER_BYTES:
-            raise errors.HeadersTooLarge("the request head is over 16 KiB")
-        if b"transfer-encoding" in headers and b"content-length" in headers:
-            # RFC 9112 section 6.1: h11 reads such a body by its chunks, a proxy in
-            # front may read it by its length; a request hidden in the difference is
-            # smuggled past the proxy. An error, and the connection must close.
-            raise errors.BadRequest(
-                "a request may not have both Content-Length and Transfer-Encoding"
-            )
-        if auths > 1:  # which one a proxy checked is anyone's guess
-            raise errors.BadRequest("a request may have one Authorization header")
-        req = protocol.Request.from_target(
-            event.method.decode("ascii", "replace"),
-            event.target.decode("ascii", "replace"),
-            headers,
-        )
-        declared = headers.get(b"content-length")
-        if declared is not None and int(declared) > self.config.max_body:
-            raise errors.BodyTooLarge(
-                f"the body is {int(declared)} bytes; the limit is {self.config.max_body}"
-            )
         return req
 
     async def _dispatch(self, req: protocol.Request) -> protocol.Response:
@@ -734,7 +444,7 @@ class Server:
             self.idle.set()
 
     async def _respond_error(
-        self, conn: _Conn, req: protocol.Request | None, exc: errors.QBrokerError
+        self, conn: Connection, req: protocol.Request | None, exc: errors.QBrokerError
     ) -> None:
         """The one place a transport-level failure becomes a reply; then the caller closes."""
         resp = protocol.error_response(req, exc)
@@ -784,12 +494,6 @@ def _raise_fd_limit() -> None:
         pass
 
 
-async def _watch_writer(writer: Writer) -> None:
-    """Stop the server, with an error, if the writer thread dies."""
-    await writer.died.wait()
-    raise errors.InternalError("the writer thread died") from writer.error
-
-
 async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run the broker until SIGTERM/SIGINT; `task_status.started(port)` once bound.
 
@@ -807,28 +511,18 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
 
 
 async def _serve_locked(config: Config, task_status: Any) -> None:
-    store = await trio.to_thread.run_sync(
-        lambda: Store(
-            config.db_path,
-            synchronous=config.synchronous,
-            max_db_bytes=config.max_db_bytes,
-        )
+    store = await SQLiteStore.open(
+        config.db_path,
+        synchronous=config.synchronous,
+        max_db_bytes=config.max_db_bytes,
+        min_free_disk=config.min_free_disk,
     )
-    reader = Reader(config.db_path)
-    guard = FileGuard(config.db_path)
-    writer = Writer(store, guard.check)
-    writer.start()
-    reads = ReadThreads()
-    reads.start()
-    floor = FreeSpaceFloor(config.data_dir, config.min_free_disk)
-    broker = Broker(config, writer, reader, reads, Clock(), guard=guard, floor=floor)
+    broker = Broker(config, store, Clock())
     server = Server(config, broker)
     try:
         listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     except OSError as exc:
-        await trio.to_thread.run_sync(writer.stop)
-        await trio.to_thread.run_sync(reads.stop)
-        guard.close()
+        await store.aclose()
         raise OSError(exc.errno or errno.EADDRINUSE, f"cannot listen: {exc}") from exc
     port = listeners[0].socket.getsockname()[1]
     try:
@@ -837,8 +531,7 @@ async def _serve_locked(config: Config, task_status: Any) -> None:
             nursery.start_soon(run_reaper, broker)
             nursery.start_soon(server.watch_timeouts)
             nursery.start_soon(server.watch_parked)
-            nursery.start_soon(run_checkpointer, broker)
-            nursery.start_soon(_watch_writer, writer)
+            nursery.start_soon(store.maintain)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as conn_nursery:
                     accept_scope = trio.CancelScope()
@@ -874,9 +567,5 @@ async def _serve_locked(config: Config, task_status: Any) -> None:
                     conn_nursery.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(writer.stop)
-            await trio.to_thread.run_sync(reads.stop)
-            reader.close()
-            guard.close()
+        await store.aclose()
         log.info("broker.stopped")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import os
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -31,6 +31,7 @@ __all__ = [
     "PURGEABLE_STATES",
     "AckItem",
     "AckManyRequest",
+    "AckReply",
     "AckRequest",
     "AttemptError",
     "BatchReply",
@@ -47,6 +48,7 @@ __all__ = [
     "ExtendRequest",
     "FailItem",
     "FailManyRequest",
+    "FailReply",
     "FailRequest",
     "Health",
     "JobList",
@@ -67,6 +69,7 @@ __all__ = [
     "RateSpec",
     "ReleaseItem",
     "ReleaseManyRequest",
+    "ReleaseReply",
     "ReleaseRequest",
     "ResultsReply",
     "ResultsRequest",
@@ -191,6 +194,10 @@ class AckRequest(_Struct, frozen=True):
     result: Any = None
 
 
+class AckReply(_Struct, frozen=True):
+    """`POST /v1/jobs/{id}/ack`: `{}`."""
+
+
 class AckItem(_Struct, frozen=True):
     id: Name
     lease: Annotated[str, msgspec.Meta(max_length=200)]
@@ -206,6 +213,10 @@ class FailRequest(_Struct, frozen=True):
     error: Text = ""  #: "ExceptionType: message"
     traceback: Annotated[str, msgspec.Meta(max_length=262144)] | None = None
     retry_in: Seconds | None = None  #: seconds; null means no retry
+
+
+class FailReply(_Struct, frozen=True):
+    state: Literal["scheduled", "failed"]  #: scheduled: a retry is due
 
 
 class FailItem(_Struct, frozen=True):
@@ -238,6 +249,10 @@ class ReleaseRequest(_Struct, frozen=True):
     """Hand a leased job back unstarted; its attempt is not counted."""
 
     lease: Annotated[str, msgspec.Meta(max_length=200)]
+
+
+class ReleaseReply(_Struct, frozen=True):
+    """`POST /v1/jobs/{id}/release`: `{}`."""
 
 
 class ReleaseItem(_Struct, frozen=True):
@@ -341,6 +356,9 @@ class QueueStats(_Struct, frozen=True):
     queue: str
     counts: dict[str, int]  #: every state's count, zero included
     oldest_age: float | None  #: seconds since the oldest queued job became ready
+    #: unix seconds when a lease request last named the queue, to within a second;
+    #: null: no worker has asked for it
+    last_leased_at: float | None = None
     paused: bool = False  #: the queue leases nothing (it still takes jobs)
 
 

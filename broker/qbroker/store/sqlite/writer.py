@@ -1,6 +1,6 @@
 """Group commit: one thread owns the write connection and commits many calls at once.
 
-Theory of operation (DESIGN.md, "Performance"): a handler on the trio loop submits a store
+Theory of operation (docs/architecture.md, "Performance"): a handler on the trio loop submits a store
 call and parks. The writer thread takes every call pending, runs each in its own SAVEPOINT
 inside one transaction, commits once, then reschedules all the parked tasks through one
 `run_sync_soon`. Under load one fsync covers hundreds of requests, and each reply still
@@ -30,7 +30,7 @@ import trio
 
 from qbroker import errors, metrics
 from qbroker.config import WRITER_MAX_BATCH
-from qbroker.store import Store, translate_error
+from qbroker.store.sqlite.schema import translate_error
 
 T = TypeVar("T")
 log = structlog.get_logger("qbroker.writer")
@@ -56,16 +56,22 @@ _STOP = object()
 
 
 class Writer:
-    """The one writer thread. Start with `start()` from the trio thread; `stop()` drains."""
+    """The one writer thread. Start with `start()` from the trio thread; `stop()` drains.
+
+    It owns `conn` from `start()` on and closes it when it ends. `rolled_back` is called
+    (on the thread) after any rollback, so caches of what was committed can be dropped.
+    `guard` runs before and after each commit; an error it returns fails the batch's
+    calls (guards.FileGuard: a commit into a deleted file is not durable).
+    """
 
     def __init__(
         self,
-        store: Store,
+        conn: sqlite3.Connection,
+        rolled_back: Callable[[], None] = lambda: None,
         guard: Callable[[], errors.QBrokerError | None] | None = None,
     ) -> None:
-        self.store = store
-        #: run before and after each commit; an error it returns fails the batch's
-        #: calls (guards.FileGuard: a commit into a deleted file is not durable)
+        self.conn = conn
+        self._rolled_back = rolled_back
         self._guard = guard
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(
@@ -81,7 +87,7 @@ class Writer:
         self._thread.start()
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run `fn(*args, **kwargs)` (a bound Store method) in the next group commit.
+        """Run `fn(*args, **kwargs)` (a unit of writes.py) in the next group commit.
 
         Returns after the commit that made it durable. Not cancellable once submitted:
         a cancel waits for the commit, so a write is never half-reported.
@@ -149,7 +155,7 @@ class Writer:
 
     def _loop(self, batch: list[Call]) -> None:
         """Commit batches until stopped; `batch` holds the one in hand, for `_run`."""
-        conn = self.store.conn
+        conn = self.conn
         stopping = False
         while not stopping:
             batch.clear()
@@ -170,7 +176,7 @@ class Writer:
             metrics.COMMIT_BATCH.observe(len(batch))
             assert self._token is not None
             self._token.run_sync_soon(_wake_all, list(batch))
-        self.store.close()
+        conn.close()
 
     def _guarded_commit(self, conn: sqlite3.Connection, batch: list[Call]) -> None:
         """`_commit`, unless the guard finds the file gone, before it (nothing runs)
@@ -183,11 +189,11 @@ class Writer:
             self._commit(conn, batch)
             lost = self._guard()
         if lost is not None:
+            self._rolled_back()
             for c in batch:
                 c.result = outcome.Error(lost)
 
-    @staticmethod
-    def _commit(conn: sqlite3.Connection, batch: list[Call]) -> None:
+    def _commit(self, conn: sqlite3.Connection, batch: list[Call]) -> None:
         # A call alone in its transaction needs no savepoint: ROLLBACK undoes it alone.
         alone = len(batch) == 1
         begun = 0  # index of the first call in the open transaction
@@ -202,6 +208,7 @@ class Writer:
                 if not alone:
                     conn.execute("RELEASE call")
             except BaseException as exc:  # the call's own failure: undo it alone
+                self._rolled_back()
                 c.result = outcome.Error(
                     translate_error(exc) if isinstance(exc, sqlite3.Error) else exc
                 )
@@ -222,6 +229,7 @@ class Writer:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.error("writer.commit_failed", error=str(exc), calls=len(batch))
+            self._rolled_back()
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             err = translate_error(exc)

@@ -1,0 +1,134 @@
+"""The route table: every endpoint's method, path, name, request and reply struct and
+success status, in one place. Sans-IO: no trio, no sockets, no store.
+
+It drives the router (`match`), the handlers' binding (app.py: one `on_<name>` per
+route, its body decoded as the route's `request`), and `/v1/openapi.json` (openapi.py).
+It names only wire.py structs, so a client operation can be derived from it too.
+Adding an endpoint: a row here, a handler in app.py, a section in protocol.md.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any
+from urllib.parse import unquote
+
+import msgspec
+from qclient import wire
+from qclient.wire import MAX_BATCH, NAME_PATTERN, JobSpec
+
+from qbroker import errors
+
+
+class EnqueueBody(JobSpec, frozen=True):
+    """Decodes both enqueue forms: one job object, or `{"jobs": [...]}`."""
+
+    jobs: (
+        Annotated[list[JobSpec], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+        | None
+    ) = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str  #: `{queue}` and `{id}` match one name (wire.NAME_PATTERN)
+    name: str  #: the handler is `on_<name>`; labels metrics; the operationId
+    request: Any  #: the struct the body decodes to; None: no body
+    reply: Any  #: the success reply's struct; None: not a struct (see `media`)
+    status: int = 200
+    #: the request's and reply's forms, when a route takes either of two (openapi)
+    request_forms: tuple[Any, ...] = ()
+    reply_forms: tuple[Any, ...] = ()
+    query: tuple[str, ...] = ()  #: query parameters (openapi.QUERY describes each)
+    conflict: bool = False  #: may answer 409 (stale lease or duplicate)
+    media: str = "application/json"  #: the reply's type when `reply` is None
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/v1/queues/{queue}/jobs", "enqueue", EnqueueBody, None, 201,
+          request_forms=(wire.JobSpec, wire.EnqueueManyRequest),
+          reply_forms=(wire.EnqueueReply, wire.EnqueueManyReply), conflict=True),
+    Route("POST", "/v1/lease", "lease", wire.LeaseRequest, wire.LeaseReply),
+    Route("POST", "/v1/jobs/{id}/ack", "ack", wire.AckRequest, wire.AckReply,
+          conflict=True),
+    Route("POST", "/v1/jobs/{id}/fail", "fail", wire.FailRequest, wire.FailReply,
+          conflict=True),
+    Route("POST", "/v1/jobs/{id}/extend", "extend", wire.ExtendRequest,
+          wire.ExtendReply, conflict=True),
+    Route("POST", "/v1/jobs/{id}/release", "release", wire.ReleaseRequest,
+          wire.ReleaseReply, conflict=True),
+    Route("POST", "/v1/jobs/{id}/cancel", "cancel", None, wire.CancelReply),
+    Route("POST", "/v1/ack", "ack_many", wire.AckManyRequest, wire.BatchReply),
+    Route("POST", "/v1/fail", "fail_many", wire.FailManyRequest, wire.BatchReply),
+    Route("POST", "/v1/release", "release_many", wire.ReleaseManyRequest,
+          wire.BatchReply),
+    Route("GET", "/v1/jobs/{id}", "get_job", None, wire.JobRecord),
+    Route("GET", "/v1/jobs/{id}/result", "job_result", None, wire.JobRecord,
+          query=("wait",)),
+    Route("POST", "/v1/results", "results", wire.ResultsRequest, wire.ResultsReply),
+    Route("GET", "/v1/queues", "queues", None, wire.QueueList),
+    Route("GET", "/v1/queues/{queue}", "queue", None, wire.QueueStats),
+    Route("GET", "/healthz", "healthz", None, wire.Health),
+    Route("GET", "/metrics", "metrics", None, None, media="text/plain"),
+    Route("GET", "/v1/openapi.json", "openapi", None, None),
+)  # fmt: skip
+BY_NAME = {r.name: r for r in ROUTES}
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def _shape(path: str) -> tuple[str, str | None, str | None]:
+    """("/v1/jobs/J1/ack") -> ("/v1/jobs/{id}/ack", "id", "J1"): a path's table shape."""
+    parts = path.split("/")
+    if len(parts) >= 4 and parts[1] == "v1" and parts[2] in ("jobs", "queues"):
+        param = "id" if parts[2] == "jobs" else "queue"
+        value = parts[3]
+        if "%" in value:  # a name percent-encoded (JavaScript's encodeURIComponent)
+            try:
+                value = unquote(value, errors="strict")
+            except UnicodeDecodeError:
+                value = ""  # matches no name
+        parts[3] = "{" + param + "}"
+        return "/".join(parts), param, value
+    return path, None, None
+
+
+# shape -> {method: route name}
+_TABLE: dict[str, dict[str, str]] = {}
+for _r in ROUTES:
+    _TABLE.setdefault(_r.path, {})[_r.method] = _r.name
+#: shape -> the methods it takes, for a 405's Allow header (GET brings HEAD along)
+_ALLOW = {
+    shape: tuple(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
+    for shape, methods in _TABLE.items()
+}
+
+
+def match(method: str, path: str) -> tuple[str, str | None, str | None]:
+    """The route name for a request, and its path parameter's name and value if any.
+
+    Raises:
+        errors.NotFound: no route has this path.
+        errors.MethodNotAllowed: a route has this path with another method.
+    """
+    shape, param, value = _shape(path)
+    methods = _TABLE.get(shape)
+    if methods is None or (value is not None and not _NAME_RE.match(value)):
+        raise errors.NotFound(f"no route for {_quoted(path)}")
+    name = methods.get("GET" if method == "HEAD" else method)
+    if name is None:
+        raise errors.MethodNotAllowed(
+            f"{method} is not allowed on {_quoted(path)}", allow=_ALLOW[shape]
+        )
+    return name, param, value
+
+
+QUOTED_PATH_CHARS = 100  #: characters of a path an error message repeats
+
+
+def _quoted(path: str) -> str:
+    """`path` for an error message: a 15 KB path is not sent back whole."""
+    if len(path) <= QUOTED_PATH_CHARS:
+        return path
+    return f"{path[:QUOTED_PATH_CHARS]}... ({len(path)} characters)"

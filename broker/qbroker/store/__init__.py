@@ -1,0 +1,22 @@
+"""The store: all state, behind one interface of verbs (interface.py), with one
+package per backend (sqlite/). Nothing outside store/ speaks SQL."""
+
+from qbroker.store.interface import (
+    LEASED_AT_STEP as LEASED_AT_STEP,
+    NOTHING_LEASED as NOTHING_LEASED,
+    Cancelled as Cancelled,
+    Changes as Changes,
+    Defaults as Defaults,
+    Enqueued as Enqueued,
+    Extended as Extended,
+    Failed as Failed,
+    JobRow as JobRow,
+    Leased as Leased,
+    QueueRow as QueueRow,
+    Released as Released,
+    Settled as Settled,
+    Snapshot as Snapshot,
+    Store as Store,
+    Swept as Swept,
+    Transition as Transition,
+)

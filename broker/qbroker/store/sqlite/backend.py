@@ -1,0 +1,246 @@
+"""The SQLite backend of the store interface: one file, one writer thread that group-
+commits every write unit (writer.py), a few reader threads for reads (readers.py), and
+a checkpointer that keeps the WAL from growing.
+
+Each write verb submits one unit of writes.py (or sweep.py) to the writer and returns
+once the commit that made it durable is done; each read verb runs one method of
+reads.py on a reader thread. The trio loop never waits on SQLite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+from qclient.wire import (
+    AckItem,
+    FailItem,
+    JobRecord,
+    JobSpec,
+    LeaseRequest,
+    QueueStats,
+    ReleaseItem,
+)
+
+from qbroker import errors
+from qbroker.config import CHECKPOINT_INTERVAL
+from qbroker.store.interface import (
+    Cancelled,
+    Changes,
+    Defaults,
+    Enqueued,
+    Extended,
+    Failed,
+    Released,
+    Settled,
+    Snapshot,
+    Swept,
+)
+from qbroker.store.sqlite import schema
+from qbroker.store.sqlite.guards import FileGuard, FreeSpaceFloor
+from qbroker.store.sqlite.readers import ReadThreads
+from qbroker.store.sqlite.reads import Reader
+from qbroker.store.sqlite.sweep import sweep
+from qbroker.store.sqlite.writer import Writer
+from qbroker.store.sqlite.writes import Writes
+
+log = structlog.get_logger("qbroker.store")
+
+
+class SQLiteStore:
+    """The store on one SQLite file. Open with `open()` on the trio thread; every
+    verb is called from the trio thread; `aclose()` ends it."""
+
+    def __init__(
+        self,
+        path: Path,
+        writes: Writes,
+        writer: Writer,
+        guard: FileGuard,
+        floor: FreeSpaceFloor,
+    ) -> None:
+        self.path = path
+        self._writes = writes
+        self._writer = writer
+        self._guard = guard  #: fails writes and pings once the file is gone
+        self._floor = floor  #: refuses enqueues while the disk is nearly full
+        self._reader = Reader(path)
+        self._reads = ReadThreads()
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        *,
+        synchronous: str = "FULL",
+        max_db_bytes: int | None = None,
+        min_free_disk: int = 0,
+    ) -> SQLiteStore:
+        """Check, migrate and open the file at `path`, and start the threads.
+
+        Args:
+            max_db_bytes: a quota on the file; writes past it get errors.DiskFull.
+            min_free_disk: bytes free on the file's disk under which enqueues get
+                errors.DiskLow (0: no floor).
+
+        Raises:
+            errors.InternalError: damaged, not a database, or of a newer schema.
+        """
+        conn = await trio.to_thread.run_sync(
+            lambda: schema.open_writer(
+                path, synchronous=synchronous, max_db_bytes=max_db_bytes
+            )
+        )
+        writes = Writes(conn)
+        guard = FileGuard(path)
+        writer = Writer(conn, writes.rolled_back, guard.check)
+        floor = FreeSpaceFloor(path.parent, min_free_disk)
+        store = cls(path, writes, writer, guard, floor)
+        store._writer.start()
+        store._reads.start()
+        return store
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._writer.stop)
+            await trio.to_thread.run_sync(self._reads.stop)
+            self._reader.close()
+            self._guard.close()
+
+    async def maintain(self) -> None:
+        """Checkpoint the WAL every CHECKPOINT_INTERVAL seconds, off the write path;
+        raise if the writer thread dies (the server then stops, for a supervisor to
+        restart it on the file as last committed)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._checkpoints)
+            await self._writer.died.wait()
+            raise errors.InternalError("the writer thread died") from self._writer.error
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await trio.sleep(CHECKPOINT_INTERVAL)
+            try:
+                await trio.to_thread.run_sync(self._reader.checkpoint)
+            except errors.DiskFull:
+                # the database file could not grow; the WAL still holds every commit
+                log.warning("checkpoint.disk_full")
+
+    # ------------------------------------------------------------ writes
+
+    def _write(self, fn: Any, *args: Any) -> Awaitable[Any]:
+        writer = self._writer
+        return writer.wait(writer.submit(fn, *args))
+
+    def enqueue_and_hand_off(
+        self,
+        queue: str,
+        specs: Sequence[JobSpec],
+        leases: Sequence[LeaseRequest],
+        *,
+        defaults: Defaults,
+        now: float,
+    ) -> Awaitable[Enqueued]:
+        self._floor.check()  # raises here, before anything is submitted
+        return self._write(
+            self._writes.enqueue_and_hand_off, queue, specs, leases, defaults, now
+        )
+
+    def cancel(
+        self, job_id: str, *, watched: Sequence[str], now: float
+    ) -> Awaitable[Cancelled]:
+        return self._write(self._writes.cancel, job_id, watched, now)
+
+    def lease(
+        self, request: LeaseRequest, *, resend: bool, now: float
+    ) -> Awaitable[Settled]:
+        return self._write(
+            self._writes.settle_and_lease, (), (), request, resend, (), now
+        )
+
+    def settle_and_lease(
+        self,
+        acks: Sequence[AckItem],
+        fails: Sequence[FailItem],
+        request: LeaseRequest | None,
+        *,
+        resend: bool,
+        watched: Sequence[str],
+        now: float,
+    ) -> Awaitable[Settled]:
+        return self._write(
+            self._writes.settle_and_lease, acks, fails, request, resend, watched, now
+        )
+
+    def ack(
+        self,
+        job_id: str,
+        lease: str,
+        result: Any,
+        *,
+        watched: Sequence[str],
+        now: float,
+    ) -> Awaitable[Changes]:
+        return self._write(self._writes.ack, job_id, lease, result, watched, now)
+
+    def fail(
+        self,
+        job_id: str,
+        lease: str,
+        *,
+        error: str,
+        traceback: str | None,
+        retry_in: float | None,
+        watched: Sequence[str],
+        now: float,
+    ) -> Awaitable[Failed]:
+        return self._write(
+            self._writes.fail, job_id, lease, error, traceback, retry_in, watched, now
+        )
+
+    def extend(
+        self, job_id: str, lease: str, *, lease_seconds: float | None, now: float
+    ) -> Awaitable[Extended]:
+        return self._write(self._writes.extend, job_id, lease, lease_seconds, now)
+
+    def release(self, job_id: str, lease: str, *, now: float) -> Awaitable[Changes]:
+        return self._write(self._writes.release, job_id, lease, now)
+
+    def release_many(
+        self, items: Sequence[ReleaseItem], *, now: float
+    ) -> Awaitable[Released]:
+        return self._write(self._writes.release_many, items, now)
+
+    def sweep(self, *, now: float) -> Awaitable[Swept]:
+        return self._write(sweep, self._writes.conn, now)
+
+    # ------------------------------------------------------------ reads
+
+    def get_job(self, job_id: str) -> Awaitable[JobRecord]:
+        return self._reads.call(self._reader.get_job, job_id)
+
+    def get_jobs(self, job_ids: Sequence[str]) -> Awaitable[dict[str, JobRecord]]:
+        return self._reads.call(self._reader.get_jobs, job_ids)
+
+    def unfinished(self, job_ids: Sequence[str]) -> Awaitable[set[str]]:
+        return self._reads.call(self._reader.unfinished, job_ids)
+
+    def queue_stats(self, queue: str, *, now: float) -> Awaitable[QueueStats]:
+        return self._reads.call(self._reader.queue_stats, queue, now)
+
+    def queues(self, *, now: float) -> Awaitable[list[QueueStats]]:
+        return self._reads.call(self._reader.queues, now)
+
+    def ping(self) -> Awaitable[None]:
+        lost = self._guard.check()
+        if lost is not None:
+            raise lost
+        return self._reads.call(self._reader.ping)
+
+    def queues_holding(self, queues: Sequence[str]) -> Awaitable[set[str]]:
+        return self._reads.call(self._reader.queues_holding, queues)
+
+    def snapshot(self) -> Awaitable[Snapshot]:
+        return self._reads.call(self._reader.snapshot)
