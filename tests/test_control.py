@@ -410,7 +410,7 @@ def test_a_cancel_reaches_a_running_job_within_two_seconds(
     stopped: str | None,
 ) -> None:
     notes = tmp_path / "notes"
-    worker = start("--pool", pool, "--concurrency", "3")
+    worker = start("--pool", pool, "--concurrency", "3", "--queue", "ctl_live")
     args: list[Any] = [str(notes)] + ([60] if task == "ctl_sleep" else [])
     jobs = [client.send("ctl_live", task=task, args=args) for _ in range(3)]
     wait_for(

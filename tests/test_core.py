@@ -62,7 +62,7 @@ def test_a_data_dir_of_the_last_release_migrates_on_start(
     w.close()
     assert b.stop() == 0
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
         rows = conn.execute("SELECT name, paused FROM queues ORDER BY name").fetchall()
         assert rows == [("emails", 0), ("reports", 0)]
     b.start()  # and again: nothing left to migrate

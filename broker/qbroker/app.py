@@ -45,6 +45,7 @@ from qclient.wire import (
 from qbroker import __version__, auth, errors, metrics, openapi
 from qbroker.clock import Clock
 from qbroker.config import RESULTS_REPLY_BYTES, Config
+from qbroker.control_api import ControlHandlers
 from qbroker.protocol import (
     BIG_BODY,
     EnqueueBody,
@@ -55,7 +56,7 @@ from qbroker.protocol import (
     query_float,
 )
 from qbroker.replies import results_reply
-from qbroker.routes import ROUTES
+from qbroker.routes import OPTIONAL_BODY, ROUTES
 from qbroker.store import NOTHING_LEASED, Defaults, Enqueued, Leased, Store
 from qbroker.transitions import Effects
 from qbroker.waiters import Slot, Waiters
@@ -66,7 +67,7 @@ _RELEASED = ReleaseReply()
 Handler = Callable[[Request, Any], Awaitable[Response]]
 
 
-class Broker:
+class Broker(ControlHandlers):
     """Everything a handler needs. Lives for one `serve()` run."""
 
     def __init__(self, config: Config, store: Store, clock: Clock) -> None:
@@ -77,6 +78,7 @@ class Broker:
         self.job_waiters = Waiters()
         self.effects = Effects(self.queue_waiters, self.job_waiters, self.poke_reaper)
         self.closing = False
+        self.cancel_notes = {}
         self.reaper_wakeup = trio.Event()
         self.reaper_due: float = 0.0  #: when the reaper will next sweep (unix seconds)
         self.defaults = Defaults(
@@ -136,6 +138,8 @@ class Broker:
         handler, body_type = self._routes[req.route]
         if body_type is None:
             return handler(req, None)
+        if not req.body and req.route in OPTIONAL_BODY:
+            return handler(req, body_type())
         if body_type is EnqueueBody and len(req.body) > BIG_BODY:
             return self._enqueue_big(req)
         return handler(req, decode(req, body_type))
@@ -207,7 +211,8 @@ class Broker:
         return encode(req, EnqueueReply(id=done.ids[0]), 201)
 
     async def on_get_job(self, req: Request, _: None) -> Response:
-        return encode(req, await self.store.get_job(req.params["id"]))
+        record = await self.store.get_job(req.params["id"], now=self.clock.now())
+        return encode(req, record)
 
     async def on_job_result(self, req: Request, _: None) -> Response:
         job_id = req.params["id"]
@@ -272,6 +277,10 @@ class Broker:
             job_id, watched=self.watched([job_id]), now=self.clock.now()
         )
         self.effects.apply(done.changes)
+        if any(old is JobState.ACTIVE for _, _, old, _ in done.changes.transitions):
+            # its worker's parked cancel poll, if any, hears it now
+            record = await self.store.get_job(job_id)
+            self.cancelled_active(job_id, record.worker)
         return encode(req, CancelReply(id=job_id, state=done.state))
 
     # ---------------------------------------------------------------- worker
@@ -302,8 +311,10 @@ class Broker:
                 resend = False  # only the first pass looks for a resend's jobs
                 if got.jobs or self.closing or trio.current_time() >= deadline:
                     break
+                if got.held is not None:  # woken when a held job's key frees
+                    self.effects.held.update(body.queues)
                 slot.parked = True
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(self.held_deadline(got, deadline)):
                     await slot.event.wait()
                 slot.parked = False
                 if slot.handoff is not None:
@@ -378,6 +389,8 @@ class Broker:
             body.lease,
             lease_seconds=body.timeout,
             now=self.clock.now(),
+            progress=body.progress,
+            progress_note=body.progress_note,
         )
         self.effects.apply(done.changes)
         return encode(

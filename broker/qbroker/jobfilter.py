@@ -13,6 +13,7 @@ an index: a page costs at most that many rows, whatever the table holds.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ class JobFilter:
     where: tuple[tuple[str, tuple[str | int, ...], Any], ...] = ()
     limit: int = LIST_DEFAULT
     before: int | None = None  #: the cursor: only rows stored before this one
+
+    def below(self, before: int) -> JobFilter:
+        """The same filter, over the jobs stored before row `before`."""
+        return dataclasses.replace(self, before=before)
 
     def matches_arguments(
         self, args: list[Any], kwargs: dict[str, Any], headers: dict[str, Any]

@@ -58,6 +58,7 @@ __all__ = [
     "LeaseReply",
     "LeaseRequest",
     "LeasedJob",
+    "LimitDeleted",
     "LimitList",
     "LimitRecord",
     "LimitSpec",
@@ -439,6 +440,13 @@ class LimitList(_Struct, frozen=True):
     limits: list[LimitRecord]
 
 
+class LimitDeleted(_Struct, frozen=True):
+    """`DELETE /v1/limits/{key}`."""
+
+    key: str
+    deleted: bool
+
+
 class JobList(_Struct, frozen=True):
     """`GET /v1/jobs`: a page of jobs, newest first."""
 
@@ -488,6 +496,7 @@ class ErrorBody(_Struct, frozen=True):
     message: str
     field: str | None = None
     roles: list[str] | None = None  #: for 403 `forbidden`: the roles that may
+    state: JobState | None = None  #: for 409 `invalid_state`: the job's state
 
 
 #: Crockford's base32 (the ULID alphabet): its order is ASCII order, so ids sort as

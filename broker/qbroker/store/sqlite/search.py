@@ -1,0 +1,115 @@
+"""Job control on the read side: the job listing, what a queued job waits on, the
+limits with their active jobs, and which jobs are cancelled. Functions of a reader
+connection (reads.py lends one), each reading as of one commit.
+
+The listing is keyset paged over `seq` (the order jobs were stored) and examines one
+window of at most jobfilter.SCAN_LIMIT rows per page (control.window): `queue` with
+`state` seek the (queue, state) index inside the window, the rest is checked row by
+row, the argument filters on the decoded payload. So a page costs the same at a
+million jobs as at a thousand, and a page may come back short with `next` set.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from qclient.wire import JobList, JobRecord, JobState, LimitRecord
+
+from qbroker import gcra
+from qbroker.jobfilter import JobFilter, encode_cursor
+from qbroker.store.sqlite.control import (
+    LIMIT_COLUMNS,
+    LimitRow,
+    active_of,
+    filter_sql,
+    keys_of,
+    matches,
+    window,
+)
+from qbroker.store.sqlite.rows import RECORD_COLUMNS, record
+
+__all__ = ["cancelled_among", "limits", "list_jobs", "waiting_on"]
+
+_IN_CHUNK = 500
+
+
+def list_jobs(conn: sqlite3.Connection, where: JobFilter, now: float) -> JobList:
+    """A page of the jobs `where` matches, newest first (see the module docstring)."""
+    low, nxt = window(conn, where.before)
+    top = where.before if where.before is not None else (1 << 63) - 1
+    cond, params = filter_sql(where)
+    jobs: list[JobRecord] = []
+    last = None
+    rows = conn.execute(
+        f"SELECT seq, payload, {RECORD_COLUMNS} FROM jobs"
+        f" WHERE seq >= ? AND seq < ?{cond} ORDER BY seq DESC",
+        (low, top, *params),
+    )
+    for row in rows:
+        if not matches(where, row[1]):
+            continue
+        jobs.append(record(row[2:]))
+        if len(jobs) >= where.limit:
+            last = row[0]
+            break
+    rows.close()
+    if last is not None:  # the page filled before the window's end: go on below it
+        more = conn.execute(
+            f"SELECT 1 FROM jobs WHERE seq >= ? AND seq < ?{cond} LIMIT 1",
+            (low, last, *params),
+        ).fetchone()
+        nxt = last if more is not None or nxt is not None else None
+    return JobList(jobs=jobs, next=None if nxt is None else encode_cursor(nxt))
+
+
+def waiting_on(conn: sqlite3.Connection, job: JobRecord, now: float) -> str | None:
+    """Why a queued job is not leased: "paused", "limit KEY", or None."""
+    if job.state is not JobState.QUEUED:
+        return None
+    row = conn.execute(
+        "SELECT paused FROM queues WHERE name = ?", (job.queue,)
+    ).fetchone()
+    if row is not None and row[0]:
+        return "paused"
+    for key in keys_of(job.queue, job.task, job.limit_key):
+        found = conn.execute(
+            f"SELECT {LIMIT_COLUMNS} FROM limits WHERE key = ?", (key,)
+        ).fetchone()
+        if found is None:
+            continue
+        limit = LimitRow.of(found)
+        if (
+            limit.concurrency is not None
+            and active_of(conn, key, now) >= limit.concurrency
+        ):
+            return f"limit {key}"
+        r = limit.rate
+        if r is not None and not gcra.allowed(
+            limit.tat, now, limit=r.limit, per=r.per, burst=r.burst
+        ):
+            return f"limit {key}"
+    return None
+
+
+def limits(conn: sqlite3.Connection, now: float) -> list[LimitRecord]:
+    """Every limit, by key, with the key's active jobs now."""
+    rows = conn.execute(f"SELECT {LIMIT_COLUMNS} FROM limits ORDER BY key").fetchall()
+    return [LimitRow.of(r).record(active_of(conn, r[0], now)) for r in rows]
+
+
+def cancelled_among(conn: sqlite3.Connection, job_ids: Sequence[str]) -> list[str]:
+    """Those of `job_ids` that are cancelled."""
+    out: list[str] = []
+    ids = list(dict.fromkeys(job_ids))
+    for i in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[i : i + _IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        out += [
+            r[0]
+            for r in conn.execute(
+                f"SELECT id FROM jobs WHERE id IN ({marks}) AND state = 'cancelled'",
+                chunk,
+            )
+        ]
+    return out
