@@ -30,7 +30,7 @@ TOKENS = {
     "read": "read-Tok3n",
     "admin": "admin-Tok3n",
 }
-PATH_VALUES = {"{queue}": "rolesq", "{id}": "no-such-job"}
+PATH_VALUES = {"{queue}": "rolesq", "{id}": "no-such-job", "{key}": "task:x"}
 
 
 def endpoints() -> list[tuple[str, str, str]]:
@@ -79,7 +79,8 @@ def test_every_route_has_its_roles_listed() -> None:
 
 def test_roles_follow_the_policy() -> None:
     """The issue's policy: read has every GET; producer enqueues, reads jobs and
-    waits for results; worker leases and settles; anything else is admin's."""
+    waits for results; worker leases and settles, waits for cancels of its jobs and
+    puts the limits its tasks declare; anything else is admin's."""
     allowed = {
         role: {n for _, _, n in ROUTE_ROWS if role in auth.ROUTE_ROLES.get(n, ())}
         for role in auth.ROLES
@@ -91,7 +92,7 @@ def test_roles_follow_the_policy() -> None:
     }
     assert {
         "lease", "ack", "fail", "extend", "release", "ack_many", "fail_many",
-        "release_many",
+        "release_many", "cancels", "put_limit",
     } == allowed["worker"] - {"healthz"}  # fmt: skip
     assert "cancel" not in set().union(*allowed.values())  # admin only
 

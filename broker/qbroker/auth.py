@@ -49,7 +49,7 @@ ROUTE_ROLES: Mapping[str, tuple[str, ...]] = {
     # a worker puts the limits its tasks declare (@task(rate_limit=...)) at start
     "put_limit": (WORKER,),
     "delete_limit": (),
-    "list_jobs": (PRODUCER, READ),
+    "list_jobs": (READ,),
     "retry_job": (),
     "retry_jobs": (),
     "delete_job": (),
