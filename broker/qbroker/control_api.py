@@ -21,6 +21,7 @@ from qclient.wire import (
     CancelsReply,
     CancelsRequest,
     DeleteReply,
+    JobRecord,
     JobState,
     LimitDeleted,
     LimitList,
@@ -189,7 +190,17 @@ class ControlHandlers:
                     await slot.event.wait()
                 slot.event = trio.Event()
                 assert slot.values is not None
+                # a listed job that finished otherwise (its final record handed
+                # over) will never be cancelled: no need to look at it again
+                done = {
+                    job_id
+                    for job_id, record in slot.values.items()
+                    if isinstance(record, JobRecord)
+                    and record.state is not JobState.CANCELLED
+                }
                 slot.values.clear()
+                if done:
+                    listed = [j for j in listed if j not in done]
 
     # ------------------------------------------------------------ held leases
 

@@ -12,13 +12,14 @@
     qbroker cancel JOB_ID
 
 A client of a running broker (`--url`, env QBROKER_URL; `--token`, env
-QBROKER_TOKEN). Plain text for people; `--json` prints the broker's reply for scripts.
+QBROKER_TOKEN; `--ca`, env QBROKER_CA, for an https:// broker with a private CA). Plain text for people; `--json` prints the broker's reply for scripts.
 Exit status: 0 done; 1 the broker refused or could not be reached; 2 bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,6 +42,9 @@ def _common() -> argparse.ArgumentParser:
         help="broker URL (default: env QBROKER_URL, else http://127.0.0.1:7733)",
     )
     p.add_argument("--token", help="the broker's token (default: env QBROKER_TOKEN)")
+    p.add_argument(
+        "--ca", help="CA file to verify an https:// broker (default: env QBROKER_CA)"
+    )
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
     return p
 
@@ -133,7 +137,9 @@ def _show(ns: argparse.Namespace, value: Any, text: Callable[[], str]) -> None:
 def main(ns: argparse.Namespace) -> int:
     """Run one job-control verb; returns the exit status."""
     try:
-        with Client(ns.url, ns.token) as client:
+        with Client(
+            ns.url, ns.token, ca=ns.ca or os.environ.get("QBROKER_CA")
+        ) as client:
             _run(ns, client)
     except ValueError as exc:
         print(f"qbroker: {exc}", file=sys.stderr)
