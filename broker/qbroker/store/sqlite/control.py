@@ -15,8 +15,8 @@ Theory of operation.
   room is its concurrency less its active leases that have not lapsed (counted once
   per lease, from the jobs_active index: O(active jobs)), and what its GCRA rate
   admits now (gcra.py). A key out of room is left out of the next round's SQL, so a
-  held task never blocks the jobs behind it (no head-of-line blocking), and a round
-  costs at most `want + HOLD_SCAN` rows.
+  held task never blocks the jobs behind it (no head-of-line blocking). The first
+  round reads `want` rows, the next ones at most `want + HOLD_SCAN`.
 - **Retry by hand** keeps `attempts` (the total) and sets `attempt_base` to it: the
   next lease is attempt 1 again, so the job gets its `max_retries + 1` runs anew
   without the worker taking it for one that used them up.
@@ -227,6 +227,11 @@ class Control:
         if room_of(qkey) == 0:
             self._hold(limits, {qkey}, now)
             return []
+        want = min(want, room_of(qkey))
+        quick = self._lease_unless_held(queue, want, params, limits)
+        if quick is not None:
+            return quick
+        room = {qkey: room[qkey]}  # counted before the try, which was rolled back
         out: list[LeasedJob] = []
         started: dict[str, int] = {}
         held_tasks: list[str] = []
@@ -248,7 +253,9 @@ class Control:
                 sql += f" AND (limit_key IS NULL OR limit_key NOT IN ({marks}))"
                 args += held_keys
             sql += " ORDER BY priority DESC, available_at, seq LIMIT ?"
-            scan = need + HOLD_SCAN
+            # the first round reads only what it wants; once keys ran out of room,
+            # a few more, as the rest of a held key's jobs may sit among them
+            scan = need if not held else need + HOLD_SCAN
             with translate_errors():
                 candidates = self.conn.execute(sql, [*args, scan]).fetchall()
             taken: list[int] = []
@@ -284,6 +291,61 @@ class Control:
         if held:
             self._hold(limits, held, now)
         return out
+
+    def _lease_unless_held(
+        self,
+        queue: str,
+        want: int,
+        params: tuple[str, float | None, float, str],
+        limits: dict[str, LimitRow],
+    ) -> list[LeasedJob] | None:
+        """The usual case, at the cost of a lease without limits: lease the first
+        `want` ready jobs in one UPDATE, then check that the limits of the keys they
+        carry had room for them (`queue:` is checked by the caller). None if not:
+        the UPDATE is rolled back, and the caller takes jobs one by one."""
+        prefix, lease_seconds, now, worker = params
+        qkey = f"queue:{queue}"
+        with translate_errors():
+            self.conn.execute("SAVEPOINT lease_try")
+            rows = self.conn.execute(
+                "UPDATE jobs SET state = 'active', attempts = attempts + 1,"
+                " lease = ?1 || seq, lease_seconds = coalesce(?2, timeout),"
+                " lease_expires_at = ?3 + coalesce(?2, timeout), started_at = ?3,"
+                " worker = ?4, progress = NULL, progress_note = NULL"
+                " WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued'"
+                "   AND queue = ?5 AND (expires_at IS NULL OR expires_at > ?3)"
+                "   ORDER BY priority DESC, available_at, seq LIMIT ?6)"
+                f" RETURNING {LEASED_COLUMNS}, limit_key",
+                (prefix, lease_seconds, now, worker, queue, want),
+            ).fetchall()
+            started: dict[str, int] = {qkey: len(rows)} if qkey in limits else {}
+            for r in rows:
+                for key in (f"task:{r[4]}", r[11]):
+                    if key is not None and key in limits:
+                        started[key] = started.get(key, 0) + 1
+            fits = True
+            for key, n in started.items():
+                row = limits[key]
+                # the jobs just leased count as active now: the key fits if no
+                # more than its concurrency is active
+                if row.concurrency is not None and key != qkey:
+                    fits = fits and active_of(self.conn, key, now) <= row.concurrency
+                if row.rate is not None and key != qkey:
+                    r = row.rate
+                    allowed = gcra.allowed(
+                        row.tat, now, limit=r.limit, per=r.per, burst=r.burst
+                    )
+                    fits = fits and allowed >= n
+                if not fits:
+                    break
+            if not fits:
+                self.conn.execute("ROLLBACK TO lease_try")
+            self.conn.execute("RELEASE lease_try")
+        if not fits:
+            return None
+        self._spend(limits, started, now)
+        rows.sort(key=lambda r: (-r[0], r[1], r[2]))
+        return [leased_job(r, queue) for r in rows]
 
     def _lease_seqs(
         self,
