@@ -46,6 +46,7 @@ from qbroker import __version__, auth, errors, metrics, openapi
 from qbroker.clock import Clock
 from qbroker.config import RESULTS_REPLY_BYTES, Config
 from qbroker.control_api import ControlHandlers
+from qbroker.kvapi import KVHandlers
 from qbroker.protocol import (
     BIG_BODY,
     EnqueueBody,
@@ -67,7 +68,7 @@ _RELEASED = ReleaseReply()
 Handler = Callable[[Request, Any], Awaitable[Response]]
 
 
-class Broker(ControlHandlers):
+class Broker(ControlHandlers, KVHandlers):
     """Everything a handler needs. Lives for one `serve()` run."""
 
     def __init__(self, config: Config, store: Store, clock: Clock) -> None:

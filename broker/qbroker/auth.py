@@ -44,7 +44,6 @@ ROUTE_ROLES: Mapping[str, tuple[str, ...]] = {
     "queue": (READ,),
     "pause_queue": (),
     "resume_queue": (),
-    "purge_queue": (),
     "limits": (READ,),
     # a worker puts the limits its tasks declare (@task(rate_limit=...)) at start
     "put_limit": (WORKER,),
@@ -57,6 +56,14 @@ ROUTE_ROLES: Mapping[str, tuple[str, ...]] = {
     "healthz": (PRODUCER, WORKER, READ, OPEN),
     "metrics": (READ,),
     "openapi": (READ,),
+    "purge": (),
+    # the key-value store holds Celery's results: producers read them and save
+    # groups, workers store them
+    "kv_get": (PRODUCER, WORKER),
+    "kv_set": (PRODUCER, WORKER),
+    "kv_incr": (PRODUCER, WORKER),
+    "kv_expire": (PRODUCER, WORKER),
+    "kv_delete": (PRODUCER, WORKER),
 }
 
 #: RFC 6750 section 2.1's b64token: what a bearer token may hold (no space, no comma)

@@ -81,7 +81,7 @@ class ControlHandlers:
         self.queue_waiters.notify(queue)  # parked leases look again
         return encode(req, PauseReply(queue=queue, paused=False))
 
-    async def on_purge_queue(self, req: Request, body: PurgeRequest) -> Response:
+    async def on_purge(self, req: Request, body: PurgeRequest) -> Response:
         for i, state in enumerate(body.states):
             if state not in PURGEABLE_STATES:
                 raise errors.InvalidField(

@@ -22,6 +22,7 @@ from qclient.wire import (
     JobRecord,
     JobSpec,
     JobState,
+    KVItem,
     LeaseRequest,
     LimitRecord,
     QueueStats,
@@ -46,7 +47,7 @@ from qbroker.store.interface import (
     Snapshot,
     Swept,
 )
-from qbroker.store.sqlite import schema
+from qbroker.store.sqlite import kv, schema
 from qbroker.store.sqlite.guards import FileGuard, FreeSpaceFloor
 from qbroker.store.sqlite.readers import ReadThreads
 from qbroker.store.sqlite.reads import Reader
@@ -235,6 +236,22 @@ class SQLiteStore:
     ) -> Awaitable[Released]:
         return self._write(self._writes.release_many, items, now)
 
+    def kv_set(
+        self, key: str, value: Any, ttl: float | None, *, now: float
+    ) -> Awaitable[int]:
+        return self._write(kv.set_value, self._writes.conn, key, value, ttl, now)
+
+    def kv_incr(
+        self, key: str, by: int, ttl: float | None, *, now: float
+    ) -> Awaitable[tuple[int, int]]:
+        return self._write(kv.incr, self._writes.conn, key, by, ttl, now)
+
+    def kv_expire(self, key: str, ttl: float | None, *, now: float) -> Awaitable[int]:
+        return self._write(kv.expire, self._writes.conn, key, ttl, now)
+
+    def kv_delete(self, keys: Sequence[str], *, now: float) -> Awaitable[int]:
+        return self._write(kv.delete, self._writes.conn, keys, now)
+
     def sweep(self, *, now: float) -> Awaitable[Swept]:
         return self._write(sweep, self._writes.conn, now)
 
@@ -263,6 +280,9 @@ class SQLiteStore:
 
     def queues_holding(self, queues: Sequence[str]) -> Awaitable[set[str]]:
         return self._reads.call(self._reader.queues_holding, queues)
+
+    def kv_get(self, keys: Sequence[str], *, now: float) -> Awaitable[list[KVItem]]:
+        return self._reads.call(self._reader.kv_get, keys, now)
 
     def snapshot(self) -> Awaitable[Snapshot]:
         return self._reads.call(self._reader.snapshot)

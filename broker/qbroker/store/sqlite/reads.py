@@ -19,6 +19,7 @@ from qclient.wire import (
     JobList,
     JobRecord,
     JobState,
+    KVItem,
     LimitRecord,
     QueueStats,
 )
@@ -26,7 +27,7 @@ from qclient.wire import (
 from qbroker import errors
 from qbroker.jobfilter import JobFilter
 from qbroker.store.interface import JobRow, QueueRow, Snapshot
-from qbroker.store.sqlite import search
+from qbroker.store.sqlite import kv, search
 from qbroker.store.sqlite.rows import RECORD_COLUMNS, record
 from qbroker.store.sqlite.schema import connect, translate_errors
 
@@ -76,6 +77,10 @@ class Reader:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._idle.put(conn)
+
+    def kv_get(self, keys: Sequence[str], now: float) -> list[KVItem]:
+        with self._conn() as conn:
+            return kv.get(conn, keys, now)
 
     def close(self) -> None:
         with self._lock:
