@@ -13,6 +13,7 @@ import msgspec
 from qbroker import auth, openapi
 from qbroker.app import Broker
 from qbroker.routes import ROUTES
+from qbroker.store.sqlite.schema import SCHEMA_VERSION
 from qclient import wire
 
 from tests.conftest import ROOT, BrokerFactory, BrokerProcess
@@ -62,7 +63,7 @@ def test_a_data_dir_of_the_last_release_migrates_on_start(
     w.close()
     assert b.stop() == 0
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         rows = conn.execute("SELECT name, paused FROM queues ORDER BY name").fetchall()
         assert rows == [("emails", 0), ("reports", 0)]
     b.start()  # and again: nothing left to migrate

@@ -139,8 +139,9 @@ class Broker(ControlHandlers, KVHandlers):
         handler, body_type = self._routes[req.route]
         if body_type is None:
             return handler(req, None)
-        if not req.body and req.route in OPTIONAL_BODY:
-            return handler(req, body_type())
+        if req.route in OPTIONAL_BODY:  # no body, or null: the struct's defaults
+            body = decode(req, body_type | None) if req.body else None
+            return handler(req, body_type() if body is None else body)
         if body_type is EnqueueBody and len(req.body) > BIG_BODY:
             return self._enqueue_big(req)
         return handler(req, decode(req, body_type))
