@@ -84,6 +84,8 @@ def test_a_paused_queue_takes_jobs_but_leases_none_until_resumed(
     assert wire.ok("POST", "/v1/lease", {"queues": ["fresh"]})["jobs"] == []
     record = wire.ok("GET", f"/v1/jobs/{job}")
     assert (record["state"], record["waiting_on"]) == ("queued", "paused")
+    (listed,) = wire.ok("GET", "/v1/jobs?queue=fresh")["jobs"]
+    assert listed["waiting_on"] == "paused"
     broker.stop()  # a pause is stored: it survives a restart
     broker.start()
     w = Wire(broker.url)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from typing import Any
 
+import msgspec
 from qclient.wire import JobList, JobRecord, JobState, LimitRecord
 
 from qbroker import gcra
@@ -41,6 +43,7 @@ def list_jobs(conn: sqlite3.Connection, where: JobFilter, now: float) -> JobList
     cond, params = filter_sql(where)
     jobs: list[JobRecord] = []
     last = None
+    seen: dict[str, Any] = {}  #: what `waiting_on` read, for the page's other jobs
     rows = conn.execute(
         f"SELECT seq, payload, {RECORD_COLUMNS} FROM jobs"
         f" WHERE seq >= ? AND seq < ?{cond} ORDER BY seq DESC",
@@ -49,7 +52,12 @@ def list_jobs(conn: sqlite3.Connection, where: JobFilter, now: float) -> JobList
     for row in rows:
         if not matches(where, row[1]):
             continue
-        jobs.append(record(row[2:]))
+        job = record(row[2:])
+        if job.state is JobState.QUEUED:
+            why = waiting_on(conn, job, now, seen)
+            if why is not None:
+                job = msgspec.structs.replace(job, waiting_on=why)
+        jobs.append(job)
         if len(jobs) >= where.limit:
             last = row[0]
             break
@@ -63,33 +71,47 @@ def list_jobs(conn: sqlite3.Connection, where: JobFilter, now: float) -> JobList
     return JobList(jobs=jobs, next=None if nxt is None else encode_cursor(nxt))
 
 
-def waiting_on(conn: sqlite3.Connection, job: JobRecord, now: float) -> str | None:
-    """Why a queued job is not leased: "paused", "limit KEY", or None."""
+def waiting_on(
+    conn: sqlite3.Connection,
+    job: JobRecord,
+    now: float,
+    seen: dict[str, Any] | None = None,
+) -> str | None:
+    """Why a queued job is not leased: "paused", "limit KEY", or None. `seen` keeps
+    what was read for the next job of a page (each queue and key is read once)."""
     if job.state is not JobState.QUEUED:
         return None
-    row = conn.execute(
-        "SELECT paused FROM queues WHERE name = ?", (job.queue,)
-    ).fetchone()
-    if row is not None and row[0]:
+    seen = {} if seen is None else seen
+    queue = "queue " + job.queue
+    if queue not in seen:
+        row = conn.execute(
+            "SELECT paused FROM queues WHERE name = ?", (job.queue,)
+        ).fetchone()
+        seen[queue] = row is not None and bool(row[0])
+    if seen[queue]:
         return "paused"
     for key in keys_of(job.queue, job.task, job.limit_key):
-        found = conn.execute(
-            f"SELECT {LIMIT_COLUMNS} FROM limits WHERE key = ?", (key,)
-        ).fetchone()
-        if found is None:
-            continue
-        limit = LimitRow.of(found)
-        if (
-            limit.concurrency is not None
-            and active_of(conn, key, now) >= limit.concurrency
-        ):
-            return f"limit {key}"
-        r = limit.rate
-        if r is not None and not gcra.allowed(
-            limit.tat, now, limit=r.limit, per=r.per, burst=r.burst
-        ):
+        if key not in seen:
+            seen[key] = _full(conn, key, now)
+        if seen[key]:
             return f"limit {key}"
     return None
+
+
+def _full(conn: sqlite3.Connection, key: str, now: float) -> bool:
+    """Whether `key` has a limit that lets no job start now."""
+    found = conn.execute(
+        f"SELECT {LIMIT_COLUMNS} FROM limits WHERE key = ?", (key,)
+    ).fetchone()
+    if found is None:
+        return False
+    limit = LimitRow.of(found)
+    if limit.concurrency is not None and active_of(conn, key, now) >= limit.concurrency:
+        return True
+    r = limit.rate
+    return r is not None and not gcra.allowed(
+        limit.tat, now, limit=r.limit, per=r.per, burst=r.burst
+    )
 
 
 def limits(conn: sqlite3.Connection, now: float) -> list[LimitRecord]:
