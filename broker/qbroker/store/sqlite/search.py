@@ -11,6 +11,7 @@ million jobs as at a thousand, and a page may come back short with `next` set.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
@@ -41,27 +42,34 @@ def list_jobs(conn: sqlite3.Connection, where: JobFilter, now: float) -> JobList
     low, nxt = window(conn, where.before)
     top = where.before if where.before is not None else (1 << 63) - 1
     cond, params = filter_sql(where)
-    jobs: list[JobRecord] = []
+    # the window's rows by their payload alone; whole records of the matches only
+    picked: list[int] = []
     last = None
-    seen: dict[str, Any] = {}  #: what `waiting_on` read, for the page's other jobs
     rows = conn.execute(
-        f"SELECT seq, payload, {RECORD_COLUMNS} FROM jobs"
-        f" WHERE seq >= ? AND seq < ?{cond} ORDER BY seq DESC",
+        f"SELECT seq, payload FROM jobs WHERE seq >= ? AND seq < ?{cond}"
+        " ORDER BY seq DESC",
         (low, top, *params),
     )
-    for row in rows:
-        if not matches(where, row[1]):
-            continue
-        job = record(row[2:])
+    for seq, payload in rows:
+        if matches(where, payload):
+            picked.append(seq)
+            if len(picked) >= where.limit:
+                last = seq
+                break
+    rows.close()
+    jobs: list[JobRecord] = []
+    seen: dict[str, Any] = {}  #: what `waiting_on` read, for the page's other jobs
+    for row in conn.execute(
+        f"SELECT {RECORD_COLUMNS} FROM jobs"
+        " WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq DESC",
+        (json.dumps(picked),),
+    ):
+        job = record(row)
         if job.state is JobState.QUEUED:
             why = waiting_on(conn, job, now, seen)
             if why is not None:
                 job = msgspec.structs.replace(job, waiting_on=why)
         jobs.append(job)
-        if len(jobs) >= where.limit:
-            last = row[0]
-            break
-    rows.close()
     if last is not None:  # the page filled before the window's end: go on below it
         more = conn.execute(
             f"SELECT 1 FROM jobs WHERE seq >= ? AND seq < ?{cond} LIMIT 1",
