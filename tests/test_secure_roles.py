@@ -79,10 +79,10 @@ def test_every_route_has_its_roles_listed() -> None:
 
 def test_roles_follow_the_policy() -> None:
     """The issue's policy: read has every GET; producer enqueues, reads jobs and
-    waits for results; worker leases and settles, waits for cancels of its jobs and
-    puts the limits its tasks declare; both use the key-value store (Celery's
-    results: a producer reads them and saves groups, a worker stores them);
-    anything else is admin's."""
+    waits for results; worker leases and settles, syncs its schedules and the limits
+    its tasks declare, beats and waits for cancels of its jobs; both use the
+    key-value store (Celery's results: a producer reads them and saves groups, a
+    worker stores them); anything else is admin's."""
     allowed = {
         role: {n for _, _, n in ROUTE_ROWS if role in auth.ROUTE_ROLES.get(n, ())}
         for role in auth.ROLES
@@ -93,9 +93,10 @@ def test_roles_follow_the_policy() -> None:
     assert {"enqueue", "get_job", "job_result", "results", *kv} == allowed[
         "producer"
     ] - {"healthz"}
+    # put_schedule: a worker sends its code's schedules when it starts (issue 24)
     assert {
         "lease", "ack", "fail", "extend", "release", "ack_many", "fail_many",
-        "release_many", "cancels", "put_limit", *kv,
+        "release_many", "cancels", "put_limit", "put_schedule", "worker_beat", *kv,
     } == allowed["worker"] - {"healthz"}  # fmt: skip
     assert "cancel" not in set().union(*allowed.values())  # admin only
     assert "purge" not in set().union(*allowed.values())

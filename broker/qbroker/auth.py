@@ -44,6 +44,7 @@ ROUTE_ROLES: Mapping[str, tuple[str, ...]] = {
     "queue": (READ,),
     "pause_queue": (),
     "resume_queue": (),
+    # a queue's purge is "purge" below
     "limits": (READ,),
     # a worker puts the limits its tasks declare (@task(rate_limit=...)) at start
     "put_limit": (WORKER,),
@@ -64,6 +65,15 @@ ROUTE_ROLES: Mapping[str, tuple[str, ...]] = {
     "kv_incr": (PRODUCER, WORKER),
     "kv_expire": (PRODUCER, WORKER),
     "kv_delete": (PRODUCER, WORKER),
+    "schedules": (READ,),
+    "get_schedule": (READ,),
+    "put_schedule": (WORKER,),  # a worker sends its code's schedules when it starts
+    "delete_schedule": (),
+    "pause_schedule": (),
+    "resume_schedule": (),
+    "run_schedule": (),
+    "worker_beat": (WORKER,),
+    "workers": (READ,),
 }
 
 #: RFC 6750 section 2.1's b64token: what a bearer token may hold (no space, no comma)

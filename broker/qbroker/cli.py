@@ -13,7 +13,17 @@ from pathlib import Path
 import structlog
 import trio
 
-from qbroker import __version__, auth, config as cfg, control_cli, errors, logs, tls
+from qbroker import (
+    __version__,
+    admin,
+    auth,
+    config as cfg,
+    control_cli,
+    errors,
+    logs,
+    schedule_cli,
+    tls,
+)
 from qbroker.datadir import DataDirInUse
 from qbroker.server import serve
 from qbroker.store.sqlite import schema
@@ -100,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="QBROKER_LOG_LEVEL, default info",
     )
+    admin.add_parsers(sub)
     control_cli.add_parsers(sub)
     b = sub.add_parser(
         "backup",
@@ -114,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         help=f"the broker's data dir (QBROKER_DATA_DIR, default {cfg.DEFAULT_DATA_DIR})",
     )
+    schedule_cli.add_parser(sub)
     return parser
 
 
@@ -265,6 +277,10 @@ def backup(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    if ns.command == "schedules":
+        return schedule_cli.main(ns)
+    if ns.command in admin.VERBS:
+        return admin.main(ns)
     if ns.command in control_cli.COMMANDS:
         return control_cli.main(ns)
     if ns.command == "backup":

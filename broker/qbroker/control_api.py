@@ -21,6 +21,7 @@ from qclient.wire import (
     CancelsReply,
     CancelsRequest,
     DeleteReply,
+    JobList,
     JobRecord,
     JobState,
     LimitDeleted,
@@ -35,7 +36,7 @@ from qclient.wire import (
 )
 
 from qbroker import errors
-from qbroker.jobfilter import RETRYABLE, parse_filter
+from qbroker.jobfilter import RETRYABLE, JobFilter, parse_filter
 from qbroker.protocol import Request, Response, encode
 
 if TYPE_CHECKING:
@@ -136,6 +137,12 @@ class ControlHandlers:
 
     async def on_list_jobs(self, req: Request, _: None) -> Response:
         where = parse_filter(req.query)
+        if where.schedule is not None and where == JobFilter(
+            schedule=where.schedule, limit=where.limit
+        ):
+            # a schedule's jobs alone: their ids share a prefix (one index range)
+            jobs = await self.store.schedule_jobs(where.schedule, where.limit)
+            return encode(req, JobList(jobs=jobs))
         return encode(req, await self.store.list_jobs(where, now=self.clock.now()))
 
     async def on_retry_job(self, req: Request, _: None) -> Response:

@@ -8,6 +8,7 @@
     ├── NotFound              404 not_found
     ├── JobNotFound           404 job_not_found
     ├── LimitNotFound         404 limit_not_found
+    ├── ScheduleNotFound      404 schedule_not_found
     ├── MethodNotAllowed      405 method_not_allowed
     ├── RequestTimeout        408 request_timeout
     ├── DuplicateId           409 duplicate_id
@@ -71,6 +72,10 @@ class NotFound(QBrokerError):
 
 class JobNotFound(QBrokerError):
     status, reason = 404, "job_not_found"
+
+
+class ScheduleNotFound(QBrokerError):
+    status, reason = 404, "schedule_not_found"
 
 
 class MethodNotAllowed(QBrokerError):

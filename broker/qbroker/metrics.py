@@ -52,6 +52,12 @@ REAPED = Counter(
     ["outcome"],  # requeued, dead, expired, promoted, purged
     registry=REGISTRY,
 )
+SCHEDULE_TICKS = Counter(
+    "qbroker_schedule_ticks_total",
+    "Schedule ticks, by outcome.",
+    ["outcome"],  # fired, skipped (catch_up), repeated (its job existed)
+    registry=REGISTRY,
+)
 
 _request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
@@ -129,6 +135,17 @@ class QueueSeries:
     def queues(self) -> list[str]:
         """The queues with series of their own."""
         return list(self._rows)
+
+    def totals(self) -> dict[str, tuple[int, int]]:
+        """Jobs enqueued and finished (retries not counted) so far, by queue with
+        its own series: what the dashboard's rates are taken from."""
+        return {
+            queue: (
+                row.get("enqueued", 0),
+                sum(n for k, n in row.items() if k not in _NOT_STATES | {"scheduled"}),
+            )
+            for queue, row in self._rows.items()
+        }
 
     def begin_prune(self) -> int:
         """Call before reading which queues hold jobs; pass the result to `prune`."""
@@ -209,7 +226,7 @@ def render() -> Iterator[bytes]:
     trio thread to let other tasks run between them. `generate_latest(REGISTRY)`
     took 9-21 ms at once here, 2-10 ms of it the request histograms' collect(); in
     a thread it holds the GIL against the loop just as long."""
-    for metric in (REQUESTS, COMMIT_BATCH, CONNECTIONS, REAPED):
+    for metric in (REQUESTS, COMMIT_BATCH, CONNECTIONS, REAPED, SCHEDULE_TICKS):
         for family in metric.collect():
             yield from _pieces(family, family.samples)
     # the histograms one route at a time (its child), the route label put back

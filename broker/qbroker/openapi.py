@@ -92,7 +92,7 @@ def _operation(route: Route) -> dict[str, Any]:
     if route.conflict:
         codes["409"] = "stale lease, duplicate, or a job in another state"
     if route.method in ("POST", "PUT", "DELETE"):
-        codes["507"] = "disk full, or (enqueue) under --min-free-disk"
+        codes["507"] = "disk full, or (enqueue, run) under --min-free-disk"
     for code, text in sorted(codes.items()):
         responses[code] = {
             "description": text,

@@ -1,5 +1,6 @@
 """The reaper: a background task that promotes due jobs, expires leases and jobs, and
-deletes finished jobs past their result_ttl, by the store's `sweep` verb.
+deletes finished jobs past their result_ttl, by the store's `sweep` verb; then fires
+the schedules due (schedule_api.py).
 
 It sleeps until the earliest thing falls due (asked of the store after each sweep), at
 most REAPER_MAX_SLEEP, and is woken early by writes that create something due sooner
@@ -42,6 +43,7 @@ async def run_reaper(broker: Broker) -> None:
             broker.effects.apply(swept.changes, swept=True)
             if swept.next_due is not None:
                 due = min(due, swept.next_due)
+        due = min(due, await broker.fire_schedules(now))
         broker.reaper_due = min(due, broker.reaper_due)
         # sleep until reaper_due, which a poke may bring forward meanwhile
         while (left := broker.reaper_due - broker.clock.now()) > 0:

@@ -96,14 +96,31 @@ ROUTES: tuple[Route, ...] = (
           wire.CountReply),
     Route("POST", "/v1/kv/delete", "kv_delete", wire.KVDeleteRequest,
           wire.CountReply),
+    Route("POST", "/v1/workers", "worker_beat", wire.WorkerBeat,
+          wire.WorkerBeatReply),
+    Route("GET", "/v1/workers", "workers", None, wire.WorkerList),
     Route("GET", "/healthz", "healthz", None, wire.Health),
     Route("GET", "/metrics", "metrics", None, None, media="text/plain"),
     Route("GET", "/v1/openapi.json", "openapi", None, None),
+    Route("GET", "/v1/schedules", "schedules", None, wire.ScheduleList),
+    Route("GET", "/v1/schedules/{name}", "get_schedule", None, wire.ScheduleRecord),
+    Route("PUT", "/v1/schedules/{name}", "put_schedule", wire.ScheduleSpec,
+          wire.ScheduleRecord),
+    Route("DELETE", "/v1/schedules/{name}", "delete_schedule", None,
+          wire.ScheduleDeleted),
+    Route("POST", "/v1/schedules/{name}/pause", "pause_schedule", None,
+          wire.ScheduleRecord),
+    Route("POST", "/v1/schedules/{name}/resume", "resume_schedule", None,
+          wire.ScheduleRecord),
+    Route("POST", "/v1/schedules/{name}/run", "run_schedule", None,
+          wire.EnqueueReply, 201),
 )  # fmt: skip
 BY_NAME = {r.name: r for r in ROUTES}
 #: the routes whose body may be left out
 OPTIONAL_BODY = frozenset(r.name for r in ROUTES if r.optional)
 _NAME_RE = re.compile(NAME_PATTERN)
+#: path segment after /v1/ -> the name of the path parameter that follows it
+_PARAMS = {"jobs": "id", "queues": "queue", "schedules": "name"}
 
 
 _PARAMS = {"jobs": "id", "queues": "queue", "limits": "key"}  #: /v1/<kind>/{param}
@@ -152,7 +169,10 @@ def match(method: str, path: str) -> tuple[str, str | None, str | None]:
             return name, None, None
     shape, param, value = _shape(path)
     methods = _TABLE.get(shape)
-    if methods is None or (value is not None and not _NAME_RE.match(value)):
+    # a schedule's name is checked by its handler: a PUT of a bad name gets 422
+    if methods is None or (
+        value is not None and param != "name" and not _NAME_RE.match(value)
+    ):
         raise errors.NotFound(f"no route for {_quoted(path)}")
     name = methods.get("GET" if method == "HEAD" else method)
     if name is None:

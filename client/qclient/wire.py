@@ -19,6 +19,7 @@ import msgspec
 
 __all__ = [
     "FINAL_STATES",
+    "FIRE_TIME_HEADER",
     "MAX_ATTEMPT_ERROR",
     "MAX_ATTEMPT_ERRORS",
     "MAX_BATCH",
@@ -30,6 +31,7 @@ __all__ = [
     "MIN_LEASE_SECONDS",
     "NAME_PATTERN",
     "PURGEABLE_STATES",
+    "SCHEDULE_HEADER",
     "AckItem",
     "AckManyRequest",
     "AckReply",
@@ -87,6 +89,16 @@ __all__ = [
     "ResultsRequest",
     "RetryManyReply",
     "RetryReply",
+    "ScheduleDeleted",
+    "ScheduleList",
+    "ScheduleRecord",
+    "ScheduleSpec",
+    "ScheduledJobList",
+    "WorkerBeat",
+    "WorkerBeatReply",
+    "WorkerInfo",
+    "WorkerList",
+    "WorkerState",
     "new_job_id",
     "new_job_ids",
 ]
@@ -383,6 +395,71 @@ class Health(_Struct, frozen=True):
     version: str
 
 
+# ---------------------------------------------------------------- schedules
+
+#: The headers every job a schedule makes carries: the schedule's name, and the unix
+#: seconds of the tick it was made for (a run-now job: the time it was asked for).
+SCHEDULE_HEADER = "qbroker.schedule"
+FIRE_TIME_HEADER = "qbroker.fire_time"
+
+#: The ways a schedule makes up for ticks it missed (broker down, schedule paused).
+CatchUp = Literal["latest", "all", "none"]
+
+
+class ScheduleSpec(_Struct, frozen=True):
+    """`PUT /v1/schedules/{name}`: a periodic task. Give `cron` or `every`, not both."""
+
+    task: Name
+    queue: Name | None = None  #: default: the task name
+    cron: Annotated[str, msgspec.Meta(max_length=200)] | None = None  #: 5 fields
+    #: seconds between ticks, 1 at least (more often is a queue's work, not a clock's)
+    every: Annotated[float, msgspec.Meta(ge=1, le=MAX_SECONDS)] | None = None
+    tz: Annotated[str, msgspec.Meta(max_length=100)] = "UTC"  #: IANA zone of `cron`
+    args: list[Any] = msgspec.field(default_factory=list)
+    kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
+    headers: dict[str, Any] = msgspec.field(default_factory=dict)
+    priority: Priority = 0
+    catch_up: CatchUp = "latest"
+    paused: bool | None = None  #: None: keep the stored schedule's (new: running)
+
+
+class ScheduleRecord(_Struct, frozen=True):
+    """`GET /v1/schedules/{name}`: a stored schedule and when it runs."""
+
+    name: str
+    task: str
+    queue: str
+    cron: str | None
+    every: float | None
+    tz: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    headers: dict[str, Any]
+    priority: int
+    catch_up: CatchUp
+    paused: bool
+    next_run_at: float  #: unix seconds of the next tick (a paused one: when due)
+    last_run_at: float | None  #: fire time of the last job made
+    last_job_id: str | None
+    words: str  #: e.g. "at 07:30 on Monday (Europe/Berlin)"
+    created_at: float
+    updated_at: float
+
+
+class ScheduleDeleted(_Struct, frozen=True):
+    """`DELETE /v1/schedules/{name}`: `{}`."""
+
+
+class ScheduleList(_Struct, frozen=True):
+    schedules: list[ScheduleRecord]
+
+
+class ScheduledJobList(_Struct, frozen=True):
+    """`GET /v1/jobs?schedule=NAME`: a schedule's jobs still stored, newest first."""
+
+    jobs: list[JobRecord]
+
+
 # ---------------------------------------------------------------- job control
 
 
@@ -508,6 +585,58 @@ class ErrorBody(_Struct, frozen=True):
     field: str | None = None
     roles: list[str] | None = None  #: for 403 `forbidden`: the roles that may
     state: JobState | None = None  #: for 409 `invalid_state`: the job's state
+
+
+# ---------------------------------------------------------------- workers
+
+
+class WorkerBeat(_Struct, frozen=True):
+    """`POST /v1/workers`: a worker registers (its first beat) and beats."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    host: Annotated[str, msgspec.Meta(max_length=255)] = ""
+    pid: Annotated[int, msgspec.Meta(ge=0, le=2**32)] = 0
+    queues: Annotated[list[Name], msgspec.Meta(max_length=100)] = []
+    pool: Annotated[str, msgspec.Meta(max_length=50)] = ""
+    concurrency: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
+    version: Annotated[str, msgspec.Meta(max_length=50)] = ""
+    started_at: UnixTime | None = None  #: when the worker started
+    #: seconds until its next beat; missing 3 of them makes it `lost`
+    interval: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 10.0
+    jobs: Annotated[list[Name], msgspec.Meta(max_length=MAX_BATCH)] = []  #: running now
+    stopped: bool = False  #: its last beat: it stopped on purpose
+
+
+class WorkerBeatReply(_Struct, frozen=True):
+    """`POST /v1/workers`: `{}`."""
+
+
+class WorkerState(enum.StrEnum):
+    ALIVE = "alive"  #: beating
+    LOST = "lost"  #: missed 3 beats: killed, hung, or cut off from the broker
+    STOPPED = "stopped"  #: said goodbye
+
+
+class WorkerInfo(_Struct, frozen=True):
+    """One worker in `GET /v1/workers`: its last beat, and what the broker makes of it."""
+
+    name: str
+    state: WorkerState
+    host: str
+    pid: int
+    queues: list[str]
+    pool: str
+    concurrency: int
+    version: str
+    started_at: float | None
+    first_seen_at: float  #: unix seconds of its first beat
+    last_beat_at: float  #: unix seconds of its last beat
+    interval: float
+    jobs: list[str]  #: the jobs it ran at its last beat
+
+
+class WorkerList(_Struct, frozen=True):
+    workers: list[WorkerInfo]  #: by name
 
 
 #: Crockford's base32 (the ULID alphabet): its order is ASCII order, so ids sort as

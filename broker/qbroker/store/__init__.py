@@ -10,6 +10,7 @@ from qbroker.store.interface import (
     Enqueued as Enqueued,
     Extended as Extended,
     Failed as Failed,
+    Fired as Fired,
     JobRow as JobRow,
     Leased as Leased,
     Purged as Purged,

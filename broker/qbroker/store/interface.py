@@ -39,6 +39,10 @@ from qclient.wire import (
     QueueStats,
     RateSpec,
     ReleaseItem,
+    ScheduleRecord,
+    ScheduleSpec,
+    WorkerBeat,
+    WorkerInfo,
 )
 
 from qbroker.jobfilter import JobFilter
@@ -150,6 +154,18 @@ class Retried:
 class Swept:
     changes: Changes
     next_due: float | None  #: the earliest time something becomes due, if anything
+
+
+@dataclass(slots=True)
+class Fired:
+    """What one `fire_schedules` did."""
+
+    changes: Changes = field(default_factory=Changes)  #: the jobs it made
+    fired: int = 0  #: ticks that made a job
+    repeats: int = 0  #: ticks whose job already existed (fired before): none made
+    skipped: int = 0  #: missed ticks not fired, by catch_up policy
+    more: bool = False  #: more schedules were due than one unit takes
+    next_due: float | None = None  #: the earliest next tick of a running schedule
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +369,66 @@ class Store(Protocol):
         more is due."""
         ...
 
+    # ------------------------------------------------------------ schedules
+
+    def put_schedule(
+        self, name: str, spec: ScheduleSpec, *, now: float
+    ) -> Awaitable[ScheduleRecord]:
+        """Create or replace a schedule by name (idempotent); a same timing keeps
+        its next tick, a new one starts from `now`; `spec.paused` None keeps it.
+
+        Raises:
+            errors.InvalidField: naming the field (nothing is stored).
+        """
+        ...
+
+    def delete_schedule(self, name: str) -> Awaitable[None]:
+        """Raises: errors.ScheduleNotFound. Its jobs stay."""
+        ...
+
+    def pause_schedule(
+        self, name: str, paused: bool, *, now: float
+    ) -> Awaitable[ScheduleRecord]:
+        """Pause or resume; a resumed schedule's missed ticks follow its catch_up.
+
+        Raises:
+            errors.ScheduleNotFound
+        """
+        ...
+
+    def run_schedule(
+        self, name: str, *, defaults: Defaults, now: float
+    ) -> Awaitable[tuple[str, Changes]]:
+        """Make one job of the schedule now, outside its ticks; returns its id.
+
+        Raises:
+            errors.DiskLow: when called, as `enqueue_and_hand_off`.
+            errors.ScheduleNotFound
+        """
+        ...
+
+    def fire_schedules(self, *, defaults: Defaults, now: float) -> Awaitable[Fired]:
+        """Make the jobs of every running schedule's due ticks (catch_up decides
+        which), each under a key unique per (schedule, fire time), and move each
+        one's next tick past `now`, in one unit: a tick never makes two jobs.
+
+        Raises:
+            errors.DiskLow: when called, as `enqueue_and_hand_off`.
+        """
+        ...
+
+    def get_schedule(self, name: str) -> Awaitable[ScheduleRecord]:
+        """Raises: errors.ScheduleNotFound."""
+        ...
+
+    def schedules(self) -> Awaitable[list[ScheduleRecord]]:
+        """Every schedule, by name."""
+        ...
+
+    def schedule_jobs(self, name: str, limit: int) -> Awaitable[list[JobRecord]]:
+        """The jobs schedule `name` made that are still stored, newest first."""
+        ...
+
     # ------------------------------------------------------------ reads
 
     def get_job(self, job_id: str, *, now: float | None = None) -> Awaitable[JobRecord]:
@@ -381,6 +457,18 @@ class Store(Protocol):
 
     def queues_holding(self, queues: Sequence[str]) -> Awaitable[set[str]]:
         """Those of `queues` that hold a job in any state."""
+        ...
+
+    # ------------------------------------------------------------ workers registry
+
+    def beat_worker(self, beat: WorkerBeat, *, now: float) -> Awaitable[None]:
+        """Register or refresh a worker from its beat; forget the workers silent for
+        a day."""
+        ...
+
+    def workers(self, *, now: float) -> Awaitable[list[WorkerInfo]]:
+        """Every worker heard from within a day, by name: its last beat, and
+        `alive`, `lost` (3 intervals without a beat) or `stopped`."""
         ...
 
     def ping(self) -> Awaitable[None]:

@@ -28,6 +28,10 @@ from qclient.wire import (
     QueueStats,
     RateSpec,
     ReleaseItem,
+    ScheduleRecord,
+    ScheduleSpec,
+    WorkerBeat,
+    WorkerInfo,
 )
 
 from qbroker import errors
@@ -40,6 +44,7 @@ from qbroker.store.interface import (
     Enqueued,
     Extended,
     Failed,
+    Fired,
     Purged,
     Released,
     Retried,
@@ -47,10 +52,11 @@ from qbroker.store.interface import (
     Snapshot,
     Swept,
 )
-from qbroker.store.sqlite import kv, schema
+from qbroker.store.sqlite import kv, schema, workers
 from qbroker.store.sqlite.guards import FileGuard, FreeSpaceFloor
 from qbroker.store.sqlite.readers import ReadThreads
 from qbroker.store.sqlite.reads import Reader
+from qbroker.store.sqlite.schedules import ScheduleReads, ScheduleWrites
 from qbroker.store.sqlite.sweep import sweep
 from qbroker.store.sqlite.writer import Writer
 from qbroker.store.sqlite.writes import Writes
@@ -77,6 +83,8 @@ class SQLiteStore:
         self._floor = floor  #: refuses enqueues while the disk is nearly full
         self._reader = Reader(path)
         self._reads = ReadThreads()
+        self._schedule_writes = ScheduleWrites(writes)
+        self._schedule_reads = ScheduleReads(self._reader)
 
     @classmethod
     async def open(
@@ -255,6 +263,40 @@ class SQLiteStore:
     def sweep(self, *, now: float) -> Awaitable[Swept]:
         return self._write(sweep, self._writes.conn, now)
 
+    # ------------------------------------------------------------ schedules
+
+    def put_schedule(
+        self, name: str, spec: ScheduleSpec, *, now: float
+    ) -> Awaitable[ScheduleRecord]:
+        return self._write(self._schedule_writes.put, name, spec, now)
+
+    def delete_schedule(self, name: str) -> Awaitable[None]:
+        return self._write(self._schedule_writes.delete, name)
+
+    def pause_schedule(
+        self, name: str, paused: bool, *, now: float
+    ) -> Awaitable[ScheduleRecord]:
+        return self._write(self._schedule_writes.set_paused, name, paused, now)
+
+    def run_schedule(
+        self, name: str, *, defaults: Defaults, now: float
+    ) -> Awaitable[tuple[str, Changes]]:
+        self._floor.check()  # as an enqueue
+        return self._write(self._schedule_writes.run_now, name, now, defaults)
+
+    def fire_schedules(self, *, defaults: Defaults, now: float) -> Awaitable[Fired]:
+        self._floor.check()  # as an enqueue: the ticks wait, then follow catch_up
+        return self._write(self._schedule_writes.fire_due, now, defaults)
+
+    def get_schedule(self, name: str) -> Awaitable[ScheduleRecord]:
+        return self._reads.call(self._schedule_reads.get, name)
+
+    def schedules(self) -> Awaitable[list[ScheduleRecord]]:
+        return self._reads.call(self._schedule_reads.all)
+
+    def schedule_jobs(self, name: str, limit: int) -> Awaitable[list[JobRecord]]:
+        return self._reads.call(self._schedule_reads.jobs, name, limit)
+
     # ------------------------------------------------------------ reads
 
     def get_job(self, job_id: str, *, now: float | None = None) -> Awaitable[JobRecord]:
@@ -283,6 +325,12 @@ class SQLiteStore:
 
     def kv_get(self, keys: Sequence[str], *, now: float) -> Awaitable[list[KVItem]]:
         return self._reads.call(self._reader.kv_get, keys, now)
+
+    def beat_worker(self, beat: WorkerBeat, *, now: float) -> Awaitable[None]:
+        return self._write(workers.beat, self._writes.conn, beat, now)
+
+    def workers(self, *, now: float) -> Awaitable[list[WorkerInfo]]:
+        return self._reads.call(self._reader.workers, now)
 
     def snapshot(self) -> Awaitable[Snapshot]:
         return self._reads.call(self._reader.snapshot)

@@ -22,12 +22,13 @@ from qclient.wire import (
     KVItem,
     LimitRecord,
     QueueStats,
+    WorkerInfo,
 )
 
 from qbroker import errors
 from qbroker.jobfilter import JobFilter
 from qbroker.store.interface import JobRow, QueueRow, Snapshot
-from qbroker.store.sqlite import kv, search
+from qbroker.store.sqlite import kv, search, workers
 from qbroker.store.sqlite.rows import RECORD_COLUMNS, record
 from qbroker.store.sqlite.schema import connect, translate_errors
 
@@ -217,6 +218,11 @@ class Reader:
         with translate_errors(), self._conn() as conn:
             _, wal_pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         return int(wal_pages)
+
+    def workers(self, now: float) -> list[WorkerInfo]:
+        """The workers registry (workers.py)."""
+        with translate_errors(), self._conn() as conn:
+            return workers.workers(conn, now)
 
     def ping(self) -> None:
         with translate_errors(), self._conn() as conn:

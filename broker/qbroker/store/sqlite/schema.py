@@ -17,6 +17,7 @@ from pathlib import Path
 import structlog
 
 from qbroker import errors
+from qbroker.store.sqlite import workers
 
 log = structlog.get_logger("qbroker.store")
 
@@ -95,6 +96,30 @@ CREATE TABLE IF NOT EXISTS kv (
 CREATE INDEX IF NOT EXISTS kv_expiring ON kv(expires_at) WHERE expires_at IS NOT NULL;
 """
 
+# One row per periodic schedule (store/sqlite/schedules.py); times are unix seconds.
+_SCHEDULES = """
+CREATE TABLE IF NOT EXISTS schedules (
+    name        TEXT PRIMARY KEY,
+    task        TEXT NOT NULL,
+    queue       TEXT NOT NULL,
+    cron        TEXT,              -- 5-field cron expression, or NULL (an interval)
+    every       REAL,              -- seconds between ticks, or NULL (a cron)
+    tz          TEXT NOT NULL,     -- IANA zone the cron is read in
+    payload     BLOB NOT NULL,     -- msgpack [args, kwargs, headers] of each job
+    priority    INTEGER NOT NULL,
+    catch_up    TEXT NOT NULL,     -- latest | all | none (schedules.due)
+    paused      INTEGER NOT NULL DEFAULT 0,
+    anchor      REAL NOT NULL,     -- when the timing was set: intervals count from it
+    next_run_at REAL NOT NULL,     -- the next tick, unix seconds
+    last_run_at REAL,              -- fire time of the last job made
+    last_job_id TEXT,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL
+);
+-- the schedules that can fall due, by when
+CREATE INDEX IF NOT EXISTS schedules_due ON schedules(next_run_at) WHERE paused = 0;
+"""
+
 # Job control (issue 25): a job's own limit key, its progress, every attempt's error,
 # and the attempts before its last manual retry; the global limits.
 _CONTROL = """
@@ -117,7 +142,7 @@ CREATE TABLE IF NOT EXISTS limits (
 """
 
 #: MIGRATIONS[v]: the statements that take a file from schema v to v + 1
-MIGRATIONS = (_JOBS, _QUEUES, _KV, _CONTROL)
+MIGRATIONS = (_JOBS, _QUEUES, _KV, _SCHEDULES, workers.SCHEMA, _CONTROL)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 WRITER_CACHE_KIB = 8192  #: KiB of page cache for the write connection
