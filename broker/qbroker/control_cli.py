@@ -1,4 +1,4 @@
-"""`qbroker pause|resume|purge|limits|jobs|retry|cancel`: job control from a shell.
+"""`qbroker pause|resume|purge|limits|retry|cancel`: job control from a shell.
 
     qbroker pause send_email                  # lease nothing from it (it still takes jobs)
     qbroker resume send_email
@@ -6,7 +6,6 @@
     qbroker limits                            # every limit, its active jobs now
     qbroker limits set task:charge --rate 10/s --concurrency 5 [--burst 2]
     qbroker limits delete task:charge
-    qbroker jobs --state dead --queue send_email --where kwargs.user_id=42
     qbroker retry JOB_ID                      # or, in bulk, with the filters of `jobs`:
     qbroker retry --state dead --queue send_email
     qbroker cancel JOB_ID
@@ -27,12 +26,11 @@ from typing import Any
 import msgspec
 from qclient import BrokerError, Client, ProtocolError
 from qclient.rates import format_rate
-from qclient.wire import JobRecord, LimitRecord
+from qclient.wire import LimitRecord
 
 __all__ = ["COMMANDS", "add_parsers", "main"]
 
-COMMANDS = ("pause", "resume", "purge", "limits", "jobs", "retry", "cancel")
-LIST_LIMIT = 20  #: jobs `qbroker jobs` shows unless --limit says
+COMMANDS = ("pause", "resume", "purge", "limits", "retry", "cancel")
 
 
 def _common() -> argparse.ArgumentParser:
@@ -95,10 +93,6 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--burst", type=int, default=0, help="starts allowed early")
     d = acts.add_parser("delete", parents=[common], help="remove a limit")
     d.add_argument("key")
-    p = sub.add_parser("jobs", parents=[common], help="find jobs, newest first")
-    _filters(p)
-    p.add_argument("--limit", type=int, default=LIST_LIMIT, help="jobs to show")
-    p.add_argument("--cursor", help="where the last page said to go on")
     p = sub.add_parser(
         "retry", parents=[common], help="put dead/failed jobs back to queued",
         description="Retry one job by id, or every job the filters match.",
@@ -169,12 +163,6 @@ def _run(ns: argparse.Namespace, client: Client) -> None:
         _show(ns, {"deleted": n}, lambda: f"{ns.queue}: deleted {n} jobs")
     elif cmd == "limits":
         _limits(ns, client)
-    elif cmd == "jobs":
-        page = client.list_jobs(
-            state=ns.state, queue=ns.queue, task=ns.task, schedule=ns.schedule,
-            where=_where(ns.where), limit=ns.limit, cursor=ns.cursor,
-        )  # fmt: skip
-        _show(ns, page, lambda: _jobs_table(page.jobs, page.next))
     elif cmd == "retry":
         _retry(ns, client)
     elif cmd == "cancel":
@@ -235,14 +223,3 @@ def _limits_table(records: list[LimitRecord]) -> str:
         conc = "-" if r.concurrency is None else str(r.concurrency)
         rows.append((r.key, conc, rate, str(r.active)))
     return _table(rows)
-
-
-def _jobs_table(jobs: list[JobRecord], cursor: str | None) -> str:
-    more = "" if cursor is None else f"\nmore: --cursor {cursor}"
-    if not jobs:
-        return "no jobs" + more
-    rows = [("ID", "QUEUE", "TASK", "STATE", "ATTEMPTS", "ERROR")]
-    for j in jobs:
-        error = (j.error or "")[:60]
-        rows.append((j.id, j.queue, j.task, j.state.value, str(j.attempts), error))
-    return _table(rows) + more
