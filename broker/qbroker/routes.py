@@ -3,7 +3,7 @@ success status, in one place. Sans-IO: no trio, no sockets, no store.
 
 It drives the router (`match`), the handlers' binding (app.py: one `on_<name>` per
 route, its body decoded as the route's `request`), and `/v1/openapi.json` (openapi.py).
-It names only wire.py structs, so a client operation can be derived from it too.
+It names only qclient.wire structs, so a client operation can be derived from it too.
 Adding an endpoint: a row here, a handler in app.py, a section in protocol.md.
 """
 

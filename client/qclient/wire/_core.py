@@ -1,12 +1,5 @@
-"""The protocol's one vocabulary: every request, reply and error body of qbroker v1.
-
-The broker, the client and the worker all import their shapes from here, so the wire
-has exactly one definition. This module needs msgspec only (no trio, no sqlite3).
-
-Schema evolution rules (msgspec docs, "schema evolution"): new fields get defaults and
-go last; a field never changes type; decoders never forbid unknown fields, so an old
-client keeps working against a newer broker.
-"""
+"""The wire's core: names, the job's shapes as producers and workers send and read
+them, the job record, errors, and job ids. See the package docstring."""
 
 from __future__ import annotations
 
@@ -18,20 +11,17 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 __all__ = [
+    "CROCKFORD",
     "FINAL_STATES",
-    "FIRE_TIME_HEADER",
     "MAX_ATTEMPT_ERROR",
     "MAX_ATTEMPT_ERRORS",
     "MAX_BATCH",
-    "MAX_KEYS",
     "MAX_LEASE_SECONDS",
     "MAX_PROGRESS_NOTE",
     "MAX_RESULTS",
     "MAX_SECONDS",
     "MIN_LEASE_SECONDS",
     "NAME_PATTERN",
-    "PURGEABLE_STATES",
-    "SCHEDULE_HEADER",
     "AckItem",
     "AckManyRequest",
     "AckReply",
@@ -40,10 +30,6 @@ __all__ = [
     "BatchReply",
     "BatchResult",
     "CancelReply",
-    "CancelsReply",
-    "CancelsRequest",
-    "CountReply",
-    "DeleteReply",
     "EnqueueManyReply",
     "EnqueueManyRequest",
     "EnqueueReply",
@@ -55,50 +41,21 @@ __all__ = [
     "FailReply",
     "FailRequest",
     "Health",
-    "JobList",
     "JobRecord",
     "JobSpec",
     "JobState",
-    "KVDeleteRequest",
-    "KVExpireRequest",
-    "KVGetReply",
-    "KVGetRequest",
-    "KVIncrReply",
-    "KVIncrRequest",
-    "KVItem",
-    "KVSetRequest",
-    "KVVersionReply",
     "LeaseReply",
     "LeaseRequest",
     "LeasedJob",
-    "LimitDeleted",
-    "LimitList",
-    "LimitRecord",
-    "LimitSpec",
-    "PauseReply",
-    "PurgeReply",
-    "PurgeRequest",
     "QueueList",
     "QueueStats",
-    "RateSpec",
     "ReleaseItem",
     "ReleaseManyRequest",
     "ReleaseReply",
     "ReleaseRequest",
     "ResultsReply",
     "ResultsRequest",
-    "RetryManyReply",
-    "RetryReply",
-    "ScheduleDeleted",
-    "ScheduleList",
-    "ScheduleRecord",
-    "ScheduleSpec",
-    "ScheduledJobList",
-    "WorkerBeat",
-    "WorkerBeatReply",
-    "WorkerInfo",
-    "WorkerList",
-    "WorkerState",
+    "crockford26",
     "new_job_id",
     "new_job_ids",
 ]
@@ -395,72 +352,7 @@ class Health(_Struct, frozen=True):
     version: str
 
 
-# ---------------------------------------------------------------- schedules
-
-#: The headers every job a schedule makes carries: the schedule's name, and the unix
-#: seconds of the tick it was made for (a run-now job: the time it was asked for).
-SCHEDULE_HEADER = "qbroker.schedule"
-FIRE_TIME_HEADER = "qbroker.fire_time"
-
-#: The ways a schedule makes up for ticks it missed (broker down, schedule paused).
-CatchUp = Literal["latest", "all", "none"]
-
-
-class ScheduleSpec(_Struct, frozen=True):
-    """`PUT /v1/schedules/{name}`: a periodic task. Give `cron` or `every`, not both."""
-
-    task: Name
-    queue: Name | None = None  #: default: the task name
-    cron: Annotated[str, msgspec.Meta(max_length=200)] | None = None  #: 5 fields
-    #: seconds between ticks, 1 at least (more often is a queue's work, not a clock's)
-    every: Annotated[float, msgspec.Meta(ge=1, le=MAX_SECONDS)] | None = None
-    tz: Annotated[str, msgspec.Meta(max_length=100)] = "UTC"  #: IANA zone of `cron`
-    args: list[Any] = msgspec.field(default_factory=list)
-    kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
-    headers: dict[str, Any] = msgspec.field(default_factory=dict)
-    priority: Priority = 0
-    catch_up: CatchUp = "latest"
-    paused: bool | None = None  #: None: keep the stored schedule's (new: running)
-
-
-class ScheduleRecord(_Struct, frozen=True):
-    """`GET /v1/schedules/{name}`: a stored schedule and when it runs."""
-
-    name: str
-    task: str
-    queue: str
-    cron: str | None
-    every: float | None
-    tz: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    headers: dict[str, Any]
-    priority: int
-    catch_up: CatchUp
-    paused: bool
-    next_run_at: float  #: unix seconds of the next tick (a paused one: when due)
-    last_run_at: float | None  #: fire time of the last job made
-    last_job_id: str | None
-    words: str  #: e.g. "at 07:30 on Monday (Europe/Berlin)"
-    created_at: float
-    updated_at: float
-
-
-class ScheduleDeleted(_Struct, frozen=True):
-    """`DELETE /v1/schedules/{name}`: `{}`."""
-
-
-class ScheduleList(_Struct, frozen=True):
-    schedules: list[ScheduleRecord]
-
-
-class ScheduledJobList(_Struct, frozen=True):
-    """`GET /v1/jobs?schedule=NAME`: a schedule's jobs still stored, newest first."""
-
-    jobs: list[JobRecord]
-
-
-# ---------------------------------------------------------------- job control
+# ---------------------------------------------------------------- job records
 
 
 class AttemptError(_Struct, frozen=True):
@@ -475,108 +367,6 @@ MAX_ATTEMPT_ERROR = 500  #: characters of each attempt's error a record keeps
 MAX_ATTEMPT_ERRORS = 50  #: attempts' errors a record keeps (the first and the latest)
 
 
-class PauseReply(_Struct, frozen=True):
-    """`POST /v1/queues/{queue}/pause` and `/resume`."""
-
-    queue: str
-    paused: bool
-
-
-#: States a purge may delete: never `active` (a worker holds it).
-PURGEABLE_STATES = frozenset(s for s in JobState if s is not JobState.ACTIVE)
-
-
-class PurgeRequest(_Struct, frozen=True):
-    """`POST /v1/queues/{queue}/purge`: delete the queue's jobs in these states."""
-
-    states: Annotated[list[JobState], msgspec.Meta(min_length=1, max_length=8)] = (
-        msgspec.field(default_factory=lambda: [JobState.QUEUED, JobState.SCHEDULED])
-    )
-
-
-class PurgeReply(_Struct, frozen=True):
-    deleted: int
-
-
-class RateSpec(_Struct, frozen=True):
-    """At most `limit` starts per `per` seconds, `burst` more of them at once."""
-
-    limit: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)]
-    per: Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)] = 1.0
-    burst: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
-
-
-class LimitSpec(_Struct, frozen=True):
-    """`PUT /v1/limits/{key}`: a concurrency, a rate (a RateSpec or a string such as
-    "10/m"), or both."""
-
-    concurrency: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
-    rate: RateSpec | Annotated[str, msgspec.Meta(max_length=50)] | None = None
-
-
-class LimitRecord(_Struct, frozen=True):
-    """A stored limit, as `GET /v1/limits` lists it."""
-
-    key: str
-    concurrency: int | None
-    rate: RateSpec | None
-    active: int  #: the key's jobs active now (leases not lapsed)
-    updated_at: float  #: unix seconds
-
-
-class LimitList(_Struct, frozen=True):
-    limits: list[LimitRecord]
-
-
-class LimitDeleted(_Struct, frozen=True):
-    """`DELETE /v1/limits/{key}`."""
-
-    key: str
-    deleted: bool
-
-
-class JobList(_Struct, frozen=True):
-    """`GET /v1/jobs`: a page of jobs, newest first."""
-
-    jobs: list[JobRecord]
-    #: pass as `cursor` for the next page; null: no more. A page may hold fewer than
-    #: `limit` jobs (even none) while `next` is not null: each page scans a bounded
-    #: number of jobs.
-    next: str | None = None
-
-
-class RetryReply(_Struct, frozen=True):
-    """`POST /v1/jobs/{id}/retry`."""
-
-    id: str
-    state: JobState
-
-
-class RetryManyReply(_Struct, frozen=True):
-    """`POST /v1/jobs/retry`: how many jobs went back to `queued`."""
-
-    retried: int
-
-
-class DeleteReply(_Struct, frozen=True):
-    """`DELETE /v1/jobs/{id}`."""
-
-    id: str
-    deleted: bool
-
-
-class CancelsRequest(_Struct, frozen=True):
-    """`POST /v1/cancels`: a worker waits to hear that jobs it runs were cancelled."""
-
-    worker: Annotated[str, msgspec.Meta(max_length=200)] = ""
-    jobs: Annotated[list[Name], msgspec.Meta(max_length=MAX_BATCH)] = []
-    wait: Annotated[float, msgspec.Meta(ge=0, le=300)] = 0.0  #: long-poll seconds
-
-
-class CancelsReply(_Struct, frozen=True):
-    cancelled: list[str]  #: ids of the asked jobs (or the worker's) now cancelled
-
-
 class ErrorBody(_Struct, frozen=True):
     """Every 4xx/5xx body."""
 
@@ -585,58 +375,6 @@ class ErrorBody(_Struct, frozen=True):
     field: str | None = None
     roles: list[str] | None = None  #: for 403 `forbidden`: the roles that may
     state: JobState | None = None  #: for 409 `invalid_state`: the job's state
-
-
-# ---------------------------------------------------------------- workers
-
-
-class WorkerBeat(_Struct, frozen=True):
-    """`POST /v1/workers`: a worker registers (its first beat) and beats."""
-
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-    host: Annotated[str, msgspec.Meta(max_length=255)] = ""
-    pid: Annotated[int, msgspec.Meta(ge=0, le=2**32)] = 0
-    queues: Annotated[list[Name], msgspec.Meta(max_length=100)] = []
-    pool: Annotated[str, msgspec.Meta(max_length=50)] = ""
-    concurrency: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
-    version: Annotated[str, msgspec.Meta(max_length=50)] = ""
-    started_at: UnixTime | None = None  #: when the worker started
-    #: seconds until its next beat; missing 3 of them makes it `lost`
-    interval: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 10.0
-    jobs: Annotated[list[Name], msgspec.Meta(max_length=MAX_BATCH)] = []  #: running now
-    stopped: bool = False  #: its last beat: it stopped on purpose
-
-
-class WorkerBeatReply(_Struct, frozen=True):
-    """`POST /v1/workers`: `{}`."""
-
-
-class WorkerState(enum.StrEnum):
-    ALIVE = "alive"  #: beating
-    LOST = "lost"  #: missed 3 beats: killed, hung, or cut off from the broker
-    STOPPED = "stopped"  #: said goodbye
-
-
-class WorkerInfo(_Struct, frozen=True):
-    """One worker in `GET /v1/workers`: its last beat, and what the broker makes of it."""
-
-    name: str
-    state: WorkerState
-    host: str
-    pid: int
-    queues: list[str]
-    pool: str
-    concurrency: int
-    version: str
-    started_at: float | None
-    first_seen_at: float  #: unix seconds of its first beat
-    last_beat_at: float  #: unix seconds of its last beat
-    interval: float
-    jobs: list[str]  #: the jobs it ran at its last beat
-
-
-class WorkerList(_Struct, frozen=True):
-    workers: list[WorkerInfo]  #: by name
 
 
 #: Crockford's base32 (the ULID alphabet): its order is ASCII order, so ids sort as
@@ -706,68 +444,3 @@ def crockford26(v: int) -> str:
             p[v & 1023],
         )
     )
-
-
-# ---------------------------------------------------------------- key-value store
-# Small values with a TTL kept in the broker: the Celery result backend's storage
-# (qclient.celery). A key is a name (NAME_PATTERN); a value is any JSON/msgpack value.
-
-MAX_KEYS = 1000  #: keys one `POST /v1/kv/get` or `/v1/kv/delete` may name
-Ttl = Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)]
-
-
-class KVGetRequest(_Struct, frozen=True):
-    """`POST /v1/kv/get`: read keys; with `wait`, long-poll until one of them has a
-    version other than the one given for it (0, the default: absent)."""
-
-    keys: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=MAX_KEYS)]
-    versions: Annotated[list[int], msgspec.Meta(max_length=MAX_KEYS)] | None = None
-    wait: Annotated[float, msgspec.Meta(ge=0, le=300)] = 0.0  #: long-poll seconds
-
-
-class KVItem(_Struct, frozen=True):
-    key: str
-    value: Any = None  #: null when absent
-    version: int = 0  #: grows with every write of any key; 0: absent
-
-
-class KVGetReply(_Struct, frozen=True):
-    items: list[KVItem]  #: one per asked key, in order
-
-
-class KVSetRequest(_Struct, frozen=True):
-    key: Name
-    value: Any
-    ttl: Ttl | None = None  #: seconds until the key is dropped; null: kept
-
-
-class KVVersionReply(_Struct, frozen=True):
-    version: int
-
-
-class KVIncrRequest(_Struct, frozen=True):
-    """Add `by` to an integer key (an absent key counts as 0), atomically."""
-
-    key: Name
-    by: Annotated[int, msgspec.Meta(ge=-(2**53), le=2**53)] = 1
-    ttl: Ttl | None = None  #: as for set; null keeps the key's own expiry
-
-
-class KVIncrReply(_Struct, frozen=True):
-    value: int
-    version: int
-
-
-class KVExpireRequest(_Struct, frozen=True):
-    key: Name
-    ttl: Ttl | None = None  #: null: keep it until deleted
-
-
-class KVDeleteRequest(_Struct, frozen=True):
-    keys: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=MAX_KEYS)]
-
-
-class CountReply(_Struct, frozen=True):
-    """How many keys a write found (expire, delete) or jobs a purge cancelled."""
-
-    count: int
