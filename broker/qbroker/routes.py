@@ -120,10 +120,7 @@ BY_NAME = {r.name: r for r in ROUTES}
 OPTIONAL_BODY = frozenset(r.name for r in ROUTES if r.optional)
 _NAME_RE = re.compile(NAME_PATTERN)
 #: path segment after /v1/ -> the name of the path parameter that follows it
-_PARAMS = {"jobs": "id", "queues": "queue", "schedules": "name"}
-
-
-_PARAMS = {"jobs": "id", "queues": "queue", "limits": "key"}  #: /v1/<kind>/{param}
+_PARAMS = {"jobs": "id", "queues": "queue", "limits": "key", "schedules": "name"}
 
 
 def _shape(path: str) -> tuple[str, str | None, str | None]:
