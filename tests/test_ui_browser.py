@@ -279,3 +279,55 @@ def test_the_schedules_page_runs_and_pauses_a_schedule_in_the_broker(
         # its jobs, through the listing's schedule filter
         page.goto(ui_broker.url + "/ui/jobs?schedule=nightly")
         page.get_by_role("link", name=job.id[:29]).wait_for()
+
+
+def test_the_pause_button_pauses_the_queue_in_the_broker(
+    page: Any, ui_broker: BrokerProcess, client: qclient.Client
+) -> None:
+    client.send("pause_me")
+    page.goto(f"{ui_broker.url}/ui/queues/pause_me")
+    page.get_by_role("button", name="Pause").click()
+    page.locator("#flash .notice.ok").wait_for()
+    assert client.queue("pause_me").paused
+    page.get_by_role("button", name="Resume").click()  # the page shows the new state
+    page.locator("#flash .notice.ok", has_text="Resume").wait_for()
+    assert not client.queue("pause_me").paused
+
+
+def test_retry_buttons_put_failed_jobs_back_in_the_broker(
+    page: Any, ui_broker: BrokerProcess, client: qclient.Client
+) -> None:
+    one = failed_job(client, "retry_one", "ValueError: once")
+    page.goto(f"{ui_broker.url}/ui/jobs/{one}")
+    page.get_by_role("button", name="Retry").click()
+    page.locator("#flash .notice.ok").wait_for()
+    assert client.get_job(one).state == "queued"
+    # bulk: every failed job of a queue, through the listing's filter
+    many = [failed_job(client, "retry_many", f"E: {i}") for i in range(3)]
+    page.goto(f"{ui_broker.url}/ui/jobs?state=failed&queue=retry_many")
+    assert page.locator("input.sel").count() == 3
+    shoot(page, "jobs")
+    page.get_by_role("button", name="Retry all matching").click()
+    page.locator("#flash .notice.ok").wait_for()
+    assert {client.get_job(j).state for j in many} == {"queued"}
+
+
+def test_bulk_cancel_of_selected_jobs(
+    page: Any, ui_broker: BrokerProcess, client: qclient.Client
+) -> None:
+    jobs = [client.send("bulk_cancel", delay=3600) for _ in range(3)]
+    page.goto(f"{ui_broker.url}/ui/jobs?queue=bulk_cancel")
+    for j in jobs[:2]:
+        page.get_by_role("checkbox", name=j.id).check()
+    page.get_by_role("button", name="Cancel selected").click()
+    page.locator("#flash .notice.ok", has_text="2 done").wait_for()
+    states = [client.get_job(j.id).state for j in jobs]
+    assert states == ["cancelled", "cancelled", "scheduled"]
+
+
+def test_a_malformed_filter_shows_the_brokers_message(
+    page: Any, ui_broker: BrokerProcess
+) -> None:
+    reply = page.goto(f"{ui_broker.url}/ui/jobs?state=nonsense")
+    assert reply.status == 200
+    assert "422" in page.locator("main .notice.error").inner_text()

@@ -128,3 +128,24 @@ def test_an_https_broker_with_a_private_ca(broker_factory: Any, tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     line = one_line_failure(qbroker("queues", "--url", b.url))  # no CA: refused
     assert "CERTIFICATE_VERIFY_FAILED" in line
+
+
+def test_jobs_lists_by_the_listings_filters(
+    broker: BrokerProcess, filled: dict[str, Any]
+) -> None:
+    done = qbroker("jobs", "--url", broker.url, "--state", "failed",
+                   "--where", "kwargs.user_id=42")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:4] == ["ID", "QUEUE", "TASK", "STATE"]
+    assert len(lines) == 2 and lines[1].split()[:4] == [
+        filled["failed"], "reports", "reports", "failed",
+    ]  # fmt: skip
+    listing = json.loads(qbroker("jobs", "--url", broker.url, "--queue", "emails",
+                                 "--limit", "2", "--json").stdout)  # fmt: skip
+    assert len(listing["jobs"]) == 2 and listing["next"]
+    more = qbroker("jobs", "--url", broker.url, "--queue", "emails", "--limit", "2",
+                   "--cursor", listing["next"], "--json")  # fmt: skip
+    assert len(json.loads(more.stdout)["jobs"]) == 1
+    line = one_line_failure(qbroker("jobs", "--url", broker.url, "--state", "nope"))
+    assert "422" in line
