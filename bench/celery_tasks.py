@@ -1,8 +1,9 @@
-"""The Celery app and its `add` task for bench/peers.py (Celery 5 + Redis).
+"""The Celery app and its `add` task for bench/peers.py (Celery 5 on Redis or qbroker).
 
 The worker runs as ``python -m celery -A celery_tasks worker ...`` with cwd bench/ and
 reads its queue from QB_BENCH_QUEUE; the producer side calls :func:`make_app` with the
-same values, so both share one configuration. Redis db 15 is broker and result backend.
+same values, so both share one configuration. Redis db 15 is broker and result backend;
+with QB_BENCH_CELERY_QBROKER set (a broker URL), that qbroker is both.
 """
 
 from __future__ import annotations
@@ -15,8 +16,18 @@ REDIS_URL = "redis://127.0.0.1:6379/15"
 ADD_NAME = "qbroker_bench.add"
 
 
-def make_app(queue: str) -> Celery:
-    app = Celery("qbroker_bench", broker=REDIS_URL, backend=REDIS_URL)
+def make_app(queue: str, qbroker: str | None = None) -> Celery:
+    """The bench app on Redis, or on the qbroker at `qbroker` (http://host:port):
+    the settings change of docs/migrating-from-celery.md, nothing else."""
+    if qbroker is None:
+        app = Celery("qbroker_bench", broker=REDIS_URL, backend=REDIS_URL)
+    else:
+        url = qbroker.replace("http://", "qbroker://")
+        backend = (
+            f"qclient.celery:ResultBackend+{url}"  # needs no installed entry point
+        )
+        app = Celery("qbroker_bench", broker=url, backend=backend)
+        app.conf.broker_transport = "qclient.celery:Transport"
     app.conf.update(
         task_default_queue=queue,
         task_ignore_result=False,  # every result is stored and fetched
@@ -39,4 +50,7 @@ def make_app(queue: str) -> Celery:
     return app
 
 
-app = make_app(os.environ.get("QB_BENCH_QUEUE", "qbroker_bench"))
+app = make_app(
+    os.environ.get("QB_BENCH_QUEUE", "qbroker_bench"),
+    os.environ.get("QB_BENCH_CELERY_QBROKER"),
+)

@@ -13,6 +13,7 @@ mean something:
 Systems (peers in bench/peers.py):
 
   Celery+Redis        prefork -c 2; ``add.delay()``, ``ResultSet.get()``
+  Celery+qbroker      the same app and worker on qbroker (qclient.celery), settings only
   Dramatiq+RabbitMQ   1 process x 8 threads; ``add.send()``, ``get_result(block=True)``
   qbroker             a fresh ``qbroker serve`` (its defaults: every 2xx to a write is
                       fsynced) per worker; ``qworker --pool processes -c 2`` and
@@ -824,7 +825,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.only in ("all", "peers"):
             import peers
 
-            for fn in (peers.celery_redis, peers.dramatiq_rabbitmq):
+            for fn in (
+                peers.celery_redis,
+                peers.celery_qbroker,
+                peers.dramatiq_rabbitmq,
+            ):
                 for row in fn(n, lat_n, log_dir):
                     rows.append(row)
                     print_row(row)

@@ -1,4 +1,5 @@
-"""The peers of bench/e2e.py: Celery 5 + Redis and Dramatiq + RabbitMQ, measured the
+"""The peers of bench/e2e.py: Celery 5 + Redis, the same Celery app on qbroker
+(qclient.celery), and Dramatiq + RabbitMQ, measured the
 way e2e.py measures qbroker, so its ratios come from one run on one machine.
 
 Redis 127.0.0.1:6379 db 15 only (Celery's broker and results, Dramatiq's results; it is
@@ -51,9 +52,12 @@ def flush_db15() -> None:
 class PeerWorker:
     """A peer's worker subprocess; only its own PIDs are ever signalled."""
 
-    def __init__(self, cmd: list[str], queue: str, log: Path, stop_sig: int) -> None:
+    def __init__(
+        self, cmd: list[str], queue: str, log: Path, stop_sig: int, **env_extra: str
+    ) -> None:
         env = e2e.subprocess_env()
         env["QB_BENCH_QUEUE"] = queue
+        env.update(env_extra)
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
                 cmd, cwd=e2e.BENCH_DIR, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -141,44 +145,59 @@ def _latency(
 
 def celery_redis(n: int, lat_n: int, log_dir: Path) -> list[dict[str, Any]]:
     """Celery 5 + Redis, prefork -c 2: e2e, round trips, and `delay()` with no worker."""
+    flush_db15()
+    try:
+        redis_pids = [p for p in [server_pid(REDIS_PORT)] if p]
+        return _celery("Celery+Redis", n, lat_n, log_dir, None, redis_pids)
+    finally:
+        flush_db15()
+
+
+def celery_qbroker(n: int, lat_n: int, log_dir: Path) -> list[dict[str, Any]]:
+    """The same Celery app and worker on a qbroker of its own (qclient.celery)."""
+    with e2e.running_broker("celery-qbroker") as b:
+        return _celery("Celery+qbroker", n, lat_n, log_dir, b.url, [b.pid])
+
+
+def _celery(system: str, n: int, lat_n: int, log_dir: Path, qbroker: str | None,
+            broker_pids: list[int]) -> list[dict[str, Any]]:  # fmt: skip
     import celery_tasks
     from celery.result import ResultSet
 
     queue = f"qb_bench_{uuid.uuid4().hex[:10]}"
-    flush_db15()
-    app = celery_tasks.make_app(queue)
+    app = celery_tasks.make_app(queue, qbroker)
     add = app.tasks[celery_tasks.ADD_NAME]
-    redis_pids = [p for p in [server_pid(REDIS_PORT)] if p]
     cmd = [sys.executable, "-m", "celery", "-A", "celery_tasks", "worker", "-P", "prefork",
            "-c", "2", "-Q", queue, "-n", f"{queue}@%h", "--without-gossip",
            "--without-mingle", "--without-heartbeat", "-l", "WARNING"]  # fmt: skip
     label = "prefork/2"
     rows = []
+    env = {"QB_BENCH_CELERY_QBROKER": qbroker} if qbroker else {}
+    log = log_dir / f"{system.lower().replace('+', '-')}-worker.log"
     # SIGQUIT: Celery's cold shutdown; its warm one waits seconds for nothing here
-    worker = PeerWorker(cmd, queue, log_dir / "celery-worker.log", signal.SIGQUIT)
+    worker = PeerWorker(cmd, queue, log, signal.SIGQUIT, **env)
     try:
         _warm(worker, lambda: add.delay(1, 1), lambda r: r.get(timeout=1), 20)
 
         def fetch_all(results: list[Any]) -> list[int]:
             return list(ResultSet(results, app=app).get(timeout=e2e.PHASE_TIMEOUT))
 
-        rows.append(_e2e("Celery+Redis", label, n, worker, redis_pids, [],
+        rows.append(_e2e(system, label, n, worker, broker_pids, [],
                          lambda i: add.delay(i, i), fetch_all))  # fmt: skip
-        rows.append(_latency("Celery+Redis", label, lat_n,
+        rows.append(_latency(system, label, lat_n,
                              lambda i: add.delay(i, i).get(timeout=30)))  # fmt: skip
     finally:
         worker.stop()
     # with no worker: the same calls into a queue nobody reads
-    idle = celery_tasks.make_app(f"{queue}_idle").tasks[celery_tasks.ADD_NAME]
+    idle = celery_tasks.make_app(f"{queue}_idle", qbroker).tasks[celery_tasks.ADD_NAME]
     cpu0 = e2e.self_cpu()
     t0 = time.perf_counter()
     for i in range(n):
         idle.delay(i, i)
-    rows.append(e2e.send_row("Celery+Redis", "delay()", n, time.perf_counter() - t0,
+    rows.append(e2e.send_row(system, "delay()", n, time.perf_counter() - t0,
                              e2e.self_cpu() - cpu0))  # fmt: skip
     with contextlib.suppress(Exception):
         app.close()
-    flush_db15()
     return rows
 
 

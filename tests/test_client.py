@@ -629,6 +629,7 @@ def default_client_reset() -> Iterator[None]:
     yield
     with _api._lock:
         old, _api._default = _api._default, None
+        _api._configured = None  # configure()'s settings go too
     if old is not None:
         old.close()
 

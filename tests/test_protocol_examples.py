@@ -19,7 +19,9 @@ EXAMPLES = re.findall(r"```sh\n(.*?)```", (ROOT / "protocol.md").read_text(), re
 def test_protocol_md_has_an_example_per_endpoint() -> None:
     text = "\n".join(EXAMPLES)
     for path in ("/send_email/jobs", "/v1/lease", "/ack", "/fail", "/extend", "/release", "/cancel",
-                 "/result?wait", "/v1/results", "/v1/queues/send_email", "/healthz", "/metrics", "openapi"):  # fmt: skip
+                 "/result?wait", "/v1/results", "/v1/queues/send_email", "/healthz", "/metrics", "openapi",
+                 "/purge", "/v1/kv/get", "/v1/kv/set", "/v1/kv/incr", "/v1/kv/expire",
+                 "/v1/kv/delete"):  # fmt: skip
         assert path in text, path
 
 

@@ -79,23 +79,26 @@ def test_every_route_has_its_roles_listed() -> None:
 
 def test_roles_follow_the_policy() -> None:
     """The issue's policy: read has every GET; producer enqueues, reads jobs and
-    waits for results; worker leases and settles (and syncs its schedules); anything
-    else is admin's."""
+    waits for results; worker leases and settles (and syncs its schedules); both use
+    the key-value store (Celery's results: a producer reads them and saves groups, a
+    worker stores them); anything else is admin's."""
     allowed = {
         role: {n for _, _, n in ROUTE_ROWS if role in auth.ROUTE_ROLES.get(n, ())}
         for role in auth.ROLES
     }
     gets = {n for m, _, n in ROUTE_ROWS if m == "GET"}
     assert gets <= allowed["read"] and allowed["read"] <= gets
-    assert {"enqueue", "get_job", "job_result", "results"} == allowed["producer"] - {
-        "healthz"
-    }
-    # put_schedule: a worker sends its code's schedules when it starts (issue 24)
+    kv = {"kv_get", "kv_set", "kv_incr", "kv_expire", "kv_delete"}
+    assert {"enqueue", "get_job", "job_result", "results", *kv} == allowed[
+        "producer"
+    ] - {"healthz"}
     assert {
         "lease", "ack", "fail", "extend", "release", "ack_many", "fail_many",
-        "release_many", "put_schedule",
+        "release_many", *kv,
+        "put_schedule",  # a worker sends its code's schedules when it starts
     } == allowed["worker"] - {"healthz"}  # fmt: skip
     assert "cancel" not in set().union(*allowed.values())  # admin only
+    assert "purge" not in set().union(*allowed.values())
 
 
 def test_every_endpoint_with_every_role(roles_broker: BrokerProcess) -> None:

@@ -45,6 +45,7 @@ from qclient.wire import (
 from qbroker import __version__, auth, errors, metrics, openapi
 from qbroker.clock import Clock
 from qbroker.config import RESULTS_REPLY_BYTES, Config
+from qbroker.kvapi import KVHandlers
 from qbroker.protocol import (
     BIG_BODY,
     EnqueueBody,
@@ -67,7 +68,7 @@ _RELEASED = ReleaseReply()
 Handler = Callable[[Request, Any], Awaitable[Response]]
 
 
-class Broker(ScheduleHandlers):
+class Broker(KVHandlers, ScheduleHandlers):
     """Everything a handler needs. Lives for one `serve()` run."""
 
     def __init__(self, config: Config, store: Store, clock: Clock) -> None:

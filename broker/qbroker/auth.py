@@ -45,6 +45,14 @@ ROUTE_ROLES: Mapping[str, tuple[str, ...]] = {
     "healthz": (PRODUCER, WORKER, READ, OPEN),
     "metrics": (READ,),
     "openapi": (READ,),
+    "purge": (),
+    # the key-value store holds Celery's results: producers read them and save
+    # groups, workers store them
+    "kv_get": (PRODUCER, WORKER),
+    "kv_set": (PRODUCER, WORKER),
+    "kv_incr": (PRODUCER, WORKER),
+    "kv_expire": (PRODUCER, WORKER),
+    "kv_delete": (PRODUCER, WORKER),
     "schedules": (READ,),
     "get_schedule": (READ,),
     "list_jobs": (READ,),

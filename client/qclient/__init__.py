@@ -21,6 +21,7 @@ qclient loads neither trio, asyncio nor sqlite3.
 """
 
 from qclient._api import (
+    client_options as client_options,
     configure as configure,
     default_client as default_client,
     get_job as get_job,
@@ -93,6 +94,7 @@ __all__ = [
     "SendOptions",
     "StaleLease",
     "TaskFailed",
+    "client_options",
     "configure",
     "default_client",
     "get_job",

@@ -8,10 +8,12 @@ from typing import Any, Unpack
 
 from qclient._http import DEFAULT_RETRIES, DEFAULT_TIMEOUT, Encoding
 from qclient._options import SendOptions
+from qclient._settings import django_options
 from qclient._sync import Client, Job
 from qclient.wire import JobRecord
 
 __all__ = [
+    "client_options",
     "configure",
     "default_client",
     "get_job",
@@ -23,22 +25,38 @@ __all__ = [
 
 _lock = threading.Lock()
 _default: Client | None = None
+_configured: dict[str, Any] | None = None  #: configure()'s arguments, once called
 
 
 def default_client() -> Client:
     """The shared `Client` behind the module-level functions.
 
-    Made on first use from QBROKER_URL / QBROKER_TOKEN / QBROKER_CA (or
-    `configure()`'s values).
+    Made on first use from `client_options()`: `configure()`'s values, else a Django
+    project's QBROKER setting, else QBROKER_URL / QBROKER_TOKEN / QBROKER_CA.
     """
     global _default
     client = _default
     if client is None:
         with _lock:
             if _default is None:
-                _default = Client()
+                _default = Client(**client_options())
             client = _default
     return client
+
+
+def client_options() -> dict[str, Any]:
+    """The `Client` arguments the default client is made with: those given to
+    `configure()`, else those of a Django project's `settings.QBROKER` dict, else
+    none (the environment's QBROKER_URL and QBROKER_TOKEN apply). qworker's `Worker`
+    takes its broker from here too.
+
+    Raises:
+        ValueError: settings.QBROKER is not a dict of URL, TOKEN, TIMEOUT, RETRIES,
+            ENCODING.
+    """
+    if _configured is not None:
+        return dict(_configured)
+    return django_options()
 
 
 def configure(
@@ -67,12 +85,12 @@ def configure(
     Returns:
         The new default client.
     """
-    global _default
-    client = Client(
-        url, token, timeout=timeout, retries=retries, encoding=encoding, ca=ca
-    )
+    global _default, _configured
+    options: dict[str, Any] = {"url": url, "token": token, "timeout": timeout}
+    options.update(retries=retries, encoding=encoding, ca=ca)
+    client = Client(**options)
     with _lock:
-        old, _default = _default, client
+        old, _default, _configured = _default, client, options
     if old is not None:
         old.close()
     return client

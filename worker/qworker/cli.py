@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: env QBROKER_CA, else the system's CAs)",
     )  # fmt: skip
     p.add_argument(
+        "--django-settings", default=None, metavar="MODULE",
+        help="a Django settings module: set Django up before importing the task "
+        "modules (default: env DJANGO_SETTINGS_MODULE)",
+    )  # fmt: skip
+    p.add_argument(
         "--name", default=None, help="worker name in the broker (default: host:pid)"
     )
     p.add_argument(
@@ -139,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.max_tasks_per_child is not None and ns.pool != "processes":
         parser.error("--max-tasks-per-child needs --pool processes")
     configure(ns.log_level, ns.log_format)
+    if ns.django_settings:  # read by the task-module import, here and in pool children
+        os.environ["DJANGO_SETTINGS_MODULE"] = ns.django_settings
     try:
         worker = Worker(
             ns.queues,

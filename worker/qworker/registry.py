@@ -14,6 +14,8 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from qworker._django import setup_django
+
 if TYPE_CHECKING:
     from qworker._task import Task
 
@@ -115,6 +117,7 @@ def import_modules(
     for entry in [*path, os.getcwd()]:
         if entry not in sys.path:
             sys.path.insert(0, entry)
+    setup_django()  # before the task modules: they may import models
     reg = registry if registry is not None else default_registry
     for module in modules:
         importlib.import_module(module)

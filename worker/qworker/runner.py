@@ -42,6 +42,7 @@ from qclient.wire import NAME_PATTERN
 
 from qworker._book import PREFETCH_HOLD, SlotBook, prefetch_allowance
 from qworker._core import Core
+from qworker._django import worker_client
 from qworker._execute import Execution
 from qworker._lease import LeaseLoop
 from qworker._reporter import REPORT_GIVE_UP, report_loop
@@ -141,8 +142,8 @@ class Worker:
         self.lease_wait = lease_wait
         self.registry: Registry = default_registry
         if client is None:
-            client = Client(
-                url, token, timeout=HTTP_TIMEOUT, retries=HTTP_RETRIES, ca=ca
+            client = worker_client(
+                url, token, ca, timeout=HTTP_TIMEOUT, retries=HTTP_RETRIES
             )
         self.client = client
         self._token, self._ca = token, ca  #: for the schedules' sync (periodic.py)

@@ -13,6 +13,7 @@ from qbroker.store.interface import (
     Fired as Fired,
     JobRow as JobRow,
     Leased as Leased,
+    Purged as Purged,
     QueueRow as QueueRow,
     Released as Released,
     Settled as Settled,

@@ -31,6 +31,7 @@ from qclient.wire import (
     JobRecord,
     JobSpec,
     JobState,
+    KVItem,
     LeasedJob,
     LeaseRequest,
     QueueStats,
@@ -122,6 +123,13 @@ class Cancelled:
 @dataclass(slots=True)
 class Released:
     results: list[BatchResult]
+    changes: Changes
+
+
+@dataclass(slots=True)
+class Purged:
+    count: int  #: jobs cancelled
+    more: bool  #: the unit stopped at its batch size: call again
     changes: Changes
 
 
@@ -297,6 +305,40 @@ class Store(Protocol):
         self, items: Sequence[ReleaseItem], *, now: float
     ) -> Awaitable[Released]:
         """Release each item on its own; a stale item fails only itself."""
+        ...
+
+    def purge(self, queue: str, *, now: float) -> Awaitable[Purged]:
+        """Cancel a batch of the queue's waiting (queued, scheduled) jobs, as `cancel`
+        does each; leased ones are left. Call again until it cancels none."""
+        ...
+
+    # ------------------------------------------------------------ key-value store
+    # Small values with a TTL (Celery's results). A key past its TTL reads as absent;
+    # every write of a value gives its key a new version, greater than any before.
+
+    def kv_get(self, keys: Sequence[str], *, now: float) -> Awaitable[list[KVItem]]:
+        """One item per key, in order (version 0, value None: absent)."""
+        ...
+
+    def kv_set(
+        self, key: str, value: Any, ttl: float | None, *, now: float
+    ) -> Awaitable[int]:
+        """Replace the key's value, kept `ttl` seconds (None: kept); its version."""
+        ...
+
+    def kv_incr(
+        self, key: str, by: int, ttl: float | None, *, now: float
+    ) -> Awaitable[tuple[int, int]]:
+        """Add `by` to the integer under `key` (absent: 0); (value, version). A `ttl`
+        sets its expiry, None keeps it. Raises: errors.InvalidField, not an integer."""
+        ...
+
+    def kv_expire(self, key: str, ttl: float | None, *, now: float) -> Awaitable[int]:
+        """Set the key's expiry (None: never); 1 if it exists, else 0."""
+        ...
+
+    def kv_delete(self, keys: Sequence[str], *, now: float) -> Awaitable[int]:
+        """Drop keys; how many existed."""
         ...
 
     # ------------------------------------------------------------ reaper

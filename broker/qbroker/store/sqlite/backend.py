@@ -20,6 +20,7 @@ from qclient.wire import (
     FailItem,
     JobRecord,
     JobSpec,
+    KVItem,
     LeaseRequest,
     QueueStats,
     ReleaseItem,
@@ -37,12 +38,13 @@ from qbroker.store.interface import (
     Extended,
     Failed,
     Fired,
+    Purged,
     Released,
     Settled,
     Snapshot,
     Swept,
 )
-from qbroker.store.sqlite import schema
+from qbroker.store.sqlite import kv, schema
 from qbroker.store.sqlite.guards import FileGuard, FreeSpaceFloor
 from qbroker.store.sqlite.readers import ReadThreads
 from qbroker.store.sqlite.reads import Reader
@@ -219,6 +221,25 @@ class SQLiteStore:
     ) -> Awaitable[Released]:
         return self._write(self._writes.release_many, items, now)
 
+    def purge(self, queue: str, *, now: float) -> Awaitable[Purged]:
+        return self._write(kv.purge, self._writes.conn, queue, now)
+
+    def kv_set(
+        self, key: str, value: Any, ttl: float | None, *, now: float
+    ) -> Awaitable[int]:
+        return self._write(kv.set_value, self._writes.conn, key, value, ttl, now)
+
+    def kv_incr(
+        self, key: str, by: int, ttl: float | None, *, now: float
+    ) -> Awaitable[tuple[int, int]]:
+        return self._write(kv.incr, self._writes.conn, key, by, ttl, now)
+
+    def kv_expire(self, key: str, ttl: float | None, *, now: float) -> Awaitable[int]:
+        return self._write(kv.expire, self._writes.conn, key, ttl, now)
+
+    def kv_delete(self, keys: Sequence[str], *, now: float) -> Awaitable[int]:
+        return self._write(kv.delete, self._writes.conn, keys, now)
+
     def sweep(self, *, now: float) -> Awaitable[Swept]:
         return self._write(sweep, self._writes.conn, now)
 
@@ -281,6 +302,9 @@ class SQLiteStore:
 
     def queues_holding(self, queues: Sequence[str]) -> Awaitable[set[str]]:
         return self._reads.call(self._reader.queues_holding, queues)
+
+    def kv_get(self, keys: Sequence[str], *, now: float) -> Awaitable[list[KVItem]]:
+        return self._reads.call(self._reader.kv_get, keys, now)
 
     def snapshot(self) -> Awaitable[Snapshot]:
         return self._reads.call(self._reader.snapshot)

@@ -13,10 +13,11 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from qclient.wire import FINAL_STATES, JobRecord, JobState, QueueStats
+from qclient.wire import FINAL_STATES, JobRecord, JobState, KVItem, QueueStats
 
 from qbroker import errors
 from qbroker.store.interface import JobRow, QueueRow, Snapshot
+from qbroker.store.sqlite import kv
 from qbroker.store.sqlite.rows import RECORD_COLUMNS, record
 from qbroker.store.sqlite.schema import connect, translate_errors
 
@@ -66,6 +67,10 @@ class Reader:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._idle.put(conn)
+
+    def kv_get(self, keys: Sequence[str], now: float) -> list[KVItem]:
+        with self._conn() as conn:
+            return kv.get(conn, keys, now)
 
     def close(self) -> None:
         with self._lock:

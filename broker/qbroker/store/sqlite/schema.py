@@ -83,6 +83,18 @@ INSERT OR IGNORE INTO queues (name)
     SELECT name FROM q WHERE name IS NOT NULL;
 """
 
+# The key-value store (kv.py): one row per key. Every write of a value replaces the
+# row, so `version` (its AUTOINCREMENT rowid) grows with each write and is never reused.
+_KV = """
+CREATE TABLE IF NOT EXISTS kv (
+    version    INTEGER PRIMARY KEY AUTOINCREMENT, -- grows with every write, never reused
+    key        TEXT NOT NULL UNIQUE,              -- wire.NAME_PATTERN
+    value      BLOB NOT NULL,                     -- msgpack
+    expires_at REAL                               -- unix seconds, NULL: kept
+);
+CREATE INDEX IF NOT EXISTS kv_expiring ON kv(expires_at) WHERE expires_at IS NOT NULL;
+"""
+
 # One row per periodic schedule (store/sqlite/schedules.py); times are unix seconds.
 _SCHEDULES = """
 CREATE TABLE IF NOT EXISTS schedules (
@@ -108,7 +120,7 @@ CREATE INDEX IF NOT EXISTS schedules_due ON schedules(next_run_at) WHERE paused 
 """
 
 #: MIGRATIONS[v]: the statements that take a file from schema v to v + 1
-MIGRATIONS = (_JOBS, _QUEUES, _SCHEDULES)
+MIGRATIONS = (_JOBS, _QUEUES, _KV, _SCHEDULES)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 WRITER_CACHE_KIB = 8192  #: KiB of page cache for the write connection
