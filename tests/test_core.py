@@ -13,7 +13,7 @@ import msgspec
 from qbroker import auth, openapi
 from qbroker.app import Broker
 from qbroker.routes import ROUTES
-from qbroker.store.sqlite.schema import SCHEMA_VERSION
+from qbroker.store.sqlite import schema
 from qclient import wire
 
 from tests.conftest import ROOT, BrokerFactory, BrokerProcess
@@ -63,8 +63,9 @@ def test_a_data_dir_of_the_last_release_migrates_on_start(
     w.close()
     assert b.stop() == 0
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        # every step ran: the schedules' table (the third) is there too
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        assert version == schema.SCHEMA_VERSION
+        # every step ran: the schedules' table (the fourth) is there too
         assert conn.execute("SELECT count(*) FROM schedules").fetchone()[0] == 0
         rows = conn.execute("SELECT name, paused FROM queues ORDER BY name").fetchall()
         assert rows == [("emails", 0), ("reports", 0)]

@@ -92,10 +92,10 @@ def test_roles_follow_the_policy() -> None:
     assert {"enqueue", "get_job", "job_result", "results", *kv} == allowed[
         "producer"
     ] - {"healthz"}
+    # put_schedule: a worker sends its code's schedules when it starts (issue 24)
     assert {
         "lease", "ack", "fail", "extend", "release", "ack_many", "fail_many",
-        "release_many", *kv,
-        "put_schedule",  # a worker sends its code's schedules when it starts
+        "release_many", "put_schedule", "worker_beat", *kv,
     } == allowed["worker"] - {"healthz"}  # fmt: skip
     assert "cancel" not in set().union(*allowed.values())  # admin only
     assert "purge" not in set().union(*allowed.values())

@@ -40,9 +40,12 @@ from qclient.wire import (
     ReleaseReply,
     ReleaseRequest,
     ResultsRequest,
+    WorkerBeat,
+    WorkerBeatReply,
+    WorkerList,
 )
 
-from qbroker import __version__, auth, errors, metrics, openapi
+from qbroker import __version__, auth, errors, metrics, openapi, ui
 from qbroker.clock import Clock
 from qbroker.config import RESULTS_REPLY_BYTES, Config
 from qbroker.kvapi import KVHandlers
@@ -53,6 +56,7 @@ from qbroker.protocol import (
     Response,
     decode,
     encode,
+    is_ui_path,
     query_float,
 )
 from qbroker.replies import results_reply
@@ -65,6 +69,7 @@ from qbroker.waiters import Slot, Waiters
 MAX_RESULT_WAIT = 300.0  #: seconds a result long-poll may ask for
 _ACKED = AckReply()
 _RELEASED = ReleaseReply()
+_BEAT_TAKEN = WorkerBeatReply()
 Handler = Callable[[Request, Any], Awaitable[Response]]
 
 
@@ -98,7 +103,8 @@ class Broker(KVHandlers, ScheduleHandlers):
     def authorize(self, req: Request) -> None:
         """Find the role of the request's token (`req.role`), before it is routed:
         a client without a token learns nothing, not even which paths exist. With no
-        token configured, every request is admin.
+        token configured, every request is admin. The dashboard's pages check the
+        token themselves (ui/), to answer a browser without it with a login form.
 
         Raises:
             errors.Unauthorized: no token, or none of the broker's.
@@ -112,13 +118,20 @@ class Broker(KVHandlers, ScheduleHandlers):
         if scheme.lower() == b"bearer":
             role = self._tokens.role_of(given.strip(b" "))
         if role is None:
-            if req.path == "/healthz" and req.method in ("GET", "HEAD"):
+            if is_ui_path(req.path) or (
+                req.path == "/healthz" and req.method in ("GET", "HEAD")
+            ):
                 req.role = auth.OPEN
                 return
             raise errors.Unauthorized(
                 "a valid 'Authorization: Bearer <token>' is needed"
             )
         req.role = role
+
+    @property
+    def needs_token(self) -> bool:
+        """Whether requests need a bearer token (the broker has some)."""
+        return self._tokens is not None
 
     def start(self, req: Request) -> Awaitable[Response]:
         """Begin answering one routed, `authorize`d request; await the result for
@@ -133,6 +146,8 @@ class Broker(KVHandlers, ScheduleHandlers):
             errors.Forbidden: the token's role may not call this route.
             errors.QBrokerError for error replies.
         """
+        if req.route == "ui":  # the dashboard's pages check each call they make
+            return ui.respond(self, req)
         if req.role != auth.ADMIN:
             auth.permit(req.role, req.route)
         handler, body_type = self._routes[req.route]
@@ -410,6 +425,14 @@ class Broker(KVHandlers, ScheduleHandlers):
     async def on_queue(self, req: Request, _: None) -> Response:
         stats = await self.store.queue_stats(req.params["queue"], now=self.clock.now())
         return encode(req, stats)
+
+    async def on_worker_beat(self, req: Request, body: WorkerBeat) -> Response:
+        await self.store.beat_worker(body, now=self.clock.now())
+        return encode(req, _BEAT_TAKEN)
+
+    async def on_workers(self, req: Request, _: None) -> Response:
+        found = await self.store.workers(now=self.clock.now())
+        return encode(req, WorkerList(workers=found))
 
     async def on_healthz(self, req: Request, _: None) -> Response:
         if self.closing:

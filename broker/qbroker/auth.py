@@ -61,6 +61,8 @@ ROUTE_ROLES: Mapping[str, tuple[str, ...]] = {
     "pause_schedule": (),
     "resume_schedule": (),
     "run_schedule": (),
+    "worker_beat": (WORKER,),
+    "workers": (READ,),
 }
 
 #: RFC 6750 section 2.1's b64token: what a bearer token may hold (no space, no comma)

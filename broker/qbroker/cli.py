@@ -13,7 +13,16 @@ from pathlib import Path
 import structlog
 import trio
 
-from qbroker import __version__, auth, config as cfg, errors, logs, schedule_cli, tls
+from qbroker import (
+    __version__,
+    admin,
+    auth,
+    config as cfg,
+    errors,
+    logs,
+    schedule_cli,
+    tls,
+)
 from qbroker.datadir import DataDirInUse
 from qbroker.server import serve
 from qbroker.store.sqlite import schema
@@ -100,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="QBROKER_LOG_LEVEL, default info",
     )
+    admin.add_parsers(sub)
     b = sub.add_parser(
         "backup",
         help="copy the database, consistent, while the broker runs",
@@ -267,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.command == "schedules":
         return schedule_cli.main(ns)
+    if ns.command in admin.VERBS:
+        return admin.main(ns)
     if ns.command == "backup":
         return backup(ns)
     config = config_from(ns)

@@ -136,6 +136,17 @@ class QueueSeries:
         """The queues with series of their own."""
         return list(self._rows)
 
+    def totals(self) -> dict[str, tuple[int, int]]:
+        """Jobs enqueued and finished (retries not counted) so far, by queue with
+        its own series: what the dashboard's rates are taken from."""
+        return {
+            queue: (
+                row.get("enqueued", 0),
+                sum(n for k, n in row.items() if k not in _NOT_STATES | {"scheduled"}),
+            )
+            for queue, row in self._rows.items()
+        }
+
     def begin_prune(self) -> int:
         """Call before reading which queues hold jobs; pass the result to `prune`."""
         self._epoch += 1

@@ -104,6 +104,13 @@ class Response:
     headers: tuple[tuple[bytes, bytes], ...] = ()  #: more header fields for the reply
 
 
+UI_PATH = "/ui"  #: the dashboard's pages and assets are under this path
+
+
+def is_ui_path(path: str) -> bool:
+    return path == UI_PATH or path.startswith(UI_PATH + "/")
+
+
 def route(req: Request) -> None:
     """Fill `req.route` and `req.params` from the route table (routes.py).
 
@@ -111,6 +118,13 @@ def route(req: Request) -> None:
         errors.NotFound: no route has this path.
         errors.MethodNotAllowed: a route has this path with another method.
     """
+    if is_ui_path(req.path):
+        if req.method not in ("GET", "HEAD"):
+            raise errors.MethodNotAllowed(
+                f"{req.method} is not allowed on the dashboard", allow=("GET", "HEAD")
+            )
+        req.route = "ui"  # the dashboard routes its own pages (ui/)
+        return
     name, param, value = routes.match(req.method, req.path)
     req.route = name
     if param is not None and value is not None:

@@ -234,7 +234,15 @@ class AsyncClient(ClientBase):
         """The broker's `/healthz` reply."""
         return await self._run(_ops.health)
 
+    async def workers(self) -> list[wire.WorkerInfo]:
+        """The workers registry; see `Client.workers()`."""
+        return await self._run(_ops.workers)
+
     # ------------------------------------------------------------ worker
+
+    async def beat(self, info: wire.WorkerBeat) -> None:
+        """Register or refresh a worker; see `Client.beat()`."""
+        await self._run(_ops.beat, info)
 
     async def lease(
         self, queues: Sequence[str], **options: Unpack[LeaseOptions]

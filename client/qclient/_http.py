@@ -40,6 +40,7 @@ from qclient.wire import (
     QueueList,
     QueueStats,
     ResultsReply,
+    WorkerList,
 )
 
 T = TypeVar("T")
@@ -210,6 +211,7 @@ BATCH_REPLY: Final[Decoders[BatchReply]] = Decoders(BatchReply)
 QUEUE_LIST: Final[Decoders[QueueList]] = Decoders(QueueList)
 QUEUE_STATS: Final[Decoders[QueueStats]] = Decoders(QueueStats)
 HEALTH: Final[Decoders[Health]] = Decoders(Health)
+WORKER_LIST: Final[Decoders[WorkerList]] = Decoders(WorkerList)
 RESULTS_REPLY: Final[Decoders[ResultsReply]] = Decoders(ResultsReply)
 #: `POST /v1/jobs/{id}/fail` replies {"state": ...}; wire.py has no struct for it.
 STATE_REPLY: Final[Decoders[dict[str, Any]]] = Decoders(dict[str, Any])

@@ -39,6 +39,7 @@ from qclient._http import (
     RESULTS_REPLY,
     SEND_MANY_CHUNK,
     STATE_REPLY,
+    WORKER_LIST,
     Codec,
     Response,
     format_wait,
@@ -79,6 +80,8 @@ from qclient.wire import (
     ReleaseManyRequest,
     ReleaseRequest,
     ResultsRequest,
+    WorkerBeat,
+    WorkerInfo,
 )
 
 _POST = b"POST"
@@ -255,7 +258,16 @@ def health(codec: Codec) -> Op[Health]:
     return codec.decode(response, HEALTH)
 
 
+def workers(codec: Codec) -> Op[list[WorkerInfo]]:
+    response = yield Request(_GET, "/v1/workers")
+    return codec.decode(response, WORKER_LIST).workers
+
+
 # ---------------------------------------------------------------- worker
+
+
+def beat(codec: Codec, info: WorkerBeat) -> Op[None]:
+    _expect_ok(codec, (yield Request(_POST, "/v1/workers", codec.encode(info))))
 
 
 def settle_and_lease(

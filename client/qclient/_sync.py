@@ -253,7 +253,16 @@ class Client(ClientBase):
         """
         return self._run(_ops.health)
 
+    def workers(self) -> list[wire.WorkerInfo]:
+        """The workers registry: every worker heard from in the last day."""
+        return self._run(_ops.workers)
+
     # ------------------------------------------------------------ worker
+
+    def beat(self, info: wire.WorkerBeat) -> None:
+        """Register this worker, or tell the broker it is still there (what
+        `qworker` does every few seconds; `info.stopped` on its way out)."""
+        self._run(_ops.beat, info)
 
     def lease(
         self, queues: Sequence[str], **options: Unpack[LeaseOptions]

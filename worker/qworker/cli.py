@@ -20,6 +20,7 @@ import structlog
 from qclient.wire import NAME_PATTERN
 
 from qworker import __version__
+from qworker._beat import BEAT_INTERVAL
 from qworker._logs import LOG_FORMATS, configure
 from qworker.pools import POOL_KINDS, PoolStartError
 from qworker.runner import DEFAULT_GRACE, PREFETCH_HOLD, Worker, default_concurrency
@@ -55,6 +56,13 @@ def _seconds(value: str) -> float:
     number = float(value)
     if number < 0:
         raise argparse.ArgumentTypeError("must be >= 0 seconds")
+    return number
+
+
+def _beat_seconds(value: str) -> float:
+    number = float(value)
+    if not 0.1 <= number <= 3600:  # the broker's range for a beat's interval
+        raise argparse.ArgumentTypeError("must be within 0.1 .. 3600 seconds")
     return number
 
 
@@ -121,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", default=None, help="worker name in the broker (default: host:pid)"
     )
     p.add_argument(
+        "--beat-interval", type=_beat_seconds, default=BEAT_INTERVAL, metavar="S",
+        help="seconds between the beats that list the worker in `qbroker workers`; "
+        f"3 missed make it lost (default {BEAT_INTERVAL:g})",
+    )  # fmt: skip
+    p.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"],
         default=os.environ.get("QWORKER_LOG_LEVEL", "info"),
         help="default: env QWORKER_LOG_LEVEL, else info",
@@ -159,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             grace=ns.grace,
             name=ns.name,
             prefetch=ns.prefetch,
+            beat_interval=ns.beat_interval,
         )
     except ValueError as exc:
         parser.error(str(exc))

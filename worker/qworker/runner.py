@@ -40,6 +40,7 @@ import structlog
 from qclient import Client
 from qclient.wire import NAME_PATTERN
 
+from qworker._beat import BEAT_INTERVAL, Beater
 from qworker._book import PREFETCH_HOLD, SlotBook, prefetch_allowance
 from qworker._core import Core
 from qworker._django import worker_client
@@ -102,6 +103,8 @@ class Worker:
             waits for the poll in flight.
         prefetch: jobs it may hold beyond its slots while runs are short (default 0:
             lease only for free slots). See `_book.py`.
+        beat_interval: seconds between the beats that keep the worker in the broker's
+            workers registry (`GET /v1/workers`).
         client: a `qclient.Client` to use instead of making one (closed at the end).
 
     Raises:
@@ -124,6 +127,7 @@ class Worker:
         lease_wait: float = LEASE_WAIT,
         prefetch: int = 0,
         client: Client | None = None,
+        beat_interval: float = BEAT_INTERVAL,
     ) -> None:
         if pool not in POOL_KINDS:
             raise ValueError(f"unknown pool {pool!r}; choose one of {POOL_KINDS}")
@@ -140,6 +144,7 @@ class Worker:
         self.grace = grace
         self.name = name or default_name()
         self.lease_wait = lease_wait
+        self.beat_interval = beat_interval
         self.registry: Registry = default_registry
         if client is None:
             client = worker_client(
@@ -245,6 +250,15 @@ class Worker:
                 f"qworker-lease-{gen}" if gen else "qworker-lease",
             )
 
+        beater = Beater(
+            core,
+            name=self.name,
+            queues=self.queues,
+            pool=self.pool_kind,
+            concurrency=self.concurrency,
+            interval=self.beat_interval,
+        )
+        beater.start()
         start_lease_thread(0)
         reporter = self._spawn(lambda: report_loop(core), "qworker-reporter")
         upkeep = self._spawn(
@@ -252,7 +266,7 @@ class Worker:
         )
         while not self._signals and not self._stop_requested.wait(POLL_TICK):
             pass
-        self._shutdown(reporter, upkeep)
+        self._shutdown(reporter, upkeep, beater)
         self._log.info("worker.stopped", exit_code=core.exit_code)
         return core.exit_code
 
@@ -274,7 +288,9 @@ class Worker:
         thread.start()
         return thread
 
-    def _shutdown(self, reporter: threading.Thread, upkeep: threading.Thread) -> None:
+    def _shutdown(
+        self, reporter: threading.Thread, upkeep: threading.Thread, beater: Beater
+    ) -> None:
         core = self._core
         assert core is not None
         book, pool = core.book, core.the_pool
@@ -311,6 +327,7 @@ class Worker:
         reporter.join(REPORT_GIVE_UP + HTTP_TIMEOUT + 1)
         upkeep.join(HTTP_TIMEOUT + 1)
         pool.close(timeout=2.0)
+        beater.stop()
         self.client.close()
 
     # ------------------------------------------------------------ signals

@@ -38,6 +38,8 @@ from qclient.wire import (
     ReleaseItem,
     ScheduleRecord,
     ScheduleSpec,
+    WorkerBeat,
+    WorkerInfo,
 )
 
 #: seconds a queue's last_leased_at may lag the last lease request that named it (a
@@ -435,6 +437,18 @@ class Store(Protocol):
 
     def queues_holding(self, queues: Sequence[str]) -> Awaitable[set[str]]:
         """Those of `queues` that hold a job in any state."""
+        ...
+
+    # ------------------------------------------------------------ workers registry
+
+    def beat_worker(self, beat: WorkerBeat, *, now: float) -> Awaitable[None]:
+        """Register or refresh a worker from its beat; forget the workers silent for
+        a day."""
+        ...
+
+    def workers(self, *, now: float) -> Awaitable[list[WorkerInfo]]:
+        """Every worker heard from within a day, by name: its last beat, and
+        `alive`, `lost` (3 intervals without a beat) or `stopped`."""
         ...
 
     def ping(self) -> Awaitable[None]:

@@ -26,6 +26,8 @@ from qclient.wire import (
     ReleaseItem,
     ScheduleRecord,
     ScheduleSpec,
+    WorkerBeat,
+    WorkerInfo,
 )
 
 from qbroker import errors
@@ -44,7 +46,7 @@ from qbroker.store.interface import (
     Snapshot,
     Swept,
 )
-from qbroker.store.sqlite import kv, schema
+from qbroker.store.sqlite import kv, schema, workers
 from qbroker.store.sqlite.guards import FileGuard, FreeSpaceFloor
 from qbroker.store.sqlite.readers import ReadThreads
 from qbroker.store.sqlite.reads import Reader
@@ -305,6 +307,12 @@ class SQLiteStore:
 
     def kv_get(self, keys: Sequence[str], *, now: float) -> Awaitable[list[KVItem]]:
         return self._reads.call(self._reader.kv_get, keys, now)
+
+    def beat_worker(self, beat: WorkerBeat, *, now: float) -> Awaitable[None]:
+        return self._write(workers.beat, self._writes.conn, beat, now)
+
+    def workers(self, *, now: float) -> Awaitable[list[WorkerInfo]]:
+        return self._reads.call(self._reader.workers, now)
 
     def snapshot(self) -> Awaitable[Snapshot]:
         return self._reads.call(self._reader.snapshot)

@@ -13,11 +13,18 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from qclient.wire import FINAL_STATES, JobRecord, JobState, KVItem, QueueStats
+from qclient.wire import (
+    FINAL_STATES,
+    JobRecord,
+    JobState,
+    KVItem,
+    QueueStats,
+    WorkerInfo,
+)
 
 from qbroker import errors
 from qbroker.store.interface import JobRow, QueueRow, Snapshot
-from qbroker.store.sqlite import kv
+from qbroker.store.sqlite import kv, workers
 from qbroker.store.sqlite.rows import RECORD_COLUMNS, record
 from qbroker.store.sqlite.schema import connect, translate_errors
 
@@ -184,6 +191,11 @@ class Reader:
         with translate_errors(), self._conn() as conn:
             _, wal_pages, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         return int(wal_pages)
+
+    def workers(self, now: float) -> list[WorkerInfo]:
+        """The workers registry (workers.py)."""
+        with translate_errors(), self._conn() as conn:
+            return workers.workers(conn, now)
 
     def ping(self) -> None:
         with translate_errors(), self._conn() as conn:

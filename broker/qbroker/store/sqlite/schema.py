@@ -17,6 +17,7 @@ from pathlib import Path
 import structlog
 
 from qbroker import errors
+from qbroker.store.sqlite import workers
 
 log = structlog.get_logger("qbroker.store")
 
@@ -120,7 +121,7 @@ CREATE INDEX IF NOT EXISTS schedules_due ON schedules(next_run_at) WHERE paused 
 """
 
 #: MIGRATIONS[v]: the statements that take a file from schema v to v + 1
-MIGRATIONS = (_JOBS, _QUEUES, _KV, _SCHEDULES)
+MIGRATIONS = (_JOBS, _QUEUES, _KV, _SCHEDULES, workers.SCHEMA)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 WRITER_CACHE_KIB = 8192  #: KiB of page cache for the write connection
