@@ -25,6 +25,13 @@ Scenarios (`--scenarios`, comma-separated; default all):
             the same with each batch's acks carried on the next lease (qworker's form)
   depth     single lease(max=1)+ack latency and broker RSS at queue depth 10k, 100k, 1M
             (one broker per depth, probed in turns so fsync drift hits all depths alike)
+  control   the lease path with job control in use against the same without it (issue
+            25): one broker with 100 limits (two of them apply to the leased jobs, not
+            binding: queue:bench concurrency 10^6, task:send_email 10^6/s with a burst
+            of 1,000, as a batch of starts at one instant needs) and 1,000 jobs
+            in a paused queue the lease names first; one broker with neither. Both
+            pre-filled alike, probed in turns as 'depth' is: lease(max=1)+ack latency,
+            then lease 100 carrying 100 acks (qworker's form) for the same N on each
 
 Not in the default run (name it in --scenarios):
 
@@ -42,11 +49,13 @@ Usage:
   python bench/broker.py --quick              # small N, depth up to 100k (~40 s)
   python bench/broker.py --scenarios sqlite,enqueue --json out.json
   python bench/broker.py --max-depth 100000 --client epoll
+  python bench/broker.py --scenarios control --quick   # job control's cost (~1 min)
   python bench/broker.py --scenarios tls      # plain vs TLS enqueue (~35 s)
 
 Targets (issue 2): single enqueue >= 4,000 jobs/s on 1 connection; batch enqueue
 >= 50,000 jobs/s; lease+ack in batches >= 30,000 jobs/s; lease latency and RSS at 1M
-deep within 1.25x of 10k deep.
+deep within 1.25x of 10k deep. Issue 25: the lease path with 100 limits and 1,000
+paused-queue jobs within 10% of its cost without them (scenario control).
 """
 
 from __future__ import annotations
@@ -92,6 +101,7 @@ TARGETS = {
     "batch": 50000.0,
     "leaseack": 30000.0,
     "depth_ratio": 1.25,
+    "control_ratio": 1.10,
     "tls_ratio": 0.70,  #: TLS enqueue rate / plain, one connection (issue 27)
 }
 TLS_ROUNDS = 5  #: alternating plain and TLS windows of the 'tls' scenario (the rate is fsync-bound
@@ -335,6 +345,7 @@ class Report:
         self.adjacent_secs = 1.0
         self.depth: list[dict[str, Any]] = []
         self.depth_ratio: dict[str, Any] | None = None
+        self.control: dict[str, Any] | None = None  #: scenario control
         self.notes: list[str] = []
         self.client_mode = ""
         self.calibration: list[dict[str, Any]] = []
@@ -751,11 +762,173 @@ def sc_depth(rep: Report, root: Path, depths: list[int], probes: int,
         )
 
 
+# ------------------------------------------------------------------ job control
+
+HELD = "held"  #: the paused queue of scenario control, named first by every lease
+CONTROL_LIMITS = 100
+PAUSED_JOBS = 1000
+
+
+def _control_setup(b: Broker) -> None:
+    """100 limits, two of which apply to the bench jobs without binding, and 1,000 jobs
+    in a paused queue."""
+    conn = rh.Conn(*b.addr)
+    try:
+        puts: list[tuple[str, dict[str, Any]]] = [
+            ("queue:bench", {"concurrency": 1_000_000}),
+            (
+                "task:send_email",
+                {"rate": {"limit": 1_000_000, "per": 1, "burst": 1000}},
+            ),
+        ]
+        for i in range(CONTROL_LIMITS - len(puts)):
+            key = f"task:other{i}" if i % 2 else f"customer:{i}"
+            puts.append((key, {"concurrency": 5, "rate": {"limit": 10, "per": 1}}))
+        for key, spec in puts:
+            status, body = conn.roundtrip(
+                rh.request_bytes("PUT", f"/v1/limits/{key}", spec)
+            )
+            if status != 200:
+                raise RuntimeError(
+                    f"PUT /v1/limits/{key}: HTTP {status} {body[:200]!r}"
+                )
+        status, _ = conn.roundtrip(rh.request_bytes("POST", f"/v1/queues/{HELD}/pause"))
+        if status != 200:
+            raise RuntimeError(f"pause: HTTP {status}")
+        req = rh.request_bytes(
+            "POST", f"/v1/queues/{HELD}/jobs", {"jobs": [JOB] * PAUSED_JOBS}
+        )
+        status, _ = conn.roundtrip(req)
+        if status != 201:
+            raise RuntimeError(f"enqueue to {HELD}: HTTP {status}")
+    finally:
+        conn.close()
+
+
+CONTROL_ROUNDS = 8  #: alternating batch rounds per broker in scenario control
+
+
+def sc_control(rep: Report, root: Path, probes: int, n: int) -> None:
+    """Job control's cost on the lease path: two brokers, used in turns (see 'depth').
+
+    The figure is the broker's CPU per job (its process CPU time over the jobs it
+    leased and acked): wall-clock rates swing by half on a shared 2-core VM within a
+    minute, CPU per job much less. Wall-clock figures are shown beside it.
+    """
+    banner(
+        f"[6] job control: lease path with {CONTROL_LIMITS} limits and {PAUSED_JOBS:,}"
+        f" paused-queue jobs vs none ({probes} lease(max=1)+ack probes each, in turns;"
+        f" then {CONTROL_ROUNDS} alternating rounds each of lease 100 carrying acks)"
+    )
+    lease_req = rh.request_bytes(
+        "POST", "/v1/lease", {"queues": [HELD, QUEUE], "max": 1, "worker": "bench"}
+    )
+    ack_head = (
+        "POST /v1/jobs/{}/ack HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/msgpack\r\n"
+        "Content-Type: application/msgpack\r\nContent-Length: {}\r\n\r\n"
+    )
+    warm = 50
+    names = ("without", "with")
+    per_round = max(1000, n // CONTROL_ROUNDS)
+    with contextlib.ExitStack() as stack:
+        brokers = [stack.enter_context(broker(root, f"control-{n_}")) for n_ in names]
+        _control_setup(brokers[1])
+        for b in brokers:
+            fill(b, probes + warm)
+        conns = [rh.Conn(*b.addr) for b in brokers]
+        rts: list[list[float]] = [[], []]
+        cpu = [0.0, 0.0]
+        for i in range(probes + warm):
+            for turn in range(2):
+                k = (turn + i) % 2
+                c0 = brokers[k].cpu()
+                t0 = time.perf_counter()
+                status, body = conns[k].roundtrip(lease_req)
+                if status != 200:
+                    raise RuntimeError(f"lease: HTTP {status} {body[:200]!r}")
+                job = _decode_leased(body).jobs[0]
+                payload = rh.encode({"lease": job.lease, "result": None})
+                status, body = conns[k].roundtrip(
+                    ack_head.format(job.id, len(payload)).encode() + payload
+                )
+                if status != 200:
+                    raise RuntimeError(f"ack: HTTP {status} {body[:200]!r}")
+                if i >= warm:
+                    rts[k].append(time.perf_counter() - t0)
+                    cpu[k] += brokers[k].cpu() - c0
+        for c in conns:
+            c.close()
+        p50 = [statistics.median(x) * 1e3 for x in rts]
+        probe_cpu = [1e6 * c / probes for c in cpu]
+        rates: list[list[float]] = [[], []]
+        cpus: list[list[float]] = [[], []]
+        for r in range(CONTROL_ROUNDS):
+            for k in (r % 2, 1 - r % 2):  # who goes first alternates
+                fill(brokers[k], per_round)
+                c0 = brokers[k].cpu()
+                st = rh.run_blocking(brokers[k].addr, LeaseCarryingHeld(QUEUE, 100))
+                c1 = brokers[k].cpu()
+                if st.jobs != per_round:
+                    raise RuntimeError(f"control: acked {st.jobs} of {per_round}")
+                rates[k].append(st.jobs / st.seconds)
+                cpus[k].append(1e6 * (c1 - c0) / st.jobs)
+        held = _queue_counts(brokers[1], HELD)
+    rate = [statistics.median(x) for x in rates]
+    batch_cpu = [statistics.median(x) for x in cpus]
+    ratios = {
+        "probe_cpu": probe_cpu[1] / probe_cpu[0],
+        "probe_p50": p50[1] / p50[0],
+        "batch_cpu": batch_cpu[1] / batch_cpu[0],
+        "batch_rate": rate[0] / rate[1],
+    }
+    print(f"  lease(max=1)+ack: broker CPU per probe without {probe_cpu[0]:.0f} us, with"
+          f" {probe_cpu[1]:.0f} us -> {ratios['probe_cpu']:.3f}x; wall p50 without"
+          f" {p50[0]:.3f} ms, with {p50[1]:.3f} ms -> {ratios['probe_p50']:.3f}x",
+          flush=True)  # fmt: skip
+    print(f"  lease 100 carrying acks, {CONTROL_ROUNDS} x {per_round:,} jobs each:"
+          f" broker CPU per job (median) without {batch_cpu[0]:.1f} us, with"
+          f" {batch_cpu[1]:.1f} us -> {ratios['batch_cpu']:.3f}x; rate (median) without"
+          f" {rate[0]:,.0f}, with {rate[1]:,.0f} jobs/s -> {ratios['batch_rate']:.3f}x"
+          f" the time", flush=True)  # fmt: skip
+    print(f"  the paused queue still holds {held} queued jobs", flush=True)
+    rep.notes.append(
+        "control: broker CPU per job with 100 limits and 1,000 paused jobs vs none:"
+        f" lease(max=1)+ack {ratios['probe_cpu']:.3f}x, lease 100 carrying acks"
+        f" {ratios['batch_cpu']:.3f}x"
+    )
+    rep.control = {
+        "probe_cpu_us": [round(x, 1) for x in probe_cpu],
+        "probe_p50_ms": [round(x, 3) for x in p50],
+        "batch_cpu_us": [round(x, 2) for x in batch_cpu],
+        "batch_rate": [round(x, 1) for x in rate],
+        **{f"{k}_ratio": round(v, 3) for k, v in ratios.items()},
+    }
+
+
+class LeaseCarryingHeld(LeaseCarryingAcks):
+    """LeaseCarryingAcks naming the paused queue first."""
+
+    def request(self, acks: list[_Ack]) -> bytes:
+        body = _LeaseCarrying([HELD, self.queue], self.max_jobs, "bench", acks)
+        return rh.request_bytes("POST", "/v1/lease", body)
+
+
+def _queue_counts(b: Broker, queue: str) -> int:
+    conn = rh.Conn(*b.addr)
+    try:
+        status, body = conn.roundtrip(rh.request_bytes("GET", f"/v1/queues/{queue}"))
+    finally:
+        conn.close()
+    return (
+        int(msgspec.msgpack.decode(body)["counts"]["queued"]) if status == 200 else -1
+    )
+
+
 # ------------------------------------------------------------------ main
 
 
 ALL = ("sqlite", "client", "enqueue", "batch", "leaseack", "depth")
-EXTRA = ("tls",)  #: scenarios run only when named
+EXTRA = ("tls", "control")  #: scenarios run only when named
 
 
 def verdicts(rep: Report) -> list[str]:
@@ -803,6 +976,16 @@ def verdicts(rep: Report) -> list[str]:
             f" -> {'MET' if got >= t else 'NOT met'}; broker CPU per job (median)"
             f" {rep.tls['cpu_tls']:.0f} µs vs {rep.tls['cpu_plain']:.0f} µs plain"
         )
+    if rep.control:
+        t = TARGETS["control_ratio"]
+        for k, name in (("probe_cpu_ratio", "lease(max=1)+ack"),
+                        ("batch_cpu_ratio", "lease 100 carrying acks")):  # fmt: skip
+            got = rep.control[k]
+            out.append(
+                f"job control (100 limits, 1,000 paused jobs) {name}: broker CPU per"
+                f" job {got:.3f}x of none vs target <= {t}"
+                f" -> {'MET' if got <= t else 'NOT met'}"
+            )
     ratio = rep.depth_ratio
     if ratio:
         t = TARGETS["depth_ratio"]
@@ -939,6 +1122,8 @@ def run_all(
             sc_depth(rep, root, depths, a.probes, a.profile)
     if "tls" in scen:
         sc_tls(rep, root, secs)
+    if "control" in scen:
+        sc_control(rep, root, a.probes, n_la)
     if "sqlite" in scen and len(scen) > 1:
         # fsync latency on a shared VM drifts: show the limit again at the end
         sc_sqlite(rep, raw_secs, " (again)")
@@ -1146,6 +1331,7 @@ def main(argv: list[str] | None = None) -> int:
             "client_calibration": rep.calibration,
             "depth": rep.depth,
             "depth_ratio": rep.depth_ratio,
+            "control": rep.control,
             "tls": rep.tls,
             "targets": vs,
             "notes": rep.notes,

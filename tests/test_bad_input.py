@@ -81,7 +81,8 @@ def test_bad_input_gets_clear_errors_and_keeps_stored_jobs(
         ("GET", "/v1/jobs/keep-1/result?wait=1_0", b"", {}, 422, "invalid_field"),
         ("GET", "/v1/nothing", b"", {}, 404, "not_found"),
         ("GET", "/v1/queues/q/jobs", b"", {}, 405, "method_not_allowed"),
-        ("DELETE", "/v1/jobs/keep-1", b"", {}, 405, "method_not_allowed"),
+        ("PUT", "/v1/jobs/keep-1", b"", {}, 405, "method_not_allowed"),
+        ("DELETE", "/v1/jobs/keep-1", b"", {}, 409, "invalid_state"),  # queued
         ("POST", "/v1/queues/q/jobs", b'{"args": "' + b"x" * 5000 + b'"}', {}, 413,
          "body_too_large"),
         ("POST", "/v1/queues/q/jobs", b"{\"args\": " + b"[" * 2000 + b"]" * 2000 + b"}", {},
@@ -151,7 +152,7 @@ def test_a_wrong_method_gets_405_naming_the_allowed_ones(
     w = Wire(strict_broker.url)
     for method, path, allow in [
         ("GET", "/v1/queues/q/jobs", "POST"),
-        ("DELETE", "/v1/jobs/j1", "GET, HEAD"),
+        ("PUT", "/v1/jobs/j1", "DELETE, GET, HEAD"),
         ("POST", "/healthz", "GET, HEAD"),
         ("PUT", "/v1/lease", "POST"),
     ]:

@@ -135,7 +135,7 @@ def test_values_survive_a_broker_sigkill(broker: BrokerProcess) -> None:
     w.close()
 
 
-def test_purge_cancels_waiting_jobs_and_leaves_leased_ones(
+def test_purge_deletes_waiting_jobs_and_leaves_leased_ones(
     broker: BrokerProcess,
 ) -> None:
     w = Wire(broker.url)
@@ -144,10 +144,10 @@ def test_purge_cancels_waiting_jobs_and_leaves_leased_ones(
     w.enqueue("pq", delay=3600)
     w.enqueue("other")
     [leased] = w.lease("pq")
-    assert w.ok("POST", "/v1/queues/pq/purge") == {"count": 3}
+    assert w.ok("POST", "/v1/queues/pq/purge") == {"deleted": 3}
     counts = w.ok("GET", "/v1/queues/pq")["counts"]
-    assert (counts["cancelled"], counts["active"], counts["queued"]) == (3, 1, 0)
+    assert (counts["scheduled"], counts["active"], counts["queued"]) == (0, 1, 0)
     assert w.ok("GET", "/v1/queues/other")["counts"]["queued"] == 1
-    assert w.ok("POST", "/v1/queues/pq/purge") == {"count": 0}
+    assert w.ok("POST", "/v1/queues/pq/purge") == {"deleted": 0}
     assert w.job(leased["id"])["state"] == "active"
     w.close()

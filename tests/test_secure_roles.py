@@ -30,7 +30,7 @@ TOKENS = {
     "read": "read-Tok3n",
     "admin": "admin-Tok3n",
 }
-PATH_VALUES = {"{queue}": "rolesq", "{id}": "no-such-job"}
+PATH_VALUES = {"{queue}": "rolesq", "{id}": "no-such-job", "{key}": "task:x"}
 
 
 def endpoints() -> list[tuple[str, str, str]]:
@@ -79,8 +79,9 @@ def test_every_route_has_its_roles_listed() -> None:
 
 def test_roles_follow_the_policy() -> None:
     """The issue's policy: read has every GET; producer enqueues, reads jobs and
-    waits for results; worker leases and settles (and syncs its schedules); both use
-    the key-value store (Celery's results: a producer reads them and saves groups, a
+    waits for results; worker leases and settles, syncs its schedules and the limits
+    its tasks declare, beats and waits for cancels of its jobs; both use the
+    key-value store (Celery's results: a producer reads them and saves groups, a
     worker stores them); anything else is admin's."""
     allowed = {
         role: {n for _, _, n in ROUTE_ROWS if role in auth.ROUTE_ROLES.get(n, ())}
@@ -95,7 +96,7 @@ def test_roles_follow_the_policy() -> None:
     # put_schedule: a worker sends its code's schedules when it starts (issue 24)
     assert {
         "lease", "ack", "fail", "extend", "release", "ack_many", "fail_many",
-        "release_many", "put_schedule", "worker_beat", *kv,
+        "release_many", "cancels", "put_limit", "put_schedule", "worker_beat", *kv,
     } == allowed["worker"] - {"healthz"}  # fmt: skip
     assert "cancel" not in set().union(*allowed.values())  # admin only
     assert "purge" not in set().union(*allowed.values())

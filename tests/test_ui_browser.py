@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 import qclient
+from qclient.schedules import Schedules
+from qclient.wire import ScheduleSpec
 
 from tests.conftest import BrokerProcess
 from tests.test_ui_workers import start_qworker
@@ -246,3 +248,34 @@ def test_a_read_token_sees_the_dashboard_and_an_admin_token_acts(
             assert c.get_job(job.id).state == "cancelled"
     finally:
         b.stop()
+
+
+def test_the_purge_button_empties_the_queue_in_the_broker(
+    page: Any, ui_broker: BrokerProcess, client: qclient.Client
+) -> None:
+    client.send_many("purge_me", list(range(4)))
+    page.goto(f"{ui_broker.url}/ui/queues/purge_me")
+    page.get_by_role("button", name="Purge queued and scheduled").click()
+    page.locator("#flash .notice.ok").wait_for()
+    counts = client.queue("purge_me").counts
+    assert counts["queued"] == 0 and counts["scheduled"] == 0
+
+
+def test_the_schedules_page_runs_and_pauses_a_schedule_in_the_broker(
+    page: Any, ui_broker: BrokerProcess
+) -> None:
+    with Schedules(ui_broker.url) as schedules:
+        schedules.put("nightly", ScheduleSpec(task="report", cron="0 3 * * *"))
+        page.goto(ui_broker.url + "/ui/schedules")
+        row = page.locator("tr", has_text="nightly")
+        assert "report" in row.inner_text()
+        row.get_by_role("button", name="Run now").click()
+        page.locator("#flash .notice.ok").wait_for()
+        (job,) = schedules.jobs("nightly")
+        assert job.task == "report"
+        row.get_by_role("button", name="Pause").click()
+        page.locator("#flash .notice.ok", has_text="Pause").wait_for()
+        assert schedules.get("nightly").paused
+        # its jobs, through the listing's schedule filter
+        page.goto(ui_broker.url + "/ui/jobs?schedule=nightly")
+        page.get_by_role("link", name=job.id[:29]).wait_for()

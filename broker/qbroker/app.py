@@ -48,6 +48,7 @@ from qclient.wire import (
 from qbroker import __version__, auth, errors, metrics, openapi, ui
 from qbroker.clock import Clock
 from qbroker.config import RESULTS_REPLY_BYTES, Config
+from qbroker.control_api import ControlHandlers
 from qbroker.kvapi import KVHandlers
 from qbroker.protocol import (
     BIG_BODY,
@@ -60,7 +61,7 @@ from qbroker.protocol import (
     query_float,
 )
 from qbroker.replies import results_reply
-from qbroker.routes import ROUTES
+from qbroker.routes import OPTIONAL_BODY, ROUTES
 from qbroker.schedule_api import ScheduleHandlers
 from qbroker.store import NOTHING_LEASED, Defaults, Enqueued, Leased, Store
 from qbroker.transitions import Effects
@@ -73,7 +74,7 @@ _BEAT_TAKEN = WorkerBeatReply()
 Handler = Callable[[Request, Any], Awaitable[Response]]
 
 
-class Broker(KVHandlers, ScheduleHandlers):
+class Broker(ControlHandlers, KVHandlers, ScheduleHandlers):
     """Everything a handler needs. Lives for one `serve()` run."""
 
     def __init__(self, config: Config, store: Store, clock: Clock) -> None:
@@ -84,6 +85,7 @@ class Broker(KVHandlers, ScheduleHandlers):
         self.job_waiters = Waiters()
         self.effects = Effects(self.queue_waiters, self.job_waiters, self.poke_reaper)
         self.closing = False
+        self.cancel_notes = {}
         self.reaper_wakeup = trio.Event()
         self.reaper_due: float = 0.0  #: when the reaper will next sweep (unix seconds)
         self.defaults = Defaults(
@@ -153,6 +155,9 @@ class Broker(KVHandlers, ScheduleHandlers):
         handler, body_type = self._routes[req.route]
         if body_type is None:
             return handler(req, None)
+        if req.route in OPTIONAL_BODY:  # no body, or null: the struct's defaults
+            body = decode(req, body_type | None) if req.body else None
+            return handler(req, body_type() if body is None else body)
         if body_type is EnqueueBody and len(req.body) > BIG_BODY:
             return self._enqueue_big(req)
         return handler(req, decode(req, body_type))
@@ -224,7 +229,8 @@ class Broker(KVHandlers, ScheduleHandlers):
         return encode(req, EnqueueReply(id=done.ids[0]), 201)
 
     async def on_get_job(self, req: Request, _: None) -> Response:
-        return encode(req, await self.store.get_job(req.params["id"]))
+        record = await self.store.get_job(req.params["id"], now=self.clock.now())
+        return encode(req, record)
 
     async def on_job_result(self, req: Request, _: None) -> Response:
         job_id = req.params["id"]
@@ -289,6 +295,10 @@ class Broker(KVHandlers, ScheduleHandlers):
             job_id, watched=self.watched([job_id]), now=self.clock.now()
         )
         self.effects.apply(done.changes)
+        if any(old is JobState.ACTIVE for _, _, old, _ in done.changes.transitions):
+            # its worker's parked cancel poll, if any, hears it now
+            record = await self.store.get_job(job_id)
+            self.cancelled_active(job_id, record.worker)
         return encode(req, CancelReply(id=job_id, state=done.state))
 
     # ---------------------------------------------------------------- worker
@@ -319,8 +329,10 @@ class Broker(KVHandlers, ScheduleHandlers):
                 resend = False  # only the first pass looks for a resend's jobs
                 if got.jobs or self.closing or trio.current_time() >= deadline:
                     break
+                if got.held is not None:  # woken when a held job's key frees
+                    self.effects.held.update(body.queues)
                 slot.parked = True
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(self.held_deadline(got, deadline)):
                     await slot.event.wait()
                 slot.parked = False
                 if slot.handoff is not None:
@@ -395,6 +407,8 @@ class Broker(KVHandlers, ScheduleHandlers):
             body.lease,
             lease_seconds=body.timeout,
             now=self.clock.now(),
+            progress=body.progress,
+            progress_note=body.progress_note,
         )
         self.effects.apply(done.changes)
         return encode(

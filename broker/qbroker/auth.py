@@ -42,6 +42,18 @@ ROUTE_ROLES: Mapping[str, tuple[str, ...]] = {
     "release_many": (WORKER,),
     "queues": (READ,),
     "queue": (READ,),
+    "pause_queue": (),
+    "resume_queue": (),
+    # a queue's purge is "purge" below
+    "limits": (READ,),
+    # a worker puts the limits its tasks declare (@task(rate_limit=...)) at start
+    "put_limit": (WORKER,),
+    "delete_limit": (),
+    "list_jobs": (READ,),
+    "retry_job": (),
+    "retry_jobs": (),
+    "delete_job": (),
+    "cancels": (WORKER,),
     "healthz": (PRODUCER, WORKER, READ, OPEN),
     "metrics": (READ,),
     "openapi": (READ,),
@@ -55,7 +67,6 @@ ROUTE_ROLES: Mapping[str, tuple[str, ...]] = {
     "kv_delete": (PRODUCER, WORKER),
     "schedules": (READ,),
     "get_schedule": (READ,),
-    "list_jobs": (READ,),
     "put_schedule": (WORKER,),  # a worker sends its code's schedules when it starts
     "delete_schedule": (),
     "pause_schedule": (),

@@ -18,6 +18,7 @@ from qbroker import (
     admin,
     auth,
     config as cfg,
+    control_cli,
     errors,
     logs,
     schedule_cli,
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="QBROKER_LOG_LEVEL, default info",
     )
     admin.add_parsers(sub)
+    control_cli.add_parsers(sub)
     b = sub.add_parser(
         "backup",
         help="copy the database, consistent, while the broker runs",
@@ -279,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return schedule_cli.main(ns)
     if ns.command in admin.VERBS:
         return admin.main(ns)
+    if ns.command in control_cli.COMMANDS:
+        return control_cli.main(ns)
     if ns.command == "backup":
         return backup(ns)
     config = config_from(ns)

@@ -7,12 +7,14 @@
     ├── Forbidden             403 forbidden (names the roles that may)
     ├── NotFound              404 not_found
     ├── JobNotFound           404 job_not_found
+    ├── LimitNotFound         404 limit_not_found
     ├── ScheduleNotFound      404 schedule_not_found
     ├── MethodNotAllowed      405 method_not_allowed
     ├── RequestTimeout        408 request_timeout
     ├── DuplicateId           409 duplicate_id
     ├── DuplicateDedupKey     409 duplicate_dedup_key
     ├── StaleLease            409 stale_lease
+    ├── InvalidState          409 invalid_state (says the job's state)
     ├── BodyTooLarge          413 body_too_large
     ├── UnsupportedMediaType  415 unsupported_media_type
     ├── InvalidField          422 invalid_field (names the field)
@@ -86,6 +88,20 @@ class MethodNotAllowed(QBrokerError):
 
 class RequestTimeout(QBrokerError):
     status, reason = 408, "request_timeout"
+
+
+class LimitNotFound(QBrokerError):
+    status, reason = 404, "limit_not_found"
+
+
+class InvalidState(QBrokerError):
+    """The job is not in a state the request applies to; `state` says which it is."""
+
+    status, reason = 409, "invalid_state"
+
+    def __init__(self, message: str, *, state: str) -> None:
+        super().__init__(message, field="state")
+        self.state = state
 
 
 class DuplicateId(QBrokerError):

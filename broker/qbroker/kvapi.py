@@ -1,4 +1,4 @@
-"""Handlers of the key-value routes (`/v1/kv/*`) and of a queue purge, mixed into
+"""Handlers of the key-value routes (`/v1/kv/*`), mixed into
 app.Broker (the route table binds `on_<name>`).
 
 The key-value store holds Celery's results (qclient.celery): a task's state and
@@ -93,13 +93,3 @@ class KVHandlers:
         count = await self.store.kv_delete(body.keys, now=self.clock.now())
         self._changed(body.keys)
         return encode(req, CountReply(count=count))
-
-    async def on_purge(self, req: Request, _: None) -> Response:
-        queue = req.params["queue"]
-        total = 0
-        while True:  # in units, so other writes get their turn between them
-            done = await self.store.purge(queue, now=self.clock.now())
-            self.effects.apply(done.changes)
-            total += done.count
-            if not done.more:
-                return encode(req, CountReply(count=total))

@@ -17,10 +17,18 @@ from qbroker.routes import ROUTES, Route
 QUERY = {
     "wait": {"name": "wait", "in": "query", "required": False,
              "schema": {"type": "number", "minimum": 0, "maximum": 300}},
-    "schedule": {"name": "schedule", "in": "query", "required": True,
-                 "schema": {"type": "string"}},
+    "state": {"name": "state", "in": "query", "required": False,
+              "schema": {"type": "string", "enum": [s.value for s in wire.JobState]}},
+    "queue": {"name": "queue", "in": "query", "required": False,
+              "schema": {"type": "string", "pattern": wire.NAME_PATTERN}},
+    "task": {"name": "task", "in": "query", "required": False,
+             "schema": {"type": "string", "pattern": wire.NAME_PATTERN}},
+    "schedule": {"name": "schedule", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": wire.NAME_PATTERN}},
     "limit": {"name": "limit", "in": "query", "required": False,
               "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+    "cursor": {"name": "cursor", "in": "query", "required": False,
+               "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,18}$"}},
 }  # fmt: skip
 #: the errors any request may get (protocol.md, section 4)
 _ERRORS = {
@@ -82,7 +90,7 @@ def _operation(route: Route) -> dict[str, Any]:
     if route.request is not None or route.query:
         codes.update(_BODY_ERRORS)
     if route.conflict:
-        codes["409"] = "stale lease or duplicate"
+        codes["409"] = "stale lease, duplicate, or a job in another state"
     if route.method in ("POST", "PUT", "DELETE"):
         codes["507"] = "disk full, or (enqueue, run) under --min-free-disk"
     for code, text in sorted(codes.items()):
@@ -97,7 +105,7 @@ def _operation(route: Route) -> dict[str, Any]:
     }
     if route.request is not None:
         op["requestBody"] = {
-            "required": True,
+            "required": not route.optional,
             "content": _content(_schema(route.request, route.request_forms)),
         }
     return op

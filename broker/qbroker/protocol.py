@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 import msgspec
-from qclient.wire import ErrorBody
+from qclient.wire import ErrorBody, JobState
 
 from qbroker import errors, routes
 from qbroker.routes import EnqueueBody as EnqueueBody
@@ -304,8 +304,9 @@ _CLOSING_REASONS = frozenset(
 def error_response(req: Request | None, exc: errors.QBrokerError) -> Response:
     """The reply for an error: its status and an ErrorBody."""
     roles = list(exc.roles) if isinstance(exc, errors.Forbidden) else None
+    state = JobState(exc.state) if isinstance(exc, errors.InvalidState) else None
     body = ErrorBody(
-        error=exc.reason, message=exc.message, field=exc.field, roles=roles
+        error=exc.reason, message=exc.message, field=exc.field, roles=roles, state=state
     )
     resp = encode(req, body, exc.status)
     resp.close = exc.reason in _CLOSING_REASONS

@@ -3,7 +3,7 @@ success status, in one place. Sans-IO: no trio, no sockets, no store.
 
 It drives the router (`match`), the handlers' binding (app.py: one `on_<name>` per
 route, its body decoded as the route's `request`), and `/v1/openapi.json` (openapi.py).
-It names only wire.py structs, so a client operation can be derived from it too.
+It names only qclient.wire structs, so a client operation can be derived from it too.
 Adding an endpoint: a row here, a handler in app.py, a section in protocol.md.
 """
 
@@ -42,9 +42,13 @@ class Route:
     request_forms: tuple[Any, ...] = ()
     reply_forms: tuple[Any, ...] = ()
     query: tuple[str, ...] = ()  #: query parameters (openapi.QUERY describes each)
+    optional: bool = False  #: the body may be left out: `request`'s defaults apply
     conflict: bool = False  #: may answer 409 (stale lease or duplicate)
     media: str = "application/json"  #: the reply's type when `reply` is None
 
+
+#: the job listing's query parameters besides the argument filters (`kwargs.KEY=...`)
+JOB_FILTERS = ("state", "queue", "task", "schedule", "limit", "cursor")
 
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/queues/{queue}/jobs", "enqueue", EnqueueBody, None, 201,
@@ -70,7 +74,21 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/results", "results", wire.ResultsRequest, wire.ResultsReply),
     Route("GET", "/v1/queues", "queues", None, wire.QueueList),
     Route("GET", "/v1/queues/{queue}", "queue", None, wire.QueueStats),
-    Route("POST", "/v1/queues/{queue}/purge", "purge", None, wire.CountReply),
+    Route("POST", "/v1/queues/{queue}/pause", "pause_queue", None, wire.PauseReply),
+    Route("POST", "/v1/queues/{queue}/resume", "resume_queue", None, wire.PauseReply),
+    Route("POST", "/v1/queues/{queue}/purge", "purge", wire.PurgeRequest,
+          wire.PurgeReply, optional=True),
+    Route("GET", "/v1/limits", "limits", None, wire.LimitList),
+    Route("PUT", "/v1/limits/{key}", "put_limit", wire.LimitSpec, wire.LimitRecord),
+    Route("DELETE", "/v1/limits/{key}", "delete_limit", None, wire.LimitDeleted),
+    Route("GET", "/v1/jobs", "list_jobs", None, wire.JobList, query=JOB_FILTERS),
+    Route("POST", "/v1/jobs/retry", "retry_jobs", None, wire.RetryManyReply,
+          query=JOB_FILTERS[:4]),
+    Route("POST", "/v1/jobs/{id}/retry", "retry_job", None, wire.RetryReply,
+          conflict=True),
+    Route("DELETE", "/v1/jobs/{id}", "delete_job", None, wire.DeleteReply,
+          conflict=True),
+    Route("POST", "/v1/cancels", "cancels", wire.CancelsRequest, wire.CancelsReply),
     Route("POST", "/v1/kv/get", "kv_get", wire.KVGetRequest, wire.KVGetReply),
     Route("POST", "/v1/kv/set", "kv_set", wire.KVSetRequest, wire.KVVersionReply),
     Route("POST", "/v1/kv/incr", "kv_incr", wire.KVIncrRequest, wire.KVIncrReply),
@@ -84,8 +102,6 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", "healthz", None, wire.Health),
     Route("GET", "/metrics", "metrics", None, None, media="text/plain"),
     Route("GET", "/v1/openapi.json", "openapi", None, None),
-    Route("GET", "/v1/jobs", "list_jobs", None, wire.ScheduledJobList,
-          query=("schedule", "limit")),
     Route("GET", "/v1/schedules", "schedules", None, wire.ScheduleList),
     Route("GET", "/v1/schedules/{name}", "get_schedule", None, wire.ScheduleRecord),
     Route("PUT", "/v1/schedules/{name}", "put_schedule", wire.ScheduleSpec,
@@ -100,9 +116,11 @@ ROUTES: tuple[Route, ...] = (
           wire.EnqueueReply, 201),
 )  # fmt: skip
 BY_NAME = {r.name: r for r in ROUTES}
+#: the routes whose body may be left out
+OPTIONAL_BODY = frozenset(r.name for r in ROUTES if r.optional)
 _NAME_RE = re.compile(NAME_PATTERN)
-#: path segment after /v1/ -> the name of the path parameter that follows it
-_PARAMS = {"jobs": "id", "queues": "queue", "schedules": "name"}
+#: /v1/<kind>/{param}: the name of the path parameter after each kind
+_PARAMS = {"jobs": "id", "queues": "queue", "schedules": "name", "limits": "key"}
 
 
 def _shape(path: str) -> tuple[str, str | None, str | None]:
@@ -125,6 +143,8 @@ def _shape(path: str) -> tuple[str, str | None, str | None]:
 _TABLE: dict[str, dict[str, str]] = {}
 for _r in ROUTES:
     _TABLE.setdefault(_r.path, {})[_r.method] = _r.name
+#: the paths without a parameter: matched as they are, before any shape
+_LITERAL = {path: methods for path, methods in _TABLE.items() if "{" not in path}
 #: shape -> the methods it takes, for a 405's Allow header (GET brings HEAD along)
 _ALLOW = {
     shape: tuple(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
@@ -139,6 +159,11 @@ def match(method: str, path: str) -> tuple[str, str | None, str | None]:
         errors.NotFound: no route has this path.
         errors.MethodNotAllowed: a route has this path with another method.
     """
+    literal = _LITERAL.get(path)  # /v1/jobs/retry before /v1/jobs/{id}
+    if literal is not None:
+        name = literal.get("GET" if method == "HEAD" else method)
+        if name is not None:
+            return name, None, None
     shape, param, value = _shape(path)
     methods = _TABLE.get(shape)
     # a schedule's name is checked by its handler: a PUT of a bad name gets 422

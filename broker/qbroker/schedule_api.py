@@ -15,7 +15,6 @@ import structlog
 from qclient.wire import (
     EnqueueReply,
     ScheduleDeleted,
-    ScheduledJobList,
     ScheduleList,
     ScheduleSpec,
 )
@@ -27,8 +26,6 @@ from qbroker.store import Changes, Defaults, Store
 from qbroker.transitions import Effects
 
 HELD_RETRY = 1.0  #: seconds before a firing the disk or a lost database held is retried
-LIST_DEFAULT = 100  #: jobs `GET /v1/jobs?schedule=` returns unless `limit` says
-LIST_MAX = 1000  #: ... and at most
 log = structlog.get_logger("qbroker.schedules")
 
 
@@ -78,20 +75,6 @@ class ScheduleHandlers:
         )
         self.effects.apply(changes)
         return encode(req, EnqueueReply(id=job_id), 201)
-
-    async def on_list_jobs(self, req: Request, _: None) -> Response:
-        name = req.query.get("schedule")
-        if name is None:
-            raise errors.InvalidField(
-                "list jobs by schedule: GET /v1/jobs?schedule=NAME", field="schedule"
-            )
-        limit = req.query.get("limit", str(LIST_DEFAULT))
-        if not limit.isdigit() or not 1 <= int(limit) <= LIST_MAX:
-            raise errors.InvalidField(
-                f"limit must be an integer within [1, {LIST_MAX}]", field="limit"
-            )
-        jobs = await self.store.schedule_jobs(name, int(limit))
-        return encode(req, ScheduledJobList(jobs=jobs))
 
     async def fire_schedules(self, now: float) -> float:
         """The reaper's step: fire what is due at `now`.

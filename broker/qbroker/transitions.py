@@ -49,6 +49,9 @@ class Effects:
         self.queue_waiters = queue_waiters
         self.job_waiters = job_waiters
         self.poke_reaper = poke_reaper
+        #: queues whose parked leases limits held back: a job leaving `active` there
+        #: may free a concurrency slot, so it wakes them
+        self.held: set[str] = set()
 
     def apply(self, changes: Changes, *, swept: bool = False) -> None:
         """Count, wake and schedule what `changes` calls for (see the module table).
@@ -95,8 +98,17 @@ class Effects:
             for queue, n in ready.items():
                 if n > 0:
                     self.queue_waiters.notify(queue, None if swept else n)
+        if self.held:
+            self._wake_held(counts)
         if swept:
             _count_sweep(counts)
+
+    def _wake_held(self, counts: dict[_Shape, int]) -> None:
+        # a task's or a limit_key's jobs may be in any queue: wake every held one
+        if any(old is _ACTIVE for _, old, _ in counts):
+            for queue in self.held:
+                self.queue_waiters.notify(queue)
+            self.held.clear()
 
 
 def _count_sweep(counts: dict[_Shape, int]) -> None:

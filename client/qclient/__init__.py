@@ -20,6 +20,7 @@ set, bytes) travel tagged (`qclient.tags`) and arrive as they were sent. Importi
 qclient loads neither trio, asyncio nor sqlite3.
 """
 
+from qclient._admin import JobProgress as JobProgress
 from qclient._api import (
     client_options as client_options,
     configure as configure,
@@ -83,6 +84,7 @@ __all__ = [
     "JobNotFound",
     "JobNotSucceeded",
     "JobOptions",
+    "JobProgress",
     "JobRecord",
     "JobSpec",
     "JobState",

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, Unpack
 
-from qclient import _ops, wire
+from qclient import _admin, _ops, wire
+from qclient._admin import AsyncAdminMethods, JobProgress
 from qclient._backends import Backend, Stream, current_backend
 from qclient._client import ClientBase, HandleBase, Operation, advance
 from qclient._http import (
@@ -43,7 +44,7 @@ class _AsyncConn:
         self.reused = False
 
 
-class AsyncClient(ClientBase):
+class AsyncClient(ClientBase, AsyncAdminMethods):
     """The async qbroker client: `Client`'s methods as coroutines, for trio or asyncio.
 
     Task-safe: concurrent tasks each get their own pooled connection. Close it with
@@ -281,9 +282,15 @@ class AsyncClient(ClientBase):
         job_id: str,
         lease: str,
         timeout: float | None = None,  # noqa: ASYNC109 - the new lease length
+        *,
+        progress: float | None = None,
+        progress_note: str | None = None,
     ) -> wire.ExtendReply:
-        """Renew a lease; `.cancelled` in the reply means: stop the task."""
-        return await self._run(_ops.extend, job_id, lease, timeout)
+        """Renew a lease, with the run's progress; `.cancelled` in the reply means:
+        stop the task."""
+        return await self._run(
+            _ops.extend, job_id, lease, timeout, progress, progress_note
+        )
 
     async def release(self, job_id: str, lease: str) -> None:
         """Hand back a leased job not started; the attempt is not counted."""
@@ -326,6 +333,10 @@ class AsyncJob(HandleBase[AsyncClient]):
     async def cancel(self) -> wire.JobState:
         """Cancel the job if unfinished; returns its state after the call."""
         return await self.client.cancel(self.id)
+
+    async def progress(self) -> JobProgress | None:
+        """How far the job has got; see `Job.progress()`."""
+        return await self.client._run(_admin.progress, self.id)
 
     async def result(
         self,

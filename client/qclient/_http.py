@@ -213,7 +213,7 @@ QUEUE_STATS: Final[Decoders[QueueStats]] = Decoders(QueueStats)
 HEALTH: Final[Decoders[Health]] = Decoders(Health)
 WORKER_LIST: Final[Decoders[WorkerList]] = Decoders(WorkerList)
 RESULTS_REPLY: Final[Decoders[ResultsReply]] = Decoders(ResultsReply)
-#: `POST /v1/jobs/{id}/fail` replies {"state": ...}; wire.py has no struct for it.
+#: `POST /v1/jobs/{id}/fail` replies {"state": ...}; qclient.wire has no struct for it.
 STATE_REPLY: Final[Decoders[dict[str, Any]]] = Decoders(dict[str, Any])
 _ERROR_BODY: Final[Decoders[ErrorBody]] = Decoders(ErrorBody)
 

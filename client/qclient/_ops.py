@@ -319,9 +319,17 @@ def fail(
 
 
 def extend(
-    codec: Codec, job_id: str, lease: str, timeout: float | None
+    codec: Codec,
+    job_id: str,
+    lease: str,
+    timeout: float | None,
+    progress: float | None = None,
+    progress_note: str | None = None,
 ) -> Op[ExtendReply]:
-    body = codec.encode(ExtendRequest(lease=lease, timeout=timeout))
+    request = ExtendRequest(
+        lease=lease, timeout=timeout, progress=progress, progress_note=progress_note
+    )
+    body = codec.encode(request)
     response = yield Request(_POST, _job_path(job_id, "/extend"), body)
     return codec.decode(response, EXTEND_REPLY)
 

@@ -50,6 +50,8 @@ class JobOptions(TypedDict, total=False):
             broker's (7 days).
         headers: free-form metadata passed to the worker.
         dedup_key: at most one unfinished job per queue and key.
+        limit_key: a global limit key of the job's own (`customer:42`), besides
+            `queue:<queue>` and `task:<task>` (`Client.set_limit`).
     """
 
     delay: Duration | None
@@ -62,6 +64,7 @@ class JobOptions(TypedDict, total=False):
     result_ttl: Duration | None
     headers: Mapping[str, Any] | None
     dedup_key: str | None
+    limit_key: str | None
 
 
 class SendOptions(JobOptions, total=False):
@@ -157,6 +160,7 @@ def make_spec(
         timeout=_seconds(options.get("timeout")),
         result_ttl=_seconds(options.get("result_ttl")),
         dedup_key=options.get("dedup_key"),
+        limit_key=options.get("limit_key"),
     )
 
 

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, Unpack
 
-from qclient import _ops, wire
+from qclient import _admin, _ops, wire
+from qclient._admin import AdminMethods, JobProgress
 from qclient._client import ClientBase, HandleBase, Operation, advance
 from qclient._job import job_ids
 from qclient._options import LeaseOptions, SendOptions, make_spec, specs_from_items
@@ -25,7 +26,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class Client(ClientBase):
+class Client(ClientBase, AdminMethods):
     """A blocking qbroker client for producers and workers.
 
     Thread-safe: it keeps a pool of keep-alive connections and gives each call its
@@ -342,14 +343,22 @@ class Client(ClientBase):
         return self._run(_ops.fail, job_id, lease, error, traceback, retry_in)
 
     def extend(
-        self, job_id: str, lease: str, timeout: float | None = None
+        self,
+        job_id: str,
+        lease: str,
+        timeout: float | None = None,
+        *,
+        progress: float | None = None,
+        progress_note: str | None = None,
     ) -> wire.ExtendReply:
-        """Renew a lease (heartbeat).
+        """Renew a lease (heartbeat), and say how far the run has got.
 
         Args:
             job_id: the job's id.
             lease: its lease token.
             timeout: new lease seconds from now; default: the lease's own length.
+            progress: 0.0 .. 1.0, shown in the job's record; None: unchanged.
+            progress_note: a short text (up to 1,000 characters) with it.
 
         Returns:
             The new expiry; `.cancelled` True means the job was cancelled: stop it.
@@ -358,7 +367,7 @@ class Client(ClientBase):
             StaleLease: the lease expired or moved on.
             JobNotFound: no such job.
         """
-        return self._run(_ops.extend, job_id, lease, timeout)
+        return self._run(_ops.extend, job_id, lease, timeout, progress, progress_note)
 
     def release(self, job_id: str, lease: str) -> None:
         """Hand back a leased job not started; the attempt is not counted.
@@ -433,6 +442,16 @@ class Job(HandleBase[Client]):
             JobNotFound: no such job.
         """
         return self.client.cancel(self.id)
+
+    def progress(self) -> JobProgress | None:
+        """How far the job has got, as its task last reported it with
+        `current_job().progress(...)` (reaching the broker with the worker's next
+        heartbeat, within about a second); None if it never reported any.
+
+        Raises:
+            JobNotFound: no such job.
+        """
+        return self.client._run(_admin.progress, self.id)
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the job to finish and return its result.

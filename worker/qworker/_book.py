@@ -74,6 +74,7 @@ INLINE_LIMIT = 0.02  #: seconds a run in the lease thread may last before anothe
 IDLE_TICK = 1.0  #: seconds upkeep sleeps at most when nothing is due
 START_POLL = 0.02  #: seconds between looks at whether a time-limited task has started
 PREFETCH_HOLD = 1.0  #: seconds a prefetched job may wait here for a slot
+PROGRESS_EVERY = 1.0  #: seconds: a job's progress goes to the broker at most this often
 
 
 def prefetch_allowance(
@@ -396,8 +397,18 @@ class SlotBook:
         return due
 
     def heartbeats_due(self, now: float) -> list[Execution]:
-        """The running executions whose lease should be extended now."""
-        return [ex for ex in self.running.values() if ex.next_extend <= now]
+        """The running executions whose lease should be extended now: a third of
+        the way through it, or early to carry progress the task reported (at most
+        every PROGRESS_EVERY seconds)."""
+        return [
+            ex
+            for ex in self.running.values()
+            if ex.next_extend <= now
+            or (
+                ex.context.last_progress is not ex.progress_sent
+                and now >= ex.progress_sent_at + PROGRESS_EVERY
+            )
+        ]
 
     @staticmethod
     def extended(ex: Execution, now: float) -> None:

@@ -5,18 +5,19 @@ inside an `async def` task's coroutine), so a task reads it with `current_job()`
 no extra parameter. Outside a run, `current_job()` is None (rq's `get_current_job()`,
 dramatiq's `CurrentMessage`), so a task stays callable as a plain function.
 
-`progress()` is recorded on the context, in the process that runs the task; the worker
-does not send it to the broker yet. `cancelled` turns true when the worker learns the
-run no longer counts (a heartbeat found the job cancelled or its lease lost, its time
-limit or the shutdown grace ran out), so a task that checks it can stop early; the
-worker stops the run its own way too (see docs/worker.md).
+`progress()` is recorded on the context, in the process that runs the task (a pool child
+hands it to its parent through shared memory), and the worker sends the latest with its
+next heartbeat, at most once a second per job. `cancelled` turns true when the worker
+learns the run no longer counts (the job was cancelled, its lease lost, its time limit
+or the shutdown grace ran out), so a task that checks it can stop early; the worker
+stops the run its own way too (see docs/worker.md).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from typing import Any, NamedTuple, TypeVar
 
@@ -29,7 +30,7 @@ __all__ = [
     "set_current",
 ]
 
-MAX_NOTE_CHARS = 1000  #: a progress note longer than this is cut
+MAX_NOTE_CHARS = 1000  #: a progress note longer than this is cut (the wire's limit)
 
 T = TypeVar("T")
 
@@ -55,7 +56,16 @@ class JobContext:
         headers: the job's headers, as sent.
     """
 
-    __slots__ = ("_cancelled", "_progress", "attempt", "headers", "id", "queue", "task")
+    __slots__ = (
+        "_cancelled",
+        "_on_progress",
+        "_progress",
+        "attempt",
+        "headers",
+        "id",
+        "queue",
+        "task",
+    )
 
     def __init__(
         self,
@@ -64,6 +74,7 @@ class JobContext:
         task: str,
         attempt: int,
         headers: Mapping[str, Any],
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> None:
         self.id = id
         self.queue = queue
@@ -72,6 +83,7 @@ class JobContext:
         self.headers = dict(headers)
         self._cancelled = False
         self._progress: Progress | None = None
+        self._on_progress = on_progress
 
     def __repr__(self) -> str:
         return f"<JobContext {self.task} {self.id} attempt={self.attempt}>"
@@ -100,7 +112,14 @@ class JobContext:
         value = float(fraction)
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise ValueError(f"progress fraction must be between 0 and 1, not {value}")
-        self._progress = Progress(value, str(note)[:MAX_NOTE_CHARS], time.time())
+        self.record_progress(Progress(value, str(note)[:MAX_NOTE_CHARS], time.time()))
+
+    def record_progress(self, progress: Progress) -> None:
+        """Keep `progress` as the last one (the worker calls this with what a pool
+        child reported)."""
+        self._progress = progress
+        if self._on_progress is not None:
+            self._on_progress(progress)
 
     @property
     def last_progress(self) -> Progress | None:

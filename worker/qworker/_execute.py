@@ -199,6 +199,8 @@ class Execution:
         "lease_seconds",
         "leased_at",
         "next_extend",
+        "progress_sent",
+        "progress_sent_at",
         "started_at",
         "task",
     )
@@ -219,6 +221,8 @@ class Execution:
             if own < job.timeout:
                 self.next_extend = now
         self.done = False  #: an outcome was taken; later ones are ignored
+        self.progress_sent: object = None  #: the context's Progress last sent
+        self.progress_sent_at = -1e9  #: time.monotonic() it was sent
 
     def run(self, run_async: RunAsync) -> Outcome:
         """Run the task in the calling thread, marking when it began."""

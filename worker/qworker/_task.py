@@ -8,8 +8,8 @@ tasks is all a worker needs to find them.
 Retry policy (the one rule, also in docs/worker.md):
 
 - An exception whose type is in `retry_for` (default: `(Exception,)`, every ordinary
-  exception) retries the job while attempts are left (`attempt <= max_retries`, the
-  job's own and the task's, when it declares one), after
+  exception) and not in `dont_retry_for` retries the job while attempts are left
+  (`attempt <= max_retries`, the job's own and the task's, when it declares one), after
   `backoff(attempt)` seconds. Any other exception fails the job at once.
 - Arguments that do not bind to the function's signature (`InvalidArguments`) and a
   run over its `time_limit` (`TimeLimitExceeded`) would fail the same way again: they
@@ -30,6 +30,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, Unpack, overload
 
+from qclient.rates import Rate, parse_rate
 from qclient.wire import NAME_PATTERN
 
 if TYPE_CHECKING:
@@ -132,6 +133,15 @@ def backoff_delay(
     return delay
 
 
+def _one_of(name: str, value: Any, alias: str, alias_value: Any, default: Any) -> Any:
+    """An option given under our name or Celery's (`alias`), not both."""
+    if value is not None and alias_value is not None:
+        raise ValueError(f"give {name} or {alias} (Celery's name for it), not both")
+    if value is not None:
+        return value
+    return alias_value if alias_value is not None else default
+
+
 class Task(Generic[P, R]):
     """A function the worker can run, with its options. Made by `@task`; do not build by hand.
 
@@ -150,6 +160,10 @@ class Task(Generic[P, R]):
         retry_backoff_max: the largest backoff in seconds.
         retry_jitter: use full jitter on the backoff.
         retry_for: exception types that retry automatically.
+        dont_retry_for: exception types that never retry, though `retry_for` names
+            a base class of theirs.
+        rate_limit: the task's global rate (`qclient.rates.Rate`), or None.
+        concurrency: the most of its jobs active at once across all workers, or None.
         retry_on_timeout: a run over `time_limit` retries (as `retry_for` allows).
         timeout: lease seconds sent with each job (None: the broker's default, 30 s),
             and applied by the worker to a job sent without one.
@@ -166,14 +180,41 @@ class Task(Generic[P, R]):
         name: str | None = None,
         queue: str | None = None,
         max_retries: int | None = None,
-        retry_backoff: bool | float = True,
-        retry_backoff_max: float = DEFAULT_BACKOFF_MAX,
-        retry_jitter: bool = True,
-        retry_for: Sequence[type[BaseException]] = (Exception,),
+        retry_for: Sequence[type[BaseException]] | None = None,
+        dont_retry_for: Sequence[type[BaseException]] | None = None,
+        backoff: bool | float | None = None,
+        backoff_max: float | None = None,
+        jitter: bool | None = None,
         timeout: float | None = None,
         time_limit: float | None = None,
         retry_on_timeout: bool = False,
+        rate_limit: str | None = None,
+        concurrency: int | None = None,
+        autoretry_for: Sequence[type[BaseException]] | None = None,
+        dont_autoretry_for: Sequence[type[BaseException]] | None = None,
+        retry_backoff: bool | float | None = None,
+        retry_backoff_max: float | None = None,
+        retry_jitter: bool | None = None,
     ) -> None:
+        retry_for = _one_of(
+            "retry_for", retry_for, "autoretry_for", autoretry_for, (Exception,)
+        )
+        dont_retry_for = _one_of(
+            "dont_retry_for",
+            dont_retry_for,
+            "dont_autoretry_for",
+            dont_autoretry_for,
+            (),
+        )
+        backoff = _one_of("backoff", backoff, "retry_backoff", retry_backoff, True)
+        backoff_max = _one_of(
+            "backoff_max",
+            backoff_max,
+            "retry_backoff_max",
+            retry_backoff_max,
+            DEFAULT_BACKOFF_MAX,
+        )
+        jitter = _one_of("jitter", jitter, "retry_jitter", retry_jitter, True)
         self.fn = fn
         self.name = name if name is not None else fn.__name__
         self.queue = queue if queue is not None else self.name
@@ -186,14 +227,21 @@ class Task(Generic[P, R]):
             raise ValueError("timeout (lease seconds) must be > 0")
         if time_limit is not None and time_limit <= 0:
             raise ValueError("time_limit must be > 0 seconds")
+        if concurrency is not None and not 1 <= concurrency <= 1_000_000:
+            raise ValueError("concurrency must be between 1 and 1,000,000")
         self.max_retries = max_retries
-        if retry_backoff is True:
+        if backoff is True:
             self.retry_backoff = DEFAULT_BACKOFF_BASE
         else:
-            self.retry_backoff = float(retry_backoff)  # False -> 0.0: retry at once
-        self.retry_backoff_max = float(retry_backoff_max)
-        self.retry_jitter = retry_jitter
+            self.retry_backoff = float(backoff)  # False -> 0.0: retry at once
+        self.retry_backoff_max = float(backoff_max)
+        self.retry_jitter = bool(jitter)
         self.retry_for: tuple[type[BaseException], ...] = tuple(retry_for)
+        self.dont_retry_for: tuple[type[BaseException], ...] = tuple(dont_retry_for)
+        self.rate_limit: Rate | None = (
+            None if rate_limit is None else parse_rate(rate_limit)
+        )
+        self.concurrency = concurrency
         self.timeout = timeout
         self.time_limit = time_limit
         self.retry_on_timeout = retry_on_timeout
@@ -210,13 +258,16 @@ class Task(Generic[P, R]):
         return self.fn(*args, **kwargs)
 
     def should_retry(self, exc: BaseException) -> bool:
-        """True if `exc` asks for a retry: a `Retry`, or an instance of `retry_for`.
+        """True if `exc` asks for a retry: a `Retry`, or an instance of `retry_for`
+        and not of `dont_retry_for`.
 
         `InvalidArguments` and `TimeLimitExceeded` retry only when `retry_for` names
         their class itself (a time limit also with `retry_on_timeout`).
         """
         if isinstance(exc, Retry):
             return True
+        if self.dont_retry_for and isinstance(exc, self.dont_retry_for):
+            return False
         for special in _RETRIED_ONLY_BY_NAME:
             if isinstance(exc, special):
                 asked = special in self.retry_for
@@ -331,13 +382,21 @@ def task(
     name: str | None = None,
     queue: str | None = None,
     max_retries: int | None = None,
-    retry_backoff: bool | float = True,
-    retry_backoff_max: float = DEFAULT_BACKOFF_MAX,
-    retry_jitter: bool = True,
-    retry_for: Sequence[type[BaseException]] = (Exception,),
+    retry_for: Sequence[type[BaseException]] | None = None,
+    dont_retry_for: Sequence[type[BaseException]] | None = None,
+    backoff: bool | float | None = None,
+    backoff_max: float | None = None,
+    jitter: bool | None = None,
     timeout: float | None = None,
     time_limit: float | None = None,
     retry_on_timeout: bool = False,
+    rate_limit: str | None = None,
+    concurrency: int | None = None,
+    autoretry_for: Sequence[type[BaseException]] | None = None,
+    dont_autoretry_for: Sequence[type[BaseException]] | None = None,
+    retry_backoff: bool | float | None = None,
+    retry_backoff_max: float | None = None,
+    retry_jitter: bool | None = None,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
@@ -348,13 +407,21 @@ def task(
     name: str | None = None,
     queue: str | None = None,
     max_retries: int | None = None,
-    retry_backoff: bool | float = True,
-    retry_backoff_max: float = DEFAULT_BACKOFF_MAX,
-    retry_jitter: bool = True,
-    retry_for: Sequence[type[BaseException]] = (Exception,),
+    retry_for: Sequence[type[BaseException]] | None = None,
+    dont_retry_for: Sequence[type[BaseException]] | None = None,
+    backoff: bool | float | None = None,
+    backoff_max: float | None = None,
+    jitter: bool | None = None,
     timeout: float | None = None,
     time_limit: float | None = None,
     retry_on_timeout: bool = False,
+    rate_limit: str | None = None,
+    concurrency: int | None = None,
+    autoretry_for: Sequence[type[BaseException]] | None = None,
+    dont_autoretry_for: Sequence[type[BaseException]] | None = None,
+    retry_backoff: bool | float | None = None,
+    retry_backoff_max: float | None = None,
+    retry_jitter: bool | None = None,
 ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
     """Make a function a task and register it, bare (`@task`) or with options.
 
@@ -366,14 +433,18 @@ def task(
             of this task, however it was sent (`delay()`, `send()`, `qclient.send`);
             default: the job's own, which is the broker's default (3) unless the
             producer set one.
-        retry_backoff: True for exponential backoff from 1 s, a float for another base
-            in seconds, False to retry at once.
-        retry_backoff_max: the largest backoff, seconds; default 600.
-        retry_jitter: full jitter on the backoff; default True.
-        retry_for: exception types that retry automatically; default `(Exception,)`, so
-            every ordinary exception retries while attempts are left. Pass `()` to retry
-            only on `raise Retry(...)`. Arguments that do not fit the function
+        retry_for: exception types that retry automatically (Celery:
+            `autoretry_for`); default `(Exception,)`, so every ordinary exception
+            retries while attempts are left. Pass `()` to retry only on
+            `raise Retry(...)`. Arguments that do not fit the function
             (`InvalidArguments`) and `TimeLimitExceeded` retry only when named here.
+        dont_retry_for: exception types that never retry, even when a base class of
+            theirs is in `retry_for` (Celery: `dont_autoretry_for`).
+        backoff: True for exponential backoff from 1 s, a float for another base in
+            seconds, False to retry at once (Celery: `retry_backoff`).
+        backoff_max: the largest backoff, seconds; default 600 (Celery:
+            `retry_backoff_max`).
+        jitter: full jitter on the backoff; default True (Celery: `retry_jitter`).
         timeout: lease seconds sent with each job by `delay()`/`send()`; the worker
             applies it to a job sent without one (`qclient.send` by name, which gets
             the broker's 30 s); it heartbeats at a third of it, so it bounds how soon
@@ -381,12 +452,19 @@ def task(
         time_limit: hard limit on one run, seconds; over it the run is stopped and fails
             with `TimeLimitExceeded`, not retried unless `retry_on_timeout`.
         retry_on_timeout: retry a run stopped by `time_limit` (while attempts are left).
+        rate_limit: the task's global rate across all workers, Celery's way ("10/s",
+            "100/m", "1000/h"): the broker starts no more of its jobs than that.
+        concurrency: the most of its jobs active at once across all workers.
+            Both are the broker's limit `task:<name>`, set when a worker starts.
+        autoretry_for, dont_autoretry_for, retry_backoff, retry_backoff_max,
+            retry_jitter: Celery's names for the options above; give one name each.
 
     Returns:
         The `Task` (bare use), or a decorator that makes one.
 
     Raises:
-        ValueError: an invalid option, or another task already has this name.
+        ValueError: an invalid option (an unknown rate string, an option given under
+            both names), or another task already has this name.
     """
     from qworker.registry import default_registry
 
@@ -396,13 +474,21 @@ def task(
             name=name,
             queue=queue,
             max_retries=max_retries,
-            retry_backoff=retry_backoff,
-            retry_backoff_max=retry_backoff_max,
-            retry_jitter=retry_jitter,
             retry_for=retry_for,
+            dont_retry_for=dont_retry_for,
+            backoff=backoff,
+            backoff_max=backoff_max,
+            jitter=jitter,
             timeout=timeout,
             time_limit=time_limit,
             retry_on_timeout=retry_on_timeout,
+            rate_limit=rate_limit,
+            concurrency=concurrency,
+            autoretry_for=autoretry_for,
+            dont_autoretry_for=dont_autoretry_for,
+            retry_backoff=retry_backoff,
+            retry_backoff_max=retry_backoff_max,
+            retry_jitter=retry_jitter,
         )
         default_registry.register(t)
         return t

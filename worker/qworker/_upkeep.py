@@ -4,8 +4,9 @@ A shell around the book's `next_due`: it sleeps until the next thing is due (wok
 early through `Core.upkeep_cond` when a new execution is due sooner), then
 
 - extends each lease a third of the way through it (a heartbeat), with the task's own
-  lease length for a job sent without one; a reply saying the job was cancelled, or a
-  stale lease, stops the run and drops its outcome;
+  lease length for a job sent without one, and sooner to carry the progress a task
+  reported (`current_job().progress()`, at most once a second per job); a reply saying
+  the job was cancelled, or a stale lease, stops the run and drops its outcome;
 - fails the runs over their `time_limit` and has the pool stop them;
 - gives back the jobs waiting for a slot when the pool is stalled, or a prefetched one
   has waited PREFETCH_HOLD;
@@ -65,13 +66,22 @@ def take_over_lease(core: Core, start_lease_thread: Callable[[int], None]) -> No
 
 
 def heartbeat(core: Core) -> None:
-    """Extend the leases due for it."""
+    """Extend the leases due for it, with the progress their tasks reported."""
+    core.the_pool.collect_progress()
     with core.lock:
         due = core.book.heartbeats_due(time.monotonic())
     for ex in due:
         job = ex.job
+        progress = ex.context.last_progress
+        fresh = progress is not None and progress is not ex.progress_sent
         try:
-            reply = core.client.extend(job.id, job.lease, ex.extend_with)
+            reply = core.client.extend(
+                job.id,
+                job.lease,
+                ex.extend_with,
+                progress=progress.fraction if fresh and progress else None,
+                progress_note=progress.note if fresh and progress else None,
+            )
         except (StaleLease, JobNotFound) as exc:
             core.abandon(ex, "lost", exc.reason)
             continue
@@ -87,7 +97,10 @@ def heartbeat(core: Core) -> None:
             core.abandon(ex, "cancelled", "cancelled")
         else:
             with core.lock:
-                core.book.extended(ex, time.monotonic())
+                now = time.monotonic()
+                core.book.extended(ex, now)
+                if fresh:
+                    ex.progress_sent, ex.progress_sent_at = progress, now
             core.log.debug("job.extended", job_id=job.id, timeout=ex.lease_seconds)
 
 

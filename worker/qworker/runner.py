@@ -42,10 +42,12 @@ from qclient.wire import NAME_PATTERN
 
 from qworker._beat import BEAT_INTERVAL, Beater
 from qworker._book import PREFETCH_HOLD, SlotBook, prefetch_allowance
+from qworker._control import control_loop
 from qworker._core import Core
 from qworker._django import worker_client
 from qworker._execute import Execution
 from qworker._lease import LeaseLoop
+from qworker._limits import sync_limits
 from qworker._reporter import REPORT_GIVE_UP, report_loop
 from qworker._upkeep import upkeep_loop
 from qworker.periodic import sync_on_start
@@ -186,6 +188,7 @@ class Worker:
         if not self.queues:
             self.queues = self.registry.queues()
         sync_on_start(self.client.url, self._token, self._ca, self.registry, self._log)
+        sync_limits(self.client, self.registry, self._log)
         if not self.queues:
             raise ValueError("no queue to consume: pass queues or register tasks")
         if len(self.queues) > MAX_QUEUES:
@@ -264,6 +267,8 @@ class Worker:
         upkeep = self._spawn(
             lambda: upkeep_loop(core, start_lease_thread), "qworker-upkeep"
         )
+        # not joined at shutdown: its long-poll ends on its own, the thread after it
+        self._spawn(lambda: control_loop(core, self.name), "qworker-control")
         while not self._signals and not self._stop_requested.wait(POLL_TICK):
             pass
         self._shutdown(reporter, upkeep, beater)

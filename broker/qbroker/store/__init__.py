@@ -16,6 +16,7 @@ from qbroker.store.interface import (
     Purged as Purged,
     QueueRow as QueueRow,
     Released as Released,
+    Retried as Retried,
     Settled as Settled,
     Snapshot as Snapshot,
     Store as Store,

@@ -28,19 +28,24 @@ from qclient.wire import (
     AckItem,
     BatchResult,
     FailItem,
+    JobList,
     JobRecord,
     JobSpec,
     JobState,
     KVItem,
     LeasedJob,
     LeaseRequest,
+    LimitRecord,
     QueueStats,
+    RateSpec,
     ReleaseItem,
     ScheduleRecord,
     ScheduleSpec,
     WorkerBeat,
     WorkerInfo,
 )
+
+from qbroker.jobfilter import JobFilter
 
 #: seconds a queue's last_leased_at may lag the last lease request that named it (a
 #: backend need not write it at every lease)
@@ -82,6 +87,9 @@ class Leased(NamedTuple):
     more: bool = False
     #: the jobs a resent request leased before (no transitions: reported back then)
     again: bool = False
+    #: limits held ready jobs back: when a rate next allows a start (unix seconds), or
+    #: math.inf (a concurrency: when a job of its key stops being active); None: none
+    held: float | None = None
 
 
 NOTHING_LEASED = Leased([])
@@ -130,8 +138,15 @@ class Released:
 
 @dataclass(slots=True)
 class Purged:
-    count: int  #: jobs cancelled
-    more: bool  #: the unit stopped at its batch size: call again
+    deleted: int
+    more: bool  #: a full batch: there may be more to delete
+    changes: Changes
+
+
+@dataclass(slots=True)
+class Retried:
+    retried: int
+    next: int | None  #: the `before` of the next window; None: the table's end
     changes: Changes
 
 
@@ -158,7 +173,7 @@ class QueueRow:
     """One row of the queues table."""
 
     name: str
-    paused: bool  #: reserved: no verb pauses a queue yet
+    paused: bool  #: leases skip it (set_paused)
     last_leased_at: float | None  #: when a lease request last named it (None: never)
 
 
@@ -286,9 +301,17 @@ class Store(Protocol):
         ...
 
     def extend(
-        self, job_id: str, lease: str, *, lease_seconds: float | None, now: float
+        self,
+        job_id: str,
+        lease: str,
+        *,
+        lease_seconds: float | None,
+        now: float,
+        progress: float | None = None,
+        progress_note: str | None = None,
     ) -> Awaitable[Extended]:
-        """Renew a lease from now. A cancelled job answers `cancelled`.
+        """Renew a lease from now, keeping the run's progress when given. A cancelled
+        job answers `cancelled`.
 
         Raises:
             errors.StaleLease, errors.JobNotFound
@@ -307,11 +330,6 @@ class Store(Protocol):
         self, items: Sequence[ReleaseItem], *, now: float
     ) -> Awaitable[Released]:
         """Release each item on its own; a stale item fails only itself."""
-        ...
-
-    def purge(self, queue: str, *, now: float) -> Awaitable[Purged]:
-        """Cancel a batch of the queue's waiting (queued, scheduled) jobs, as `cancel`
-        does each; leased ones are left. Call again until it cancels none."""
         ...
 
     # ------------------------------------------------------------ key-value store
@@ -413,8 +431,10 @@ class Store(Protocol):
 
     # ------------------------------------------------------------ reads
 
-    def get_job(self, job_id: str) -> Awaitable[JobRecord]:
-        """Raises: errors.JobNotFound."""
+    def get_job(self, job_id: str, *, now: float | None = None) -> Awaitable[JobRecord]:
+        """With `now`, a queued job's record says what it waits on (`waiting_on`).
+
+        Raises: errors.JobNotFound."""
         ...
 
     def get_jobs(self, job_ids: Sequence[str]) -> Awaitable[dict[str, JobRecord]]:
@@ -457,6 +477,71 @@ class Store(Protocol):
         ...
 
     def snapshot(self) -> Awaitable[Snapshot]: ...
+
+    # ------------------------------------------------------------ job control
+
+    def set_paused(self, queue: str, paused: bool, *, now: float) -> Awaitable[None]:
+        """Pause or resume a queue (its row is made if new). A paused queue leases
+        nothing; `lease` skips it."""
+        ...
+
+    def purge(
+        self, queue: str, states: Sequence[JobState], *, now: float
+    ) -> Awaitable[Purged]:
+        """Delete a batch of the queue's jobs in `states` (never `active`)."""
+        ...
+
+    def put_limit(
+        self,
+        key: str,
+        *,
+        concurrency: int | None,
+        rate: RateSpec | None,
+        now: float,
+    ) -> Awaitable[LimitRecord]:
+        """Create or replace the limit of `key`; its rate's state is kept when the
+        rate is unchanged."""
+        ...
+
+    def delete_limit(self, key: str, *, now: float) -> Awaitable[None]:
+        """Raises: errors.LimitNotFound."""
+        ...
+
+    def limits(self, *, now: float) -> Awaitable[list[LimitRecord]]:
+        """Every limit, by key, with the key's active jobs now."""
+        ...
+
+    def retry_job(self, job_id: str, *, now: float) -> Awaitable[Changes]:
+        """Put a dead, failed, expired or cancelled job back to queued, its history
+        kept.
+
+        Raises:
+            errors.JobNotFound, errors.InvalidState, errors.DuplicateDedupKey
+        """
+        ...
+
+    def retry_jobs(self, where: JobFilter, *, now: float) -> Awaitable[Retried]:
+        """`retry_job` on the jobs `where` matches, within one window of the table
+        below `where.before` (jobfilter.SCAN_LIMIT rows); `Retried.next` says where
+        the next call goes on."""
+        ...
+
+    def delete_job(self, job_id: str, *, now: float) -> Awaitable[Changes]:
+        """Delete a finished job.
+
+        Raises:
+            errors.JobNotFound, errors.InvalidState
+        """
+        ...
+
+    def list_jobs(self, where: JobFilter, *, now: float) -> Awaitable[JobList]:
+        """A page of the jobs `where` matches, newest first, from one window of the
+        table (jobfilter.SCAN_LIMIT rows) below `where.before`."""
+        ...
+
+    def cancelled_among(self, job_ids: Sequence[str]) -> Awaitable[list[str]]:
+        """Those of `job_ids` that are cancelled."""
+        ...
 
     # ------------------------------------------------------------ lifecycle
 

@@ -41,7 +41,7 @@ from kombu.transport import TRANSPORT_ALIASES, virtual
 from qclient import Client, JobNotFound, LeasedJob, ProtocolError, StaleLease
 from qclient._errors import BrokerError
 from qclient.celery._rest import Rest, queue_path
-from qclient.wire import NAME_PATTERN, CountReply, ReleaseItem
+from qclient.wire import NAME_PATTERN, PurgeReply, ReleaseItem
 
 __all__ = ["Channel", "Transport"]
 
@@ -307,7 +307,7 @@ class Channel(virtual.Channel):
     def _purge(self, queue: str) -> int:
         path = f"/v1/queues/{queue_path(queue)}/purge"
         rest: Rest = self.connection.rest
-        return rest.post(path, None, CountReply).count
+        return rest.post(path, None, PurgeReply).deleted
 
     def _lookup(
         self, exchange: str, routing_key: str, default: str | None = None

@@ -33,6 +33,10 @@ class Pool(Protocol):
             True if it was running here and has been stopped or abandoned.
         """
 
+    def collect_progress(self) -> None:
+        """Bring the progress tasks reported elsewhere (a child process) onto their
+        executions' contexts."""
+
     def drain(self) -> list[Execution]:
         """Take back every execution submitted but not yet started."""
 

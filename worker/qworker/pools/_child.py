@@ -19,8 +19,9 @@ from typing import Any
 
 import msgspec
 
-from qworker._context import JobContext
+from qworker._context import JobContext, Progress
 from qworker._execute import Outcome, describe, execute, failure
+from qworker.pools._progress import ProgressArea
 from qworker.registry import NotRegistered, default_registry, import_modules
 
 __all__ = ["READY", "Call", "call_encoder", "child_main", "outcome_decoder"]
@@ -60,13 +61,15 @@ def child_main(
     modules: list[str],
     path: list[str],
     progress: Any,
+    area: ProgressArea,
 ) -> None:
     """A pool child: import the task modules, then run calls from `conn` until EOF.
 
     Each message is a run of calls, done in order; the reply is their outcomes, in one
     message once the last is done. `progress` (shared memory, a `RawValue("i")`) counts
     the calls of the current run begun so far: if the child dies mid-run, the parent
-    learns from it which call it died in."""
+    learns from it which call it died in. A task's `current_job().progress()` goes
+    to `area`, for the parent to send with its heartbeats."""
     # The parent decides when children stop: a Ctrl-C to the process group, or a
     # SIGTERM to the whole cgroup (systemd), must not kill a task mid-way. Caught, not
     # ignored: an ignored signal stays ignored in every program a task starts (its
@@ -93,9 +96,9 @@ def child_main(
         progress.value = 0
         running.begin()
         outcomes = []
-        for call in _call_decoder.decode(data):
+        for index, call in enumerate(_call_decoder.decode(data)):
             progress.value += 1
-            outcomes.append(_run_call(call))
+            outcomes.append(_run_call(call, area, running.number, index))
         try:
             reply = call_encoder.encode(outcomes)
         except (TypeError, ValueError, OverflowError):
@@ -107,12 +110,18 @@ def child_main(
             return  # the parent is gone (SIGKILLed while this task ran)
 
 
-def _run_call(call: Call) -> Outcome:
+def _run_call(call: Call, area: ProgressArea, run: int, index: int) -> Outcome:
     try:
         t = default_registry.get(call.task)
     except NotRegistered as exc:
         return failure(exc, retry=False, with_traceback=False)
-    context = JobContext(call.id, call.queue, call.task, call.attempt, call.headers)
+
+    def on_progress(p: Progress) -> None:
+        area.write(run, index, p)
+
+    context = JobContext(
+        call.id, call.queue, call.task, call.attempt, call.headers, on_progress
+    )
     return execute(t, call.args, call.kwargs, asyncio.run, context)
 
 

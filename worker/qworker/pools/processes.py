@@ -30,6 +30,7 @@ import structlog
 from qworker._execute import Execution, Outcome, describe, failure, moving_mean
 from qworker.pools._base import OnDone, PoolStartError, WorkerLost, take_all
 from qworker.pools._child import READY, Call, call_encoder, child_main, outcome_decoder
+from qworker.pools._progress import ProgressArea
 
 __all__ = ["CHILD_START_TIMEOUT", "RESPAWN_BACKOFF_MAX", "RUN_MAX", "ProcessPool"]
 
@@ -53,6 +54,9 @@ class _ProcessSlot:
         self.killing = False  #: stop_execution killed the child on purpose
         #: calls of the child's current run begun so far (the child writes it)
         self.progress = pool.ctx.RawValue("i", 0)
+        #: what the child's tasks report through `current_job().progress()`
+        self.area = ProgressArea(pool.ctx)
+        self.runs = 0  #: runs of calls sent to the current child (the child counts too)
         self.proc: multiprocessing.process.BaseProcess | None = None
         self.conn: multiprocessing.connection.Connection | None = None
         #: watches the child's pipe and its sentinel (readable once it has exited);
@@ -72,7 +76,13 @@ class _ProcessSlot:
         # typeshed: BaseContext has no Process; each concrete context has one
         proc = pool.ctx.Process(  # type: ignore[attr-defined]
             target=child_main,
-            args=(child_conn, list(pool.modules), list(sys.path), self.progress),
+            args=(
+                child_conn,
+                list(pool.modules),
+                list(sys.path),
+                self.progress,
+                self.area,
+            ),
             name=f"qworker-child-{self.index}",
         )
         try:
@@ -105,6 +115,7 @@ class _ProcessSlot:
         watch.register(proc.sentinel, selectors.EVENT_READ, _EXITED)
         with pool.lock:
             self.proc, self.conn, self.tasks_run = proc, parent_conn, 0
+            self.runs = 0
             self.watch, self.killing = watch, False
         log.debug("pool.child_started", slot=self.index, pid=proc.pid)
         return True
@@ -247,6 +258,7 @@ class _ProcessSlot:
                 log.debug("pool.run", slot=self.index, jobs=len(run))
             with pool.lock:
                 self.current = run
+                self.runs += 1
             started = time.monotonic()
             for ex in run:
                 ex.started_at = started
@@ -349,6 +361,17 @@ class ProcessPool:
                     slot.proc.kill()
                     return True
         return False
+
+    def collect_progress(self) -> None:
+        """Hand what the children's tasks reported to their executions' contexts."""
+        with self.lock:
+            for slot in self._slots:
+                got = slot.area.take()
+                if got is None:
+                    continue
+                run, index, progress = got
+                if run == slot.runs and index < len(slot.current):
+                    slot.current[index].context.record_progress(progress)
 
     def drain(self) -> list[Execution]:
         held: list[Execution] = []

@@ -149,6 +149,9 @@ class ThreadPool:
         )
         return True
 
+    def collect_progress(self) -> None:
+        pass  # a task's progress is on its execution's context already
+
     def drain(self) -> list[Execution]:
         return take_all(self.queue)
 

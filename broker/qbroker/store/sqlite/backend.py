@@ -18,11 +18,15 @@ import trio
 from qclient.wire import (
     AckItem,
     FailItem,
+    JobList,
     JobRecord,
     JobSpec,
+    JobState,
     KVItem,
     LeaseRequest,
+    LimitRecord,
     QueueStats,
+    RateSpec,
     ReleaseItem,
     ScheduleRecord,
     ScheduleSpec,
@@ -32,6 +36,7 @@ from qclient.wire import (
 
 from qbroker import errors
 from qbroker.config import CHECKPOINT_INTERVAL
+from qbroker.jobfilter import JobFilter
 from qbroker.store.interface import (
     Cancelled,
     Changes,
@@ -42,6 +47,7 @@ from qbroker.store.interface import (
     Fired,
     Purged,
     Released,
+    Retried,
     Settled,
     Snapshot,
     Swept,
@@ -211,9 +217,24 @@ class SQLiteStore:
         )
 
     def extend(
-        self, job_id: str, lease: str, *, lease_seconds: float | None, now: float
+        self,
+        job_id: str,
+        lease: str,
+        *,
+        lease_seconds: float | None,
+        now: float,
+        progress: float | None = None,
+        progress_note: str | None = None,
     ) -> Awaitable[Extended]:
-        return self._write(self._writes.extend, job_id, lease, lease_seconds, now)
+        return self._write(
+            self._writes.extend,
+            job_id,
+            lease,
+            lease_seconds,
+            now,
+            progress,
+            progress_note,
+        )
 
     def release(self, job_id: str, lease: str, *, now: float) -> Awaitable[Changes]:
         return self._write(self._writes.release, job_id, lease, now)
@@ -222,9 +243,6 @@ class SQLiteStore:
         self, items: Sequence[ReleaseItem], *, now: float
     ) -> Awaitable[Released]:
         return self._write(self._writes.release_many, items, now)
-
-    def purge(self, queue: str, *, now: float) -> Awaitable[Purged]:
-        return self._write(kv.purge, self._writes.conn, queue, now)
 
     def kv_set(
         self, key: str, value: Any, ttl: float | None, *, now: float
@@ -281,8 +299,8 @@ class SQLiteStore:
 
     # ------------------------------------------------------------ reads
 
-    def get_job(self, job_id: str) -> Awaitable[JobRecord]:
-        return self._reads.call(self._reader.get_job, job_id)
+    def get_job(self, job_id: str, *, now: float | None = None) -> Awaitable[JobRecord]:
+        return self._reads.call(self._reader.get_job, job_id, now)
 
     def get_jobs(self, job_ids: Sequence[str]) -> Awaitable[dict[str, JobRecord]]:
         return self._reads.call(self._reader.get_jobs, job_ids)
@@ -316,3 +334,44 @@ class SQLiteStore:
 
     def snapshot(self) -> Awaitable[Snapshot]:
         return self._reads.call(self._reader.snapshot)
+
+    # ------------------------------------------------------------ job control
+
+    def set_paused(self, queue: str, paused: bool, *, now: float) -> Awaitable[None]:
+        return self._write(self._writes.set_paused, queue, paused, now)
+
+    def purge(
+        self, queue: str, states: Sequence[JobState], *, now: float
+    ) -> Awaitable[Purged]:
+        return self._write(self._writes.purge, queue, states, now)
+
+    def put_limit(
+        self,
+        key: str,
+        *,
+        concurrency: int | None,
+        rate: RateSpec | None,
+        now: float,
+    ) -> Awaitable[LimitRecord]:
+        return self._write(self._writes.put_limit, key, concurrency, rate, now)
+
+    def delete_limit(self, key: str, *, now: float) -> Awaitable[None]:
+        return self._write(self._writes.delete_limit, key, now)
+
+    def limits(self, *, now: float) -> Awaitable[list[LimitRecord]]:
+        return self._reads.call(self._reader.limits, now)
+
+    def retry_job(self, job_id: str, *, now: float) -> Awaitable[Changes]:
+        return self._write(self._writes.retry_job, job_id, now)
+
+    def retry_jobs(self, where: JobFilter, *, now: float) -> Awaitable[Retried]:
+        return self._write(self._writes.retry_jobs, where, now)
+
+    def delete_job(self, job_id: str, *, now: float) -> Awaitable[Changes]:
+        return self._write(self._writes.delete_job, job_id, now)
+
+    def list_jobs(self, where: JobFilter, *, now: float) -> Awaitable[JobList]:
+        return self._reads.call(self._reader.list_jobs, where, now)
+
+    def cancelled_among(self, job_ids: Sequence[str]) -> Awaitable[list[str]]:
+        return self._reads.call(self._reader.cancelled_among, job_ids)

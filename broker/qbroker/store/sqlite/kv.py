@@ -1,4 +1,4 @@
-"""The key-value store's statements (`/v1/kv/*`), and a queue purge.
+"""The key-value store's statements (`/v1/kv/*`).
 
 Each function is one unit: the writes run on the writer thread inside its SAVEPOINT
 (writer.py), `get` on a reader's connection; `now` is a parameter; only errors.py
@@ -15,22 +15,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-from qclient.wire import JobState, KVItem
+from qclient.wire import KVItem
 
 from qbroker import errors
-from qbroker.store.interface import Changes, Purged
 from qbroker.store.sqlite.schema import translate_errors
 
 EXPIRED_PER_WRITE = 16  #: expired keys each write drops (more than one: they catch up)
-PURGE_BATCH = 10_000  #: jobs one purge unit cancels at most (kvapi repeats it)
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
-_WAITING = {"queued": JobState.QUEUED, "scheduled": JobState.SCHEDULED}
-_WAITING_SQL = (
-    "FROM jobs WHERE queue = ? AND state IN ('queued', 'scheduled')"
-    " ORDER BY seq LIMIT ?"
-)
 
 
 def _pack(value: Any) -> bytes:
@@ -132,23 +125,3 @@ def get(conn: sqlite3.Connection, keys: Sequence[str], now: float) -> list[KVIte
         ).fetchall()
     found = {k: KVItem(key=k, value=_decode(v), version=n) for k, v, n in rows}
     return [found.get(k) or KVItem(key=k) for k in keys]
-
-
-def purge(conn: sqlite3.Connection, queue: str, now: float) -> Purged:
-    """Cancel up to PURGE_BATCH of a queue's waiting jobs (queued or scheduled), as
-    `cancel` does; leased ones are left to their workers."""
-    with translate_errors():
-        # the same rows twice: one query, in one unit of the one writer
-        rows = conn.execute(
-            f"SELECT id, state {_WAITING_SQL}", (queue, PURGE_BATCH)
-        ).fetchall()
-        if rows:
-            conn.execute(
-                "UPDATE jobs SET state = 'cancelled', finished_at = ?,"
-                f" purge_at = ? + result_ttl WHERE seq IN (SELECT seq {_WAITING_SQL})",
-                (now, now, queue, PURGE_BATCH),
-            )
-    changes = Changes(
-        transitions=[(i, queue, _WAITING[s], JobState.CANCELLED) for i, s in rows]
-    )
-    return Purged(count=len(rows), more=len(rows) >= PURGE_BATCH, changes=changes)

@@ -13,18 +13,22 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import msgspec
 from qclient.wire import (
     FINAL_STATES,
+    JobList,
     JobRecord,
     JobState,
     KVItem,
+    LimitRecord,
     QueueStats,
     WorkerInfo,
 )
 
 from qbroker import errors
+from qbroker.jobfilter import JobFilter
 from qbroker.store.interface import JobRow, QueueRow, Snapshot
-from qbroker.store.sqlite import kv, workers
+from qbroker.store.sqlite import kv, search, workers
 from qbroker.store.sqlite.rows import RECORD_COLUMNS, record
 from qbroker.store.sqlite.schema import connect, translate_errors
 
@@ -85,15 +89,24 @@ class Reader:
                 conn.close()
             self._all.clear()
 
-    def get_job(self, job_id: str) -> JobRecord:
-        """Raises: errors.JobNotFound."""
+    def get_job(self, job_id: str, now: float | None = None) -> JobRecord:
+        """With `now`, a queued job says what it waits on (`waiting_on`).
+
+        Raises: errors.JobNotFound."""
         with translate_errors(), self._conn() as conn:
+            if now is not None:
+                conn.execute("BEGIN")
             row = conn.execute(
                 f"SELECT {RECORD_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
-        if row is None:
-            raise errors.JobNotFound(f"no job {job_id}")
-        return record(row)
+            if row is None:
+                raise errors.JobNotFound(f"no job {job_id}")
+            job = record(row)
+            if now is not None and job.state is JobState.QUEUED:
+                why = search.waiting_on(conn, job, now)
+                if why is not None:
+                    job = msgspec.structs.replace(job, waiting_on=why)
+        return job
 
     def get_jobs(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
         """The records of those of `job_ids` that exist, by id."""
@@ -181,6 +194,20 @@ class Reader:
             ]
         return Snapshot(jobs, queues)
 
+    def list_jobs(self, where: JobFilter, now: float) -> JobList:
+        with translate_errors(), self._conn() as conn:
+            conn.execute("BEGIN")
+            return search.list_jobs(conn, where, now)
+
+    def limits(self, now: float) -> list[LimitRecord]:
+        with translate_errors(), self._conn() as conn:
+            conn.execute("BEGIN")
+            return search.limits(conn, now)
+
+    def cancelled_among(self, job_ids: Sequence[str]) -> list[str]:
+        with translate_errors(), self._conn() as conn:
+            return search.cancelled_among(conn, job_ids)
+
     def checkpoint(self) -> int:
         """Copy committed WAL pages into the database file without blocking the writer
         (https://sqlite.org/c3ref/wal_checkpoint_v2.html, PASSIVE).
@@ -210,11 +237,12 @@ def _stats(conn: sqlite3.Connection, queue: str, now: float) -> QueueStats:
         counts[state] = n
     oldest = conn.execute(_OLDEST_READY_SQL, (queue,)).fetchone()[0]
     row = conn.execute(
-        "SELECT last_leased_at FROM queues WHERE name = ?", (queue,)
+        "SELECT last_leased_at, paused FROM queues WHERE name = ?", (queue,)
     ).fetchone()
     return QueueStats(
         queue=queue,
         counts=counts,
         oldest_age=None if oldest is None else max(0.0, now - oldest),
         last_leased_at=None if row is None else row[0],
+        paused=row is not None and bool(row[1]),
     )

@@ -26,7 +26,12 @@ from qclient.wire import (
 
 from qbroker import errors
 from qbroker.store.interface import Changes, Extended, Failed, Released
-from qbroker.store.sqlite.rows import RECORD_COLUMNS, pack, record
+from qbroker.store.sqlite.rows import (
+    RECORD_COLUMNS,
+    append_error_sql,
+    pack,
+    record,
+)
 from qbroker.store.sqlite.schema import translate_errors
 
 log = structlog.get_logger("qbroker.store")
@@ -38,6 +43,7 @@ _ACKED = ("succeeded",)
 _FAILED_TO = ("scheduled", "queued", "failed")
 _RELEASED = ("queued",)
 ACK_CHUNK = 1000  #: acks per UPDATE statement (3 bound parameters each)
+_APPEND_ERROR = append_error_sql("?3", "?2")
 
 
 class Reports:
@@ -161,14 +167,15 @@ class Reports:
         with translate_errors():
             row = self.conn.execute(
                 "UPDATE jobs SET"
-                " state = CASE WHEN ?1 >= 0 AND attempts <= max_retries"
+                " state = CASE WHEN ?1 >= 0 AND attempts - attempt_base <= max_retries"
                 "   THEN 'scheduled' ELSE 'failed' END,"
                 " available_at = CASE WHEN ?1 >= 0 THEN ?2 + ?1 ELSE available_at END,"
-                " finished_at = CASE WHEN ?1 >= 0 AND attempts <= max_retries"
-                "   THEN NULL ELSE ?2 END,"
-                " purge_at = CASE WHEN ?1 >= 0 AND attempts <= max_retries"
-                "   THEN NULL ELSE ?2 + result_ttl END,"
-                " error = ?3, traceback = ?4, lease_expires_at = NULL"
+                " finished_at = CASE WHEN ?1 >= 0 AND attempts - attempt_base"
+                "   <= max_retries THEN NULL ELSE ?2 END,"
+                " purge_at = CASE WHEN ?1 >= 0 AND attempts - attempt_base"
+                "   <= max_retries THEN NULL ELSE ?2 + result_ttl END,"
+                f" error = ?3, errors = {_APPEND_ERROR},"
+                " traceback = ?4, lease_expires_at = NULL"
                 " WHERE id = ?5 AND lease = ?6 AND state = 'active'"
                 " AND lease_expires_at > ?2 RETURNING queue, state, available_at",
                 (retry, now, error, traceback, job_id, lease),
@@ -271,10 +278,17 @@ class Reports:
         return out
 
     def extend(
-        self, job_id: str, lease: str, lease_seconds: float | None, now: float
+        self,
+        job_id: str,
+        lease: str,
+        lease_seconds: float | None,
+        now: float,
+        progress: float | None = None,
+        progress_note: str | None = None,
     ) -> Extended:
-        """Renew a lease from now (beanstalkd `touch`). A cancelled job keeps its
-        lease token so its worker can learn of the cancel here.
+        """Renew a lease from now (beanstalkd `touch`), and keep the run's progress
+        when given. A cancelled job keeps its lease token so its worker can learn of
+        the cancel here.
 
         Raises:
             errors.StaleLease, errors.JobNotFound
@@ -282,10 +296,12 @@ class Reports:
         with translate_errors():
             row = self.conn.execute(
                 "UPDATE jobs SET lease_seconds = coalesce(?1, lease_seconds),"
-                " lease_expires_at = ?2 + coalesce(?1, lease_seconds)"
+                " lease_expires_at = ?2 + coalesce(?1, lease_seconds),"
+                " progress = coalesce(?5, progress),"
+                " progress_note = coalesce(?6, progress_note)"
                 " WHERE id = ?3 AND lease = ?4 AND state = 'active'"
                 " AND lease_expires_at > ?2 RETURNING lease_expires_at",
-                (lease_seconds, now, job_id, lease),
+                (lease_seconds, now, job_id, lease, progress, progress_note),
             ).fetchone()
             if row is not None:
                 expires = float(row[0])

@@ -7,7 +7,15 @@ import sqlite3
 from typing import Any
 
 import msgspec
-from qclient.wire import JobRecord, JobSpec, JobState, LeasedJob
+from qclient.wire import (
+    MAX_ATTEMPT_ERROR,
+    MAX_ATTEMPT_ERRORS,
+    AttemptError,
+    JobRecord,
+    JobSpec,
+    JobState,
+    LeasedJob,
+)
 
 from qbroker import errors
 
@@ -16,6 +24,8 @@ decode = msgspec.msgpack.Decoder().decode
 _decode_payload = msgspec.msgpack.Decoder(
     tuple[list[Any], dict[str, Any], dict[str, Any]]
 ).decode
+decode_payload = _decode_payload
+_decode_errors = msgspec.json.Decoder(list[tuple[int, str, float]]).decode
 
 
 def pack(value: Any, name: str) -> bytes:
@@ -49,8 +59,23 @@ def pack_payload(spec: JobSpec) -> bytes:
 RECORD_COLUMNS = (
     "id, queue, task, state, attempts, max_retries, priority, payload, result, error, "
     "traceback, timeout, created_at, available_at, started_at, finished_at, expires_at, "
-    "worker, dedup_key"
+    "worker, dedup_key, limit_key, progress, progress_note, errors"
 )
+#: the SQL that appends the failed attempt's error to `errors` (a JSON array of
+#: [attempt, error, at]), keeping the first and the latest when it is full; its
+#: parameters: ?E the error text, ?N now
+APPEND_ERROR_SQL = (
+    "json_insert(CASE WHEN json_array_length(coalesce(errors, '[]')) >= {max}"
+    " THEN json_remove(errors, '$[1]') ELSE coalesce(errors, '[]') END, '$[#]',"
+    " json_array(attempts - attempt_base, substr({error}, 1, {chars}), {now}))"
+)
+
+
+def append_error_sql(error: str, now: str) -> str:
+    """APPEND_ERROR_SQL with its parameters named (`?3`, `?2`, ...)."""
+    return APPEND_ERROR_SQL.format(
+        max=MAX_ATTEMPT_ERRORS, chars=MAX_ATTEMPT_ERROR, error=error, now=now
+    )
 
 
 def record(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
@@ -58,7 +83,7 @@ def record(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
     (
         id_, queue, task, state, attempts, max_retries, priority, payload, result, error,
         traceback, timeout, created_at, available_at, started_at, finished_at, expires_at,
-        worker, dedup_key,
+        worker, dedup_key, limit_key, progress, progress_note, errors_json,
     ) = row  # fmt: skip
     args, kwargs, headers = _decode_payload(payload)
     return JobRecord(
@@ -83,13 +108,23 @@ def record(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
         expires_at=expires_at,
         worker=worker,
         dedup_key=dedup_key,
+        limit_key=limit_key,
+        progress=progress,
+        progress_note=progress_note,
+        errors=[]
+        if errors_json is None
+        else [
+            AttemptError(attempt=a, error=e, at=t)
+            for a, e, t in _decode_errors(errors_json)
+        ],
     )
 
 
-#: a leased job's columns, as `leased_job` reads them
+#: a leased job's columns, as `leased_job` reads them: the attempt counts from the
+#: job's last retry by hand (attempt_base)
 LEASED_COLUMNS = (
-    "priority, available_at, seq, id, task, payload, lease, attempts, max_retries,"
-    " lease_seconds, lease_expires_at"
+    "priority, available_at, seq, id, task, payload, lease, attempts - attempt_base,"
+    " max_retries, lease_seconds, lease_expires_at"
 )
 
 

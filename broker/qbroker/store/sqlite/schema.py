@@ -120,8 +120,29 @@ CREATE TABLE IF NOT EXISTS schedules (
 CREATE INDEX IF NOT EXISTS schedules_due ON schedules(next_run_at) WHERE paused = 0;
 """
 
+# Job control (issue 25): a job's own limit key, its progress, every attempt's error,
+# and the attempts before its last manual retry; the global limits.
+_CONTROL = """
+ALTER TABLE jobs ADD COLUMN limit_key TEXT;      -- a limit key of its own (customer:42)
+ALTER TABLE jobs ADD COLUMN progress REAL;       -- 0 .. 1, as the task last reported it
+ALTER TABLE jobs ADD COLUMN progress_note TEXT;
+ALTER TABLE jobs ADD COLUMN errors TEXT;         -- JSON [[attempt, error, at], ...]
+-- attempts made before its last retry by hand: its attempt number counts from there
+ALTER TABLE jobs ADD COLUMN attempt_base INTEGER NOT NULL DEFAULT 0;
+-- one row per limit key (queue:Q, task:T, or a jobs' limit_key)
+CREATE TABLE IF NOT EXISTS limits (
+    key         TEXT PRIMARY KEY,
+    concurrency INTEGER,   -- jobs of the key active at once, or NULL
+    rate_limit  INTEGER,   -- starts per rate_per seconds, or NULL
+    rate_per    REAL,
+    rate_burst  INTEGER,
+    tat         REAL,      -- GCRA theoretical arrival time (gcra.py), NULL: never
+    updated_at  REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
 #: MIGRATIONS[v]: the statements that take a file from schema v to v + 1
-MIGRATIONS = (_JOBS, _QUEUES, _KV, _SCHEDULES, workers.SCHEMA)
+MIGRATIONS = (_JOBS, _QUEUES, _KV, _SCHEDULES, workers.SCHEMA, _CONTROL)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 WRITER_CACHE_KIB = 8192  #: KiB of page cache for the write connection

@@ -13,11 +13,17 @@ import sqlite3
 from qclient.wire import JobState
 
 from qbroker.store.interface import Changes, Swept
+from qbroker.store.sqlite.rows import append_error_sql
 from qbroker.store.sqlite.schema import translate_errors
 
 SWEEP_BATCH = 10_000  #: rows one sweep changes at most in each of its steps
 _SCHEDULED, _QUEUED, _ACTIVE = JobState.SCHEDULED, JobState.QUEUED, JobState.ACTIVE
 _DEAD, _EXPIRED = JobState.DEAD, JobState.EXPIRED
+_EXPIRED_ERROR = (
+    "'LeaseExpired: the lease ran out before an ack (attempt '"
+    " || (attempts - attempt_base) || ' of ' || (max_retries + 1) || ')'"
+)
+_APPEND_EXPIRED = append_error_sql(_EXPIRED_ERROR, "?1")
 
 
 def sweep(conn: sqlite3.Connection, now: float) -> Swept:
@@ -34,11 +40,13 @@ def sweep(conn: sqlite3.Connection, now: float) -> Swept:
             made.append((job_id, queue, _SCHEDULED, _QUEUED))
         for job_id, queue, state in conn.execute(
             "UPDATE jobs SET"
-            " state = CASE WHEN attempts > max_retries THEN 'dead' ELSE 'queued' END,"
-            " finished_at = CASE WHEN attempts > max_retries THEN ?1 ELSE NULL END,"
-            " purge_at = CASE WHEN attempts > max_retries THEN ?1 + result_ttl END,"
-            " error = 'LeaseExpired: the lease ran out before an ack (attempt '"
-            "   || attempts || ' of ' || (max_retries + 1) || ')',"
+            " state = CASE WHEN attempts - attempt_base > max_retries"
+            "   THEN 'dead' ELSE 'queued' END,"
+            " finished_at = CASE WHEN attempts - attempt_base > max_retries"
+            "   THEN ?1 ELSE NULL END,"
+            " purge_at = CASE WHEN attempts - attempt_base > max_retries"
+            "   THEN ?1 + result_ttl END,"
+            f" error = {_EXPIRED_ERROR}, errors = {_APPEND_EXPIRED},"
             " lease = NULL, lease_expires_at = NULL"
             " WHERE seq IN (SELECT seq FROM jobs"
             "   WHERE state = 'active' AND lease_expires_at <= ?1 LIMIT ?2)"

@@ -43,6 +43,7 @@ from qbroker.store.interface import (
     Leased,
     Settled,
 )
+from qbroker.store.sqlite.control import Control
 from qbroker.store.sqlite.reports import Reports
 from qbroker.store.sqlite.rows import LEASED_COLUMNS, leased_job, pack_payload
 from qbroker.store.sqlite.schema import translate_error, translate_errors
@@ -52,7 +53,7 @@ _CANCELLED = JobState.CANCELLED
 
 _INSERT_COLUMNS = (
     "id, queue, task, state, priority, payload, max_retries, timeout, result_ttl,"
-    " dedup_key, created_at, available_at, expires_at"
+    " dedup_key, created_at, available_at, expires_at, limit_key"
 )
 _ROW_PARAMS = _INSERT_COLUMNS.count(",") + 1
 #: rows per INSERT statement: a batch is split into these sizes (100 = 64 + 32 + 4), so
@@ -90,11 +91,12 @@ def _refuse_repeats(specs: Sequence[JobSpec], ids: list[str]) -> None:
                 )
 
 
-class Writes(Reports):
+class Writes(Reports, Control):
     """The write connection's statements; see the module charter."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
-        super().__init__(conn)
+        Reports.__init__(self, conn)
+        Control.__init__(self)
         #: queues whose row is known to exist, and when this process last wrote each
         #: one's last_leased_at: both spare a statement per request. Only what a commit
         #: made durable may be here, so the writer calls `rolled_back` after any rollback.
@@ -105,6 +107,7 @@ class Writes(Reports):
         """Forget what may not have been committed (see __init__)."""
         self._known.clear()
         self._leased_at.clear()
+        self.forget_control()
 
     # ------------------------------------------------------------ units
 
@@ -206,6 +209,7 @@ class Writes(Reports):
                 now,
                 available,
                 expires_at,
+                spec.limit_key,
             )
             ids.append(job_id)
             made.append((job_id, queue, None, state))
@@ -280,6 +284,7 @@ class Writes(Reports):
             again = self.leased_by(request.request_id, queues, now=now)
             if again:
                 return Leased(again, again=True)
+        self.held_until = None
         jobs = self.lease(
             queues,
             max_jobs=request.max,
@@ -290,7 +295,8 @@ class Writes(Reports):
             changes=changes,
         )
         full = len(jobs) >= request.max
-        return Leased(jobs, full and self.more_ready(queues, now=now))
+        more = full and self.more_ready(queues, now=now)
+        return Leased(jobs, more, held=None if jobs else self.held_until)
 
     def _note_lease(self, queues: Sequence[str], now: float) -> None:
         """Record that a lease request named `queues` (making their rows if new)."""
@@ -327,16 +333,23 @@ class Writes(Reports):
         """
         prefix = new_lease_prefix(request_id)
         out: list[LeasedJob] = []
+        paused = self.paused_queues()
         with translate_errors():
             for queue in queues:
                 want = max_jobs - len(out)
                 if want <= 0:
                     break
+                if paused and queue in paused:
+                    continue
+                if self.limited(queue):
+                    params = (prefix, lease_seconds, now, worker)
+                    out += self.lease_limited(queue, want, params)
+                    continue
                 rows = self.conn.execute(
                     "UPDATE jobs SET state = 'active', attempts = attempts + 1,"
                     " lease = ?1 || seq, lease_seconds = coalesce(?2, timeout),"
                     " lease_expires_at = ?3 + coalesce(?2, timeout), started_at = ?3,"
-                    " worker = ?4"
+                    " worker = ?4, progress = NULL, progress_note = NULL"
                     " WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued'"
                     "   AND queue = ?5 AND (expires_at IS NULL OR expires_at > ?3)"
                     "   ORDER BY priority DESC, available_at, seq LIMIT ?6)"
@@ -381,8 +394,11 @@ class Writes(Reports):
     def more_ready(self, queues: Sequence[str], *, now: float) -> bool:
         """Whether any of `queues` has a job ready to lease (after a full lease: so a
         worker knows to ask again at once rather than long-poll)."""
+        paused = self.paused_queues()
         with translate_errors():
             for queue in queues:
+                if queue in paused:
+                    continue
                 row = self.conn.execute(
                     "SELECT 1 FROM jobs WHERE state = 'queued' AND queue = ?1"
                     " AND (expires_at IS NULL OR expires_at > ?2) LIMIT 1",

@@ -1,46 +1,35 @@
-"""The protocol's one vocabulary: every request, reply and error body of qbroker v1.
-
-The broker, the client and the worker all import their shapes from here, so the wire
-has exactly one definition. This module needs msgspec only (no trio, no sqlite3).
-
-Schema evolution rules (msgspec docs, "schema evolution"): new fields get defaults and
-go last; a field never changes type; decoders never forbid unknown fields, so an old
-client keeps working against a newer broker.
-"""
+"""The wire's core: names, the job's shapes as producers and workers send and read
+them, the job record, errors, and job ids. See the package docstring."""
 
 from __future__ import annotations
 
 import enum
+import os
+import time
 from typing import Annotated, Any, Literal
 
 import msgspec
 
-from qclient._ids import (
-    CROCKFORD as CROCKFORD,
-    crockford26 as crockford26,
-    new_job_id as new_job_id,
-    new_job_ids as new_job_ids,
-)
-
 __all__ = [
+    "CROCKFORD",
     "FINAL_STATES",
-    "FIRE_TIME_HEADER",
+    "MAX_ATTEMPT_ERROR",
+    "MAX_ATTEMPT_ERRORS",
     "MAX_BATCH",
-    "MAX_KEYS",
     "MAX_LEASE_SECONDS",
+    "MAX_PROGRESS_NOTE",
     "MAX_RESULTS",
     "MAX_SECONDS",
     "MIN_LEASE_SECONDS",
     "NAME_PATTERN",
-    "SCHEDULE_HEADER",
     "AckItem",
     "AckManyRequest",
     "AckReply",
     "AckRequest",
+    "AttemptError",
     "BatchReply",
     "BatchResult",
     "CancelReply",
-    "CountReply",
     "EnqueueManyReply",
     "EnqueueManyRequest",
     "EnqueueReply",
@@ -55,15 +44,6 @@ __all__ = [
     "JobRecord",
     "JobSpec",
     "JobState",
-    "KVDeleteRequest",
-    "KVExpireRequest",
-    "KVGetReply",
-    "KVGetRequest",
-    "KVIncrReply",
-    "KVIncrRequest",
-    "KVItem",
-    "KVSetRequest",
-    "KVVersionReply",
     "LeaseReply",
     "LeaseRequest",
     "LeasedJob",
@@ -75,16 +55,7 @@ __all__ = [
     "ReleaseRequest",
     "ResultsReply",
     "ResultsRequest",
-    "ScheduleDeleted",
-    "ScheduleList",
-    "ScheduleRecord",
-    "ScheduleSpec",
-    "ScheduledJobList",
-    "WorkerBeat",
-    "WorkerBeatReply",
-    "WorkerInfo",
-    "WorkerList",
-    "WorkerState",
+    "crockford26",
     "new_job_id",
     "new_job_ids",
 ]
@@ -138,6 +109,9 @@ LeaseSeconds = Annotated[
 Priority = Annotated[int, msgspec.Meta(ge=-1_000_000, le=1_000_000)]
 Retries = Annotated[int, msgspec.Meta(ge=0, le=1000)]
 Text = Annotated[str, msgspec.Meta(max_length=65536)]
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+MAX_PROGRESS_NOTE = 1000  #: characters a progress note may have
+ProgressNote = Annotated[str, msgspec.Meta(max_length=MAX_PROGRESS_NOTE)]
 
 
 class _Struct(msgspec.Struct, kw_only=True, frozen=True):
@@ -163,6 +137,8 @@ class JobSpec(_Struct, frozen=True):
     timeout: LeaseSeconds | None = None  #: lease seconds; default: the broker's (30)
     result_ttl: Seconds | None = None  #: seconds a finished job is kept; default 7 days
     dedup_key: Name | None = None  #: at most one unfinished job per (queue, dedup_key)
+    #: a limit key of its own besides `queue:<queue>` and `task:<task>` (`customer:42`)
+    limit_key: Name | None = None
 
 
 class EnqueueManyRequest(_Struct, frozen=True):
@@ -239,6 +215,10 @@ class FailManyRequest(_Struct, frozen=True):
 class ExtendRequest(_Struct, frozen=True):
     lease: Annotated[str, msgspec.Meta(max_length=200)]
     timeout: LeaseSeconds | None = None  #: new lease seconds from now
+    progress: Fraction | None = (
+        None  #: how far the run has got, 0 .. 1; null: unchanged
+    )
+    progress_note: ProgressNote | None = None  #: a short text for people
 
 
 class ExtendReply(_Struct, frozen=True):
@@ -330,6 +310,13 @@ class JobRecord(_Struct, frozen=True):
     expires_at: float | None
     worker: str | None
     dedup_key: str | None = None
+    limit_key: str | None = None
+    progress: float | None = None  #: 0 .. 1, as the task last reported it
+    progress_note: str | None = None
+    #: why a queued job is not leased yet: "paused" (its queue is) or "limit KEY"
+    waiting_on: str | None = None
+    #: every failed attempt's error summary, oldest first (`error` is the last)
+    errors: list[AttemptError] = []
 
 
 class ResultsRequest(_Struct, frozen=True):
@@ -353,6 +340,7 @@ class QueueStats(_Struct, frozen=True):
     #: unix seconds when a lease request last named the queue, to within a second;
     #: null: no worker has asked for it
     last_leased_at: float | None = None
+    paused: bool = False  #: the queue leases nothing (it still takes jobs)
 
 
 class QueueList(_Struct, frozen=True):
@@ -364,69 +352,19 @@ class Health(_Struct, frozen=True):
     version: str
 
 
-# ---------------------------------------------------------------- schedules
-
-#: The headers every job a schedule makes carries: the schedule's name, and the unix
-#: seconds of the tick it was made for (a run-now job: the time it was asked for).
-SCHEDULE_HEADER = "qbroker.schedule"
-FIRE_TIME_HEADER = "qbroker.fire_time"
-
-#: The ways a schedule makes up for ticks it missed (broker down, schedule paused).
-CatchUp = Literal["latest", "all", "none"]
+# ---------------------------------------------------------------- job records
 
 
-class ScheduleSpec(_Struct, frozen=True):
-    """`PUT /v1/schedules/{name}`: a periodic task. Give `cron` or `every`, not both."""
+class AttemptError(_Struct, frozen=True):
+    """One failed attempt of a job, as `JobRecord.errors` keeps it."""
 
-    task: Name
-    queue: Name | None = None  #: default: the task name
-    cron: Annotated[str, msgspec.Meta(max_length=200)] | None = None  #: 5 fields
-    #: seconds between ticks, 1 at least (more often is a queue's work, not a clock's)
-    every: Annotated[float, msgspec.Meta(ge=1, le=MAX_SECONDS)] | None = None
-    tz: Annotated[str, msgspec.Meta(max_length=100)] = "UTC"  #: IANA zone of `cron`
-    args: list[Any] = msgspec.field(default_factory=list)
-    kwargs: dict[str, Any] = msgspec.field(default_factory=dict)
-    headers: dict[str, Any] = msgspec.field(default_factory=dict)
-    priority: Priority = 0
-    catch_up: CatchUp = "latest"
-    paused: bool | None = None  #: None: keep the stored schedule's (new: running)
+    attempt: int  #: 1 for the first delivery
+    error: str  #: "Type: message", cut to MAX_ATTEMPT_ERROR characters
+    at: float  #: unix seconds
 
 
-class ScheduleRecord(_Struct, frozen=True):
-    """`GET /v1/schedules/{name}`: a stored schedule and when it runs."""
-
-    name: str
-    task: str
-    queue: str
-    cron: str | None
-    every: float | None
-    tz: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    headers: dict[str, Any]
-    priority: int
-    catch_up: CatchUp
-    paused: bool
-    next_run_at: float  #: unix seconds of the next tick (a paused one: when due)
-    last_run_at: float | None  #: fire time of the last job made
-    last_job_id: str | None
-    words: str  #: e.g. "at 07:30 on Monday (Europe/Berlin)"
-    created_at: float
-    updated_at: float
-
-
-class ScheduleDeleted(_Struct, frozen=True):
-    """`DELETE /v1/schedules/{name}`: `{}`."""
-
-
-class ScheduleList(_Struct, frozen=True):
-    schedules: list[ScheduleRecord]
-
-
-class ScheduledJobList(_Struct, frozen=True):
-    """`GET /v1/jobs?schedule=NAME`: a schedule's jobs still stored, newest first."""
-
-    jobs: list[JobRecord]
+MAX_ATTEMPT_ERROR = 500  #: characters of each attempt's error a record keeps
+MAX_ATTEMPT_ERRORS = 50  #: attempts' errors a record keeps (the first and the latest)
 
 
 class ErrorBody(_Struct, frozen=True):
@@ -436,120 +374,73 @@ class ErrorBody(_Struct, frozen=True):
     message: str
     field: str | None = None
     roles: list[str] | None = None  #: for 403 `forbidden`: the roles that may
+    state: JobState | None = None  #: for 409 `invalid_state`: the job's state
 
 
-# ---------------------------------------------------------------- workers
+#: Crockford's base32 (the ULID alphabet): its order is ASCII order, so ids sort as
+#: their bits do.
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+#: Every pair of Crockford characters, indexed by the 10 bits they spell: an id is 13
+#: table lookups (with base64.b32encode, a pure-Python loop, an id took 1.5x as long).
+_PAIRS = [a + b for a in CROCKFORD for b in CROCKFORD]
 
 
-class WorkerBeat(_Struct, frozen=True):
-    """`POST /v1/workers`: a worker registers (its first beat) and beats."""
+def new_job_id(now: float | None = None) -> str:
+    """A new 26-character, time-sortable job id (ULID layout).
 
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-    host: Annotated[str, msgspec.Meta(max_length=255)] = ""
-    pid: Annotated[int, msgspec.Meta(ge=0, le=2**32)] = 0
-    queues: Annotated[list[Name], msgspec.Meta(max_length=100)] = []
-    pool: Annotated[str, msgspec.Meta(max_length=50)] = ""
-    concurrency: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
-    version: Annotated[str, msgspec.Meta(max_length=50)] = ""
-    started_at: UnixTime | None = None  #: when the worker started
-    #: seconds until its next beat; missing 3 of them makes it `lost`
-    interval: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 10.0
-    jobs: Annotated[list[Name], msgspec.Meta(max_length=MAX_BATCH)] = []  #: running now
-    stopped: bool = False  #: its last beat: it stopped on purpose
+    48 bits of unix milliseconds then 80 random bits, in Crockford base32, so ids sort
+    by creation time and two makers never pick the same one. Choosing the id in the
+    client, not the broker, is what makes an enqueue safe to retry.
+
+    Args:
+        now: unix seconds to stamp; default: the wall clock.
+    """
+    ms = time.time_ns() // 1_000_000 if now is None else int(now * 1000)
+    return crockford26((ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10)))
 
 
-class WorkerBeatReply(_Struct, frozen=True):
-    """`POST /v1/workers`: `{}`."""
+def new_job_ids(n: int, now: float | None = None) -> list[str]:
+    """`n` new job ids for one batch, in the order they sort.
+
+    One clock reading and one 80-bit random draw, then counting up from it (ULID's
+    monotonic form): only the last two characters change between neighbours, so an id
+    costs one string concatenation, not an encoding. A carry out of the random bits
+    moves the stamp on by a millisecond, which keeps the ids unique and in order.
+
+    Args:
+        n: how many.
+        now: unix seconds to stamp; default: the wall clock.
+    """
+    ms = time.time_ns() // 1_000_000 if now is None else int(now * 1000)
+    v = (ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10))
+    ids: list[str] = []
+    while len(ids) < n:
+        head = crockford26(v)[:24]
+        low = v & 1023
+        take = min(n - len(ids), 1024 - low)
+        ids.extend([head + pair for pair in _PAIRS[low : low + take]])
+        v += take
+    return ids
 
 
-class WorkerState(enum.StrEnum):
-    ALIVE = "alive"  #: beating
-    LOST = "lost"  #: missed 3 beats: killed, hung, or cut off from the broker
-    STOPPED = "stopped"  #: said goodbye
-
-
-class WorkerInfo(_Struct, frozen=True):
-    """One worker in `GET /v1/workers`: its last beat, and what the broker makes of it."""
-
-    name: str
-    state: WorkerState
-    host: str
-    pid: int
-    queues: list[str]
-    pool: str
-    concurrency: int
-    version: str
-    started_at: float | None
-    first_seen_at: float  #: unix seconds of its first beat
-    last_beat_at: float  #: unix seconds of its last beat
-    interval: float
-    jobs: list[str]  #: the jobs it ran at its last beat
-
-
-class WorkerList(_Struct, frozen=True):
-    workers: list[WorkerInfo]  #: by name
-
-
-# ---------------------------------------------------------------- key-value store
-# Small values with a TTL kept in the broker: the Celery result backend's storage
-# (qclient.celery). A key is a name (NAME_PATTERN); a value is any JSON/msgpack value.
-
-MAX_KEYS = 1000  #: keys one `POST /v1/kv/get` or `/v1/kv/delete` may name
-Ttl = Annotated[float, msgspec.Meta(gt=0, le=MAX_SECONDS)]
-
-
-class KVGetRequest(_Struct, frozen=True):
-    """`POST /v1/kv/get`: read keys; with `wait`, long-poll until one of them has a
-    version other than the one given for it (0, the default: absent)."""
-
-    keys: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=MAX_KEYS)]
-    versions: Annotated[list[int], msgspec.Meta(max_length=MAX_KEYS)] | None = None
-    wait: Annotated[float, msgspec.Meta(ge=0, le=300)] = 0.0  #: long-poll seconds
-
-
-class KVItem(_Struct, frozen=True):
-    key: str
-    value: Any = None  #: null when absent
-    version: int = 0  #: grows with every write of any key; 0: absent
-
-
-class KVGetReply(_Struct, frozen=True):
-    items: list[KVItem]  #: one per asked key, in order
-
-
-class KVSetRequest(_Struct, frozen=True):
-    key: Name
-    value: Any
-    ttl: Ttl | None = None  #: seconds until the key is dropped; null: kept
-
-
-class KVVersionReply(_Struct, frozen=True):
-    version: int
-
-
-class KVIncrRequest(_Struct, frozen=True):
-    """Add `by` to an integer key (an absent key counts as 0), atomically."""
-
-    key: Name
-    by: Annotated[int, msgspec.Meta(ge=-(2**53), le=2**53)] = 1
-    ttl: Ttl | None = None  #: as for set; null keeps the key's own expiry
-
-
-class KVIncrReply(_Struct, frozen=True):
-    value: int
-    version: int
-
-
-class KVExpireRequest(_Struct, frozen=True):
-    key: Name
-    ttl: Ttl | None = None  #: null: keep it until deleted
-
-
-class KVDeleteRequest(_Struct, frozen=True):
-    keys: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=MAX_KEYS)]
-
-
-class CountReply(_Struct, frozen=True):
-    """How many keys a write found (expire, delete) or jobs a purge cancelled."""
-
-    count: int
+def crockford26(v: int) -> str:
+    """A 128-bit number as 26 Crockford base32 characters, most significant first
+    (130 bits with two leading zeros: 13 groups of 10 bits, 2 characters each)."""
+    p = _PAIRS
+    return "".join(
+        (
+            p[v >> 120],
+            p[v >> 110 & 1023],
+            p[v >> 100 & 1023],
+            p[v >> 90 & 1023],
+            p[v >> 80 & 1023],
+            p[v >> 70 & 1023],
+            p[v >> 60 & 1023],
+            p[v >> 50 & 1023],
+            p[v >> 40 & 1023],
+            p[v >> 30 & 1023],
+            p[v >> 20 & 1023],
+            p[v >> 10 & 1023],
+            p[v & 1023],
+        )
+    )
