@@ -26,8 +26,6 @@ from qbroker.store import Changes, Defaults, Store
 from qbroker.transitions import Effects
 
 HELD_RETRY = 1.0  #: seconds before a firing the disk or a lost database held is retried
-LIST_DEFAULT = 100  #: jobs `GET /v1/jobs?schedule=` returns unless `limit` says
-LIST_MAX = 1000  #: ... and at most
 log = structlog.get_logger("qbroker.schedules")
 
 
